@@ -1,0 +1,348 @@
+"""lora.py: LoRA by hand: low-rank adapters for GPT's Linear layers, merged or not, saved as PEFT adapters.
+
+LoRA (Hu et al., 2021, arXiv:2106.09685) freezes every pretrained weight W (out, in) and learns a low-rank
+update instead: y = W x + (alpha / r) * B A x, with A (r, in) and B (out, r), r in the single digits, so a
+fine-tune trains and stores ~1% of the parameters. Because BA has W's shape, the update can be folded into
+W for serving (merge) and taken out again (unmerge), and the adapter alone is a file of a few megabytes that
+Hugging Face PEFT opens on top of the original GPT-2.
+
+There is no CLI: train.py uses it for LoRA fine-tuning, and `python -m pytest tests/test_lora.py` checks it
+(against PEFT and transformers when they are installed). In code:
+
+    report = apply_lora(model, rank=8, alpha=16)     # wrap c_attn/c_proj/c_fc, freeze the rest; print(report)
+    ...train lora_parameters(model)...
+    save_adapter(model, "out/adapter", base_model_name_or_path="gpt2")
+    load_adapter(GPT.from_pretrained("gpt2"), "out/adapter")     # ours or PEFT's adapter
+    merge_lora(model).save_pretrained("out/merged")              # a plain GPT-2, opens in transformers
+"""
+
+import copy
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from model import atomic_write_text, load_safetensors, save_safetensors
+
+# PEFT's file names, and the prefix/suffix its saved keys carry for a GPT2LMHeadModel wrapped in a PeftModel:
+# our `transformer.h.0.attn.c_attn.lora_A` is PEFT's `base_model.model.transformer.h.0.attn.c_attn.lora_A.weight`.
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+PEFT_SUFFIX = ".weight"
+
+
+# -----------------------------------------------------------------------------
+# The layer
+
+
+class LoRALinear(nn.Module):
+    """A frozen nn.Linear plus a trainable low-rank update: y = base(x) + dropout(x) @ A.T @ B.T * alpha / rank.
+
+    Composition, not inheritance: the pretrained layer lives on untouched as `self.base`, so its weight
+    shows up as `...c_attn.base.weight` and every LoRA tensor's name contains "lora".
+    """
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be a positive integer, got {rank}")
+        self.base = base
+        self.base.requires_grad_(False)  # the pretrained weight (and bias) never change
+        self.rank = rank
+        self.alpha = alpha
+        # Section 4.1 of the paper scales the update by alpha / r, so with alpha fixed a larger r does not
+        # mean a larger update at init and a retuned learning rate ("we simply set alpha to the first r we
+        # try and do not tune it").
+        self.scaling = alpha / rank
+        w = base.weight
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=w.device, dtype=w.dtype))
+        self.lora_B = nn.Parameter(torch.empty(base.out_features, rank, device=w.device, dtype=w.dtype))
+        # Dropout on the LoRA branch's input only (train mode only, as any nn.Dropout): the frozen path
+        # sees x as it is, so the pretrained model's behaviour is not perturbed.
+        self.lora_dropout = nn.Dropout(dropout)
+        self.merged = False  # True while B A * scaling is folded into base.weight
+        self.reset_lora_parameters()
+
+    @torch.no_grad()
+    def reset_lora_parameters(self):
+        # B = 0 makes the update B A zero at the start, so training begins exactly at the pretrained model
+        # (Section 4.1). A must then be random: were both zero, neither would ever get a gradient. The
+        # paper says "random Gaussian" for A; its reference code (loralib) and PEFT use nn.Linear's default
+        # init, kaiming-uniform with a = sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in)). We follow the code.
+        # Consequence: at the first step A's gradient is exactly zero (it is multiplied by B = 0); only B
+        # moves, and A starts moving from the second step.
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    def delta_weight(self):
+        """The update in W's layout (out, in): B @ A * scaling."""
+        return (self.lora_B @ self.lora_A) * self.scaling
+
+    def forward(self, x):
+        y = self.base(x)
+        if self.merged:  # base.weight already holds the update. Footgun: A and B then get no gradient.
+            return y
+        # Left to right: (x @ A.T) is (..., r), then (..., out). Computing B @ A first would build the full
+        # (out, in) matrix on every call, the cost LoRA avoids.
+        return y + (self.lora_dropout(x) @ self.lora_A.T @ self.lora_B.T) * self.scaling
+
+    @torch.no_grad()
+    def merge(self):
+        """Fold the update into the frozen weight: W <- W + B A * scaling (Section 4.1, "No Additional
+        Inference Latency"). Idempotent. Unlike loralib, .eval() never merges: merging is always explicit."""
+        if not self.merged:
+            self.base.weight += self.delta_weight().to(self.base.weight.dtype)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        """Take the update out again: W <- W - B A * scaling. Idempotent. Exact up to float rounding in fp32;
+        in bf16/fp16 weights the round trip loses low bits, so keep the weights fp32 if you unmerge."""
+        if self.merged:
+            self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
+            self.merged = False
+
+    def extra_repr(self):
+        return f"rank={self.rank}, alpha={self.alpha}, scaling={self.scaling:g}, merged={self.merged}"
+
+
+# -----------------------------------------------------------------------------
+# Wrapping a model
+
+
+@dataclass
+class LoRASummary:
+    """What apply_lora did; str() gives a one-line report for scripts to print."""
+
+    trainable: int  # parameters that will receive gradients: the LoRA A and B matrices
+    total: int  # all parameters of the model, LoRA included, the tied wte/lm_head counted once
+    layers: list = field(default_factory=list)  # names of the wrapped Linear layers
+
+    @property
+    def percent(self):
+        return 100.0 * self.trainable / self.total
+
+    def __str__(self):
+        return (f"LoRA on {len(self.layers)} Linear layers: {self.trainable:,} trainable of {self.total:,} "
+                f"parameters ({self.percent:.2f}%)")
+
+
+def is_target(name, targets):
+    """PEFT's matching rule: a list of names matches a module whose name equals one or ends with '.' + one
+    (so "c_proj" is both attn.c_proj and mlp.c_proj); a single string is a regex the whole name must match."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def lora_layers(model):
+    """[(name, LoRALinear)] of a model, in module order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+def _target_linears(model, targets):
+    """[(name, nn.Linear)] that apply_lora would wrap; refuses a model that already has LoRA layers, a target
+    that names something other than a Linear layer, and targets that match nothing."""
+    if lora_layers(model):
+        raise ValueError("this model already has LoRA layers; apply LoRA (or load an adapter) to a fresh model")
+    found = []
+    for name, module in model.named_modules():
+        if not is_target(name, targets):
+            continue
+        if name == "lm_head":  # tied to wte: merging an update into it would change the embedding too
+            raise ValueError("LoRA targets include lm_head, which is tied to the token embedding; lora.py "
+                             "adapts only the transformer's Linear layers")
+        if not isinstance(module, nn.Linear):
+            raise ValueError(f"LoRA target {name} is a {type(module).__name__}, not an nn.Linear layer")
+        found.append((name, module))
+    if not found:
+        raise ValueError(f"no Linear layer of the model matches the LoRA targets {targets!r}")
+    return found
+
+
+def apply_lora(model, rank=8, alpha=16, dropout=0.05, targets=("c_attn", "c_proj", "c_fc")):
+    """Wrap every Linear layer named by targets (see is_target) in a LoRALinear, in place, and freeze every
+    other parameter (the tied wte/lm_head included). Returns a LoRASummary; prints nothing."""
+    found = _target_linears(model, targets)
+    model.requires_grad_(False)
+    for name, linear in found:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, LoRALinear(linear, rank, alpha, dropout))
+    return LoRASummary(trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
+                       total=sum(p.numel() for p in model.parameters()),
+                       layers=[name for name, _ in found])
+
+
+def lora_parameters(model):
+    """The trainable tensors, for the optimizer: every LoRA layer's A and B."""
+    return [p for _, m in lora_layers(model) for p in (m.lora_A, m.lora_B)]
+
+
+def lora_state_dict(model):
+    """{name: tensor} of the LoRA weights only (e.g. transformer.h.0.attn.c_attn.lora_A): a training
+    checkpoint of a LoRA run needs these, not the frozen model."""
+    sd = {}
+    for name, m in lora_layers(model):
+        sd[f"{name}.lora_A"] = m.lora_A.detach()
+        sd[f"{name}.lora_B"] = m.lora_B.detach()
+    return sd
+
+
+def _check_tensors(expected, sd, source):
+    """Refuse sd unless it has exactly the keys of expected {name: shape}, each of that shape."""
+    missing, unexpected = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{source}: LoRA weights do not fit this model: missing {missing[:3]}"
+                         f"{' ...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]}"
+                         f"{' ...' if len(unexpected) > 3 else ''} (different base model or targets?)")
+    for k, shape in expected.items():
+        if tuple(sd[k].shape) != tuple(shape):
+            raise ValueError(f"{source}: {k} has shape {tuple(sd[k].shape)} but this model needs "
+                             f"{tuple(shape)} (adapter made for a different base model or rank?)")
+
+
+def load_lora_state_dict(model, sd, source="LoRA state dict"):
+    """Copy {name: tensor} (as from lora_state_dict) into a model that already has its LoRA layers, after
+    checking that the keys and shapes are exactly the model's."""
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError(f"{source}: the model has no LoRA layers; call apply_lora first")
+    if any(m.merged for _, m in layers):
+        raise ValueError(f"{source}: LoRA layers are merged; unmerge them before loading new weights")
+    ours = lora_state_dict(model)
+    _check_tensors({k: v.shape for k, v in ours.items()}, sd, source)
+    with torch.no_grad():
+        for k, p in ours.items():
+            p.copy_(sd[k])
+
+
+# -----------------------------------------------------------------------------
+# Export: fold the adapters in and give back a plain GPT
+
+
+def merge_lora(model):
+    """A deep copy of model with every LoRA update folded into its weight and each LoRALinear replaced by
+    the plain nn.Linear it wrapped: a GPT with the original module names (so hf_state_dict/save_pretrained
+    write GPT-2 keys) and all parameters trainable again. The LoRA model itself is left as it was."""
+    merged = copy.deepcopy(model)  # deepcopy keeps wte and lm_head tied (one tensor, copied once)
+    for name, layer in lora_layers(merged):
+        layer.merge()  # no-op if it already was
+        parent, _, child = name.rpartition(".")
+        setattr(merged.get_submodule(parent), child, layer.base)
+    merged.requires_grad_(True)
+    return merged
+
+
+# -----------------------------------------------------------------------------
+# Adapter checkpoints in Hugging Face PEFT's format
+
+
+def _peft_key(name):
+    return PEFT_PREFIX + name + PEFT_SUFFIX
+
+
+def _our_key(key):
+    """PEFT key -> ours; a key in any other form is returned unchanged, to be reported as unexpected."""
+    if key.startswith(PEFT_PREFIX) and key.endswith(PEFT_SUFFIX):
+        return key[len(PEFT_PREFIX):-len(PEFT_SUFFIX)]
+    return key
+
+
+def _target_modules(model, layers):
+    """What adapter_config.json's target_modules should say: the layers' short names ("c_attn", ...) when
+    those select exactly the wrapped layers (the usual case), else every wrapped layer's full name."""
+    names = [name for name, _ in layers]
+    short = sorted({name.rpartition(".")[2] for name in names})
+    selected = [n for n, m in model.named_modules() if n != "lm_head" and is_target(n, short)
+                and isinstance(m, (nn.Linear, LoRALinear))]
+    return short if sorted(selected) == sorted(names) else names
+
+
+def save_adapter(model, out_dir, base_model_name_or_path=None):
+    """Write the LoRA weights alone as a PEFT adapter: adapter_config.json + adapter_model.safetensors, so
+    PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(base), out_dir) opens it. PEFT stores A (r, in)
+    and B (out, r) in nn.Linear's orientation even for GPT-2's Conv1D layers: no transpose here."""
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("the model has no LoRA layers: nothing to save as an adapter")
+    settings = {(m.rank, m.alpha, m.lora_dropout.p) for _, m in layers}
+    if len(settings) > 1:
+        raise ValueError(f"LoRA layers differ in (rank, alpha, dropout) {sorted(settings)}; an adapter "
+                         "config records one setting")
+    (rank, alpha, dropout), = settings
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",  # PeftModel.from_pretrained then builds a PeftModelForCausalLM
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": rank,
+        "lora_alpha": alpha,
+        "lora_dropout": dropout,
+        "target_modules": _target_modules(model, layers),
+        # GPT-2's checkpoint stores these layers as Conv1D, weight (in, out): PEFT needs to know when it
+        # merges. It does not change the orientation of the saved A and B.
+        "fan_in_fan_out": True,
+        "bias": "none",  # biases stay frozen and are not part of the adapter
+        "use_rslora": False,  # scaling is alpha / r, not alpha / sqrt(r)
+        "use_dora": False,
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+    os.makedirs(out_dir, exist_ok=True)
+    tensors = {_peft_key(k): v for k, v in lora_state_dict(model).items()}
+    save_safetensors(tensors, os.path.join(out_dir, ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    atomic_write_text(os.path.join(out_dir, ADAPTER_CONFIG), json.dumps(config, indent=2) + "\n")
+
+
+def read_adapter_config(adapter_dir):
+    """adapter_config.json as a dict, refusing adapters of a kind this file does not implement."""
+    path = os.path.join(adapter_dir, ADAPTER_CONFIG)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{adapter_dir}: no {ADAPTER_CONFIG} here; an adapter directory holds "
+                                f"{ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} (as save_adapter or PEFT write them)")
+    with open(path, encoding="utf-8") as f:
+        try:
+            config = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"{path}: peft_type is {config.get('peft_type')!r}; only 'LORA' adapters load here")
+    for k in ("r", "lora_alpha", "target_modules"):
+        if config.get(k) is None:
+            raise ValueError(f"{path}: no {k!r} field; is this a LoRA adapter_config.json?")
+    # Variants that change the math or the stored tensors: refuse them rather than load them wrongly.
+    unsupported = {"use_dora": False, "use_rslora": False, "lora_bias": False, "bias": "none",
+                   "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None,
+                   "modules_to_save": None, "layer_replication": None, "target_parameters": None}
+    for k, plain in unsupported.items():
+        if config.get(k) not in (plain, None, [], {}):
+            raise ValueError(f"{path}: {k}={config[k]!r} is not supported by lora.py (plain LoRA only)")
+    return config
+
+
+def load_adapter(model, adapter_dir):
+    """Apply LoRA to model as the adapter's config says (rank, alpha, dropout, target_modules) and load its
+    weights; works for adapters written by save_adapter or by PEFT. Every key and shape is checked before the
+    model is touched: an adapter for another base model raises ValueError. Returns apply_lora's summary."""
+    config = read_adapter_config(adapter_dir)
+    targets = config["target_modules"]
+    targets = targets if isinstance(targets, str) else tuple(targets)
+    rank = config["r"]
+    path = os.path.join(adapter_dir, ADAPTER_WEIGHTS)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{adapter_dir}: no {ADAPTER_WEIGHTS} here (only {ADAPTER_CONFIG})")
+    sd = {_our_key(k): v for k, v in load_safetensors(path).items()}
+    expected = {}
+    for name, linear in _target_linears(model, targets):
+        expected[f"{name}.lora_A"] = (rank, linear.in_features)
+        expected[f"{name}.lora_B"] = (linear.out_features, rank)
+    _check_tensors(expected, sd, path)
+    summary = apply_lora(model, rank=rank, alpha=config["lora_alpha"],
+                         dropout=config.get("lora_dropout") or 0.0, targets=targets)
+    load_lora_state_dict(model, sd, source=path)
+    return summary
