@@ -1,19 +1,21 @@
-"""lora.py: LoRA by hand: low-rank adapters for GPT's Linear layers, merged or not, saved as PEFT adapters.
+"""lora.py: LoRA by hand: low-rank adapters for GPT's Linear layers (GPT-2 or Llama/SmolLM2), merged or not,
+saved as PEFT adapters.
 
 LoRA (Hu et al., 2021, arXiv:2106.09685) freezes every pretrained weight W (out, in) and learns a low-rank
 update instead: y = W x + (alpha / r) * B A x, with A (r, in) and B (out, r), r in the single digits, so a
 fine-tune trains and stores ~1% of the parameters. Because BA has W's shape, the update can be folded into
 W for serving (merge) and taken out again (unmerge), and the adapter alone is a file of a few megabytes that
-Hugging Face PEFT opens on top of the original GPT-2.
+Hugging Face PEFT opens on top of the original model (GPT2LMHeadModel or LlamaForCausalLM).
 
-There is no CLI: train.py uses it for LoRA fine-tuning, and `python -m pytest tests/test_lora.py` checks it
-(against PEFT and transformers when they are installed). In code:
+There is no CLI: train.py uses it for LoRA fine-tuning, and `python -m pytest tests/test_lora.py
+tests/test_lora_llama.py` checks it (against PEFT and transformers when they are installed). In code:
 
-    report = apply_lora(model, rank=8, alpha=16)     # wrap c_attn/c_proj/c_fc, freeze the rest; print(report)
+    report = apply_lora(model, rank=8, alpha=16)     # wrap DEFAULT_TARGETS[arch], freeze the rest; print(report)
     ...train lora_parameters(model)...
     save_adapter(model, "out/adapter", base_model_name_or_path="gpt2")
     load_adapter(GPT.from_pretrained("gpt2"), "out/adapter")     # ours or PEFT's adapter
-    merge_lora(model).save_pretrained("out/merged")              # a plain GPT-2, opens in transformers
+    merge_lora(model).save_pretrained("out/merged")              # a plain GPT, opens in transformers
+    apply_lora(GPT.from_pretrained("smollm2-135m"))              # a Llama: q/k/v/o_proj, gate/up/down_proj
 """
 
 import copy
@@ -26,14 +28,27 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from model import atomic_write_text, load_safetensors, save_safetensors
+from model import HF, OURS, atomic_write_text, load_safetensors, rename, save_safetensors
 
-# PEFT's file names, and the prefix/suffix its saved keys carry for a GPT2LMHeadModel wrapped in a PeftModel:
-# our `transformer.h.0.attn.c_attn.lora_A` is PEFT's `base_model.model.transformer.h.0.attn.c_attn.lora_A.weight`.
+# The Linear layers apply_lora wraps when given no targets: every projection of every block, attention and MLP
+# alike (lm_head never: see _target_linears). Footgun: PEFT's own default for Llama, a LoraConfig without
+# target_modules, adapts only q_proj and v_proj: under a quarter of the LoRA parameters these seven get (tested).
+DEFAULT_TARGETS = {
+    "gpt2": ("c_attn", "c_proj", "c_fc"),  # "c_proj" is both attn.c_proj and mlp.c_proj
+    "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+}
+
+# PEFT's file names, and the prefix/suffix its saved keys carry for a Hugging Face model wrapped in a PeftModel.
+# Between them is the module's name in the Hugging Face model (hf_module_name): GPT2LMHeadModel's are ours, so
+# `transformer.h.0.attn.c_attn.lora_A` is saved as `base_model.model.transformer.h.0.attn.c_attn.lora_A.weight`;
+# LlamaForCausalLM's differ, so `transformer.h.0.attn.q_proj.lora_A` is saved as
+# `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`.
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 PEFT_SUFFIX = ".weight"
+# Where the blocks' keys start in each architecture's adapter: how load_adapter tells a GPT-2 adapter from a Llama one.
+PEFT_BLOCKS = {"gpt2": PEFT_PREFIX + "transformer.h.", "llama": PEFT_PREFIX + "model.layers."}
 
 
 # -----------------------------------------------------------------------------
@@ -140,34 +155,56 @@ def is_target(name, targets):
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
+def default_targets(model):
+    """The targets apply_lora uses when given none: DEFAULT_TARGETS for the model's architecture."""
+    return DEFAULT_TARGETS[model.config.arch]
+
+
+def hf_module_name(model, name):
+    """Our module name -> the same module's name in the Hugging Face model, the namespace of PEFT's keys and
+    target_modules. GPT2LMHeadModel's names are ours; LlamaForCausalLM's come from model.py's LLAMA_NAMES
+    (transformer.h.3.attn.q_proj -> model.layers.3.self_attn.q_proj). Names outside that table (a block, an
+    attention module) come back unchanged."""
+    if model.config.arch == "llama":
+        return rename(name + ".weight", OURS, HF).removesuffix(".weight")
+    return name
+
+
 def lora_layers(model):
     """[(name, LoRALinear)] of a model, in module order."""
     return [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear)]
 
 
-def _target_linears(model, targets):
+def _target_linears(model, targets, hf_names=False):
     """[(name, nn.Linear)] that apply_lora would wrap; refuses a model that already has LoRA layers, a target
-    that names something other than a Linear layer, and targets that match nothing."""
+    that names something other than a Linear layer, and targets that match nothing. targets name our modules,
+    or with hf_names=True the Hugging Face model's (as an adapter_config.json does); names returned are ours."""
     if lora_layers(model):
         raise ValueError("this model already has LoRA layers; apply LoRA (or load an adapter) to a fresh model")
     found = []
     for name, module in model.named_modules():
-        if not is_target(name, targets):
+        if not is_target(hf_module_name(model, name) if hf_names else name, targets):
             continue
-        if name == "lm_head":  # tied to wte: merging an update into it would change the embedding too
-            raise ValueError("LoRA targets include lm_head, which is tied to the token embedding; lora.py "
-                             "adapts only the transformer's Linear layers")
+        if name == "lm_head":  # tied to wte in GPT-2 and SmolLM2: merging into it would change the embedding too
+            raise ValueError("LoRA targets include lm_head; lora.py adapts only the transformer blocks' Linear "
+                             "layers (the head is tied to the token embedding in GPT-2 and SmolLM2)")
         if not isinstance(module, nn.Linear):
             raise ValueError(f"LoRA target {name} is a {type(module).__name__}, not an nn.Linear layer")
         found.append((name, module))
     if not found:
-        raise ValueError(f"no Linear layer of the model matches the LoRA targets {targets!r}")
+        linears = sorted({n.rpartition(".")[2] for n, m in model.named_modules()
+                          if isinstance(m, nn.Linear) and n != "lm_head"})
+        raise ValueError(f"no Linear layer of the model matches the LoRA targets {targets!r} (this "
+                         f"{model.config.arch} model's are {', '.join(linears)})")
     return found
 
 
-def apply_lora(model, rank=8, alpha=16, dropout=0.05, targets=("c_attn", "c_proj", "c_fc")):
-    """Wrap every Linear layer named by targets (see is_target) in a LoRALinear, in place, and freeze every
-    other parameter (the tied wte/lm_head included). Returns a LoRASummary; prints nothing."""
+def apply_lora(model, rank=8, alpha=16, dropout=0.05, targets=None):
+    """Wrap every Linear layer named by targets (see is_target; None: default_targets(model)) in a LoRALinear,
+    in place, and freeze every other parameter (the tied wte/lm_head included). Returns a LoRASummary; prints
+    nothing."""
+    if targets is None:
+        targets = default_targets(model)
     found = _target_linears(model, targets)
     model.requires_grad_(False)
     for name, linear in found:
@@ -242,31 +279,39 @@ def merge_lora(model):
 # Adapter checkpoints in Hugging Face PEFT's format
 
 
-def _peft_key(name):
-    return PEFT_PREFIX + name + PEFT_SUFFIX
+def _peft_key(model, name, tensor):
+    """The key PEFT saves LoRA tensor "lora_A" or "lora_B" of our layer `name` under."""
+    return f"{PEFT_PREFIX}{hf_module_name(model, name)}.{tensor}{PEFT_SUFFIX}"
 
 
-def _our_key(key):
-    """PEFT key -> ours; a key in any other form is returned unchanged, to be reported as unexpected."""
-    if key.startswith(PEFT_PREFIX) and key.endswith(PEFT_SUFFIX):
-        return key[len(PEFT_PREFIX):-len(PEFT_SUFFIX)]
-    return key
+def _check_architecture(model, keys, source):
+    """Refuse an adapter whose keys are another architecture's (a GPT-2 adapter on a Llama, or the reverse)
+    before its target names get the chance to fail with a less telling message."""
+    arch = model.config.arch
+    for other, prefix in PEFT_BLOCKS.items():
+        if other != arch and any(k.startswith(prefix) for k in keys):
+            raise ValueError(f"{source}: this adapter was made for a {other} model (its keys start with "
+                             f"{prefix}) but the model is a {arch} model; load it onto the base model it was "
+                             "trained from")
 
 
 def _target_modules(model, layers):
-    """What adapter_config.json's target_modules should say: the layers' short names ("c_attn", ...) when
-    those select exactly the wrapped layers (the usual case), else every wrapped layer's full name."""
-    names = [name for name, _ in layers]
+    """What adapter_config.json's target_modules should say, in the Hugging Face model's names: the layers'
+    short names ("c_attn", "q_proj", ...) when those select exactly the wrapped layers (the usual case), else
+    every wrapped layer's full name (model.layers.0.mlp.down_proj for a Llama)."""
+    names = [hf_module_name(model, name) for name, _ in layers]
     short = sorted({name.rpartition(".")[2] for name in names})
-    selected = [n for n, m in model.named_modules() if n != "lm_head" and is_target(n, short)
-                and isinstance(m, (nn.Linear, LoRALinear))]
+    selected = [hf_module_name(model, n) for n, m in model.named_modules()
+                if n != "lm_head" and isinstance(m, (nn.Linear, LoRALinear))]
+    selected = [n for n in selected if is_target(n, short)]
     return short if sorted(selected) == sorted(names) else names
 
 
 def save_adapter(model, out_dir, base_model_name_or_path=None):
     """Write the LoRA weights alone as a PEFT adapter: adapter_config.json + adapter_model.safetensors, so
-    PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(base), out_dir) opens it. PEFT stores A (r, in)
-    and B (out, r) in nn.Linear's orientation even for GPT-2's Conv1D layers: no transpose here."""
+    PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(base), out_dir) opens it (LlamaForCausalLM for
+    a Llama). PEFT stores A (r, in) and B (out, r) in nn.Linear's orientation even for GPT-2's Conv1D layers:
+    no transpose here, only the module names change to the Hugging Face model's (hf_module_name)."""
     layers = lora_layers(model)
     if not layers:
         raise ValueError("the model has no LoRA layers: nothing to save as an adapter")
@@ -284,8 +329,8 @@ def save_adapter(model, out_dir, base_model_name_or_path=None):
         "lora_dropout": dropout,
         "target_modules": _target_modules(model, layers),
         # GPT-2's checkpoint stores these layers as Conv1D, weight (in, out): PEFT needs to know when it
-        # merges. It does not change the orientation of the saved A and B.
-        "fan_in_fan_out": True,
+        # merges. It does not change the orientation of the saved A and B. Llama's are nn.Linear, (out, in).
+        "fan_in_fan_out": model.config.arch == "gpt2",
         "bias": "none",  # biases stay frozen and are not part of the adapter
         "use_rslora": False,  # scaling is alpha / r, not alpha / sqrt(r)
         "use_dora": False,
@@ -294,7 +339,10 @@ def save_adapter(model, out_dir, base_model_name_or_path=None):
         "inference_mode": True,
     }
     os.makedirs(out_dir, exist_ok=True)
-    tensors = {_peft_key(k): v for k, v in lora_state_dict(model).items()}
+    tensors = {}
+    for name, m in layers:
+        tensors[_peft_key(model, name, "lora_A")] = m.lora_A.detach()
+        tensors[_peft_key(model, name, "lora_B")] = m.lora_B.detach()
     save_safetensors(tensors, os.path.join(out_dir, ADAPTER_WEIGHTS), metadata={"format": "pt"})
     atomic_write_text(os.path.join(out_dir, ADAPTER_CONFIG), json.dumps(config, indent=2) + "\n")
 
@@ -326,9 +374,10 @@ def read_adapter_config(adapter_dir):
 
 
 def load_adapter(model, adapter_dir):
-    """Apply LoRA to model as the adapter's config says (rank, alpha, dropout, target_modules) and load its
-    weights; works for adapters written by save_adapter or by PEFT. Every key and shape is checked before the
-    model is touched: an adapter for another base model raises ValueError. Returns apply_lora's summary."""
+    """Apply LoRA to model as the adapter's config says (rank, alpha, dropout, target_modules, matched against
+    the Hugging Face model's module names as PEFT does) and load its weights; works for adapters written by
+    save_adapter or by PEFT. Every key and shape is checked before the model is touched: an adapter for
+    another base model (another architecture, size or depth) raises ValueError. Returns apply_lora's summary."""
     config = read_adapter_config(adapter_dir)
     targets = config["target_modules"]
     targets = targets if isinstance(targets, str) else tuple(targets)
@@ -336,13 +385,20 @@ def load_adapter(model, adapter_dir):
     path = os.path.join(adapter_dir, ADAPTER_WEIGHTS)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{adapter_dir}: no {ADAPTER_WEIGHTS} here (only {ADAPTER_CONFIG})")
-    sd = {_our_key(k): v for k, v in load_safetensors(path).items()}
-    expected = {}
-    for name, linear in _target_linears(model, targets):
-        expected[f"{name}.lora_A"] = (rank, linear.in_features)
-        expected[f"{name}.lora_B"] = (linear.out_features, rank)
+    sd = load_safetensors(path)
+    _check_architecture(model, sd, path)
+    found = _target_linears(model, targets, hf_names=True)
+    expected = {}  # PEFT key -> shape
+    for name, linear in found:
+        expected[_peft_key(model, name, "lora_A")] = (rank, linear.in_features)
+        expected[_peft_key(model, name, "lora_B")] = (linear.out_features, rank)
     _check_tensors(expected, sd, path)
-    summary = apply_lora(model, rank=rank, alpha=config["lora_alpha"],
-                         dropout=config.get("lora_dropout") or 0.0, targets=targets)
-    load_lora_state_dict(model, sd, source=path)
+    # The layers found, by their full names (ours): apply_lora wraps exactly these.
+    summary = apply_lora(model, rank=rank, alpha=config["lora_alpha"], dropout=config.get("lora_dropout") or 0.0,
+                         targets=tuple(name for name, _ in found))
+    ours = {}
+    for name, _ in found:
+        ours[f"{name}.lora_A"] = sd[_peft_key(model, name, "lora_A")]
+        ours[f"{name}.lora_B"] = sd[_peft_key(model, name, "lora_B")]
+    load_lora_state_dict(model, ours, source=path)
     return summary
