@@ -1,0 +1,497 @@
+"""Tests for train.py: token-weighted accumulation, exact resume, DDP equivalence, atomic checkpoints,
+fail-fast errors, and the end-to-end outputs. CPU, tiny random models, offline.
+
+    python -m pytest -q tests/test_train.py
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from model import GPT, IGNORE_INDEX, GPTConfig, load_safetensors
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = GPTConfig(block_size=128, n_layer=2, n_head=2, n_embd=32)
+WORDS = "alpha beta gamma delta apple river stone cloud green blue seven nine quick slow".split()
+
+
+# -----------------------------------------------------------------------------
+# Fixtures: a tiny random GPT-2 in Hugging Face layout and a handful of conversations
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, gpt2_tokenizer_dir):
+    """A 2-layer, 32-wide random GPT-2 (full 50257-token vocabulary) with GPT-2's tokenizer files, made the
+    way README's offline command makes one (python model.py --save-random)."""
+    import model
+
+    d = str(tmp_path_factory.mktemp("tiny_gpt2"))
+    model.main(["--save-random", d, "--tokenizer-dir", str(gpt2_tokenizer_dir), "--n-layer", str(TINY.n_layer),
+                "--n-head", str(TINY.n_head), "--n-embd", str(TINY.n_embd), "--block-size", str(TINY.block_size)])
+    assert model.load_config(d) == TINY
+    return d
+
+
+def write_chats(path, n, seed=0):
+    import random
+
+    rng = random.Random(seed)
+    with open(path, "w", encoding="utf-8") as f:
+        for _ in range(n):
+            q = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 8)))
+            a = " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 12)))
+            f.write(json.dumps({"messages": [{"role": "user", "content": q},
+                                             {"role": "assistant", "content": a}]}) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def chats(tmp_path_factory):
+    """12 short conversations with replies of different lengths (so micro-batches differ in trained tokens)."""
+    return write_chats(tmp_path_factory.mktemp("chats") / "chats.jsonl", 12)
+
+
+def run_main(args):
+    return train.main([str(a) for a in args])
+
+
+def metrics(out):
+    with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def adapter_weights(out):
+    return load_safetensors(os.path.join(out, "adapter", "adapter_model.safetensors"))
+
+
+def base_args(model_dir, chats, out, **over):
+    """A fast LoRA run: batch 2, 2 micro-batches per step (so epochs and windows cross), dropout > 0."""
+    opts = {"--model": model_dir, "--data": chats, "--out": out, "--max-steps": 8, "--batch-size": 2,
+            "--grad-accum": 2, "--log-every": 1, "--eval-every": 3, "--lora-dropout": 0.2, "--lr": 1e-2,
+            "--warmup": 2, **over}
+    args = []
+    for k, v in opts.items():
+        if v is True:
+            args.append(k)
+        elif v is not None and v is not False:
+            args += [k, str(v)]
+    return args
+
+
+# -----------------------------------------------------------------------------
+# Pure helpers
+
+
+def test_lr_schedule_warmup_then_cosine_to_min():
+    max_lr, min_lr, warmup, steps = 1.0, 0.1, 10, 111
+    lrs = [train.lr_at(s, max_lr, warmup, steps, min_lr) for s in range(steps)]
+    assert lrs[:warmup] == pytest.approx([(s + 1) / warmup for s in range(warmup)])  # linear, ends at peak
+    assert lrs[warmup] == pytest.approx(max_lr)
+    assert all(a >= b for a, b in zip(lrs[warmup:], lrs[warmup + 1:]))  # monotone decay
+    assert lrs[-1] == pytest.approx(min_lr)  # the last step reaches min_lr
+    mid = warmup + (steps - 1 - warmup) // 2  # half way through the cosine: the mean of max and min
+    assert lrs[mid] == pytest.approx((max_lr + min_lr) / 2, abs=1e-3)
+    assert train.lr_at(0, 1.0, 0, 5, 0.0) == 1.0  # no warmup: start at the peak
+
+
+def test_weight_decay_groups_exclude_biases_and_norms():
+    import lora
+
+    model = GPT(TINY)
+    decay, no_decay = train.decay_groups(model)
+    dn, nn_ = {n for n, _ in decay}, {n for n, _ in no_decay}
+    assert all(n.endswith(".bias") or ".ln_" in n or n.startswith("transformer.ln_f") for n in nn_)
+    assert {"transformer.h.0.ln_1.weight", "transformer.h.1.attn.c_attn.bias", "transformer.ln_f.weight"} <= nn_
+    assert {"transformer.wte.weight", "transformer.h.0.attn.c_attn.weight", "transformer.h.1.mlp.c_fc.weight"} <= dn
+    assert len(dn) + len(nn_) == len(list(model.parameters()))  # tied lm_head counted once, nothing lost
+    lora.apply_lora(model, rank=4, alpha=8, dropout=0.0)
+    decay, no_decay = train.decay_groups(model)
+    assert no_decay == [] and all("lora_" in n for n, _ in decay)
+    assert len(decay) == 2 * 4 * TINY.n_layer  # A and B of 4 layers per block
+    opt = train.make_optimizer(GPT(TINY), train.TrainConfig(weight_decay=0.1), "cpu")
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+
+
+def micro_batches(vocab, trained_counts, T=12, B=2, seed=0):
+    """One micro-batch per entry of trained_counts, each with that many trained target positions."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n in trained_counts:
+        x = torch.randint(0, vocab, (B, T), generator=g)
+        y = torch.full((B, T), IGNORE_INDEX)
+        flat = torch.randperm(B * T, generator=g)[:n]
+        y.view(-1)[flat] = torch.randint(0, vocab, (n,), generator=g)
+        out.append((x, y))
+    return out
+
+
+def grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_accumulation_is_token_weighted_like_one_big_batch():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=16))
+    mbs = micro_batches(64, [2, 7, 20])  # very different numbers of trained tokens
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    loss_sum, counts = train.accumulate(model, mbs, train.nullcontext(), scaler)
+    ours = grads(model)
+    assert counts[0].item() == 29 and counts[1].item() == 3 * 2 * 12
+
+    model.zero_grad()
+    x = torch.cat([x for x, _ in mbs])
+    y = torch.cat([y for _, y in mbs])
+    _, loss = model(x, y, reduction="mean")  # the whole window as one batch: mean over its 29 tokens
+    loss.backward()
+    big = grads(model)
+    assert loss_sum.item() / 29 == pytest.approx(loss.item(), rel=1e-6)
+    for n in big:
+        torch.testing.assert_close(ours[n], big[n], rtol=1e-5, atol=1e-7)
+
+    model.zero_grad()  # the classic bug: the mean of per-micro-batch means
+    for x, y in mbs:
+        _, m = model(x, y, reduction="mean")
+        (m / len(mbs)).backward()
+    wrong = grads(model)
+    rel = max(((wrong[n] - big[n]).norm() / big[n].norm()).item() for n in big if big[n].norm() > 0)
+    assert rel > 0.05  # clearly a different gradient
+
+
+def test_fully_masked_micro_batch_contributes_zero_never_nan():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=16))
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    live, dead = micro_batches(64, [9, 0])
+    assert (dead[1] == IGNORE_INDEX).all()
+    train.accumulate(model, [live, dead], train.nullcontext(), scaler)
+    with_dead = grads(model)
+    model.zero_grad()
+    train.accumulate(model, [live], train.nullcontext(), scaler)
+    alone = grads(model)
+    for n in alone:
+        torch.testing.assert_close(with_dead[n], alone[n], rtol=0, atol=0)
+    model.zero_grad()
+    loss_sum, counts = train.accumulate(model, [dead, dead], train.nullcontext(), scaler)  # nothing trained
+    assert loss_sum.item() == 0.0 and counts[0].item() == 0
+    for g in grads(model).values():
+        assert torch.isfinite(g).all() and (g == 0).all()
+
+
+def test_checkpoint_atomic_under_a_crash_at_every_rename(tmp_path, monkeypatch):
+    ckpt = tmp_path / "ckpt"
+    train.save_checkpoint(ckpt, 1, {"w": torch.ones(3)}, {"step": 1})
+    train.save_checkpoint(ckpt, 2, {"w": torch.full((3,), 2.0)}, {"step": 2})
+    real_replace = os.replace
+    for fail_at in (1, 2, 3, 4):  # tensors file, state file, directory rename, `latest` pointer
+        calls = []
+
+        def crashing_replace(src, dst, calls=calls, fail_at=fail_at):
+            calls.append(dst)
+            if len(calls) == fail_at:
+                raise OSError("simulated crash")
+            return real_replace(src, dst)
+
+        monkeypatch.setattr(os, "replace", crashing_replace)
+        with pytest.raises(OSError, match="simulated crash"):
+            train.save_checkpoint(ckpt, 3, {"w": torch.full((3,), 3.0)}, {"step": 3})
+        monkeypatch.setattr(os, "replace", real_replace)
+        tensors, state = train.load_checkpoint(ckpt)  # the previous checkpoint, intact
+        assert state == {"step": 2} and tensors["w"].tolist() == [2.0] * 3
+        assert not [e for e in os.listdir(ckpt) if e.endswith(".tmp")]  # no temp dirs left behind
+    train.save_checkpoint(ckpt, 3, {"w": torch.full((3,), 3.0)}, {"step": 3})  # and saving works again
+    assert train.load_checkpoint(ckpt)[1] == {"step": 3}
+    assert sorted(os.listdir(ckpt)) == ["latest", "step_0000002", "step_0000003"]  # latest + previous
+
+
+def test_optimizer_and_rng_state_round_trip_through_files(tmp_path):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=16))
+    opt = train.make_optimizer(model, train.TrainConfig(weight_decay=0.1), "cpu")
+    for x, y in micro_batches(64, [5, 6, 7]):
+        _, loss = model(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    opt_tensors, opt_js = train.optimizer_to_checkpoint(opt)
+    rng_js, rng_tensors = train.rng_state()
+    tensors = {**opt_tensors, **{f"rng.0.{k}": v for k, v in rng_tensors.items()}}
+    train.save_checkpoint(tmp_path, 3, tensors, {"optimizer": opt_js, "rng": [rng_js]})
+    expected = [torch.rand(3), torch.randn(2)]  # what the generators produce after the save
+    loaded, state = train.load_checkpoint(tmp_path)
+
+    opt2 = train.make_optimizer(model, train.TrainConfig(weight_decay=0.1), "cpu")
+    train.optimizer_from_checkpoint(opt2, loaded, state["optimizer"])
+    a, b = opt.state_dict(), opt2.state_dict()
+    assert a["param_groups"] == b["param_groups"]
+    for i in a["state"]:
+        for k in a["state"][i]:
+            assert torch.equal(a["state"][i][k], b["state"][i][k])
+    train.set_rng_state(state["rng"][0], {k[6:]: v for k, v in loaded.items() if k.startswith("rng.0.")})
+    assert torch.equal(torch.rand(3), expected[0]) and torch.equal(torch.randn(2), expected[1])
+
+
+def test_holdout_split_is_deterministic_disjoint_and_deduplicated():
+    convs = [[{"role": "user", "content": str(i)}, {"role": "assistant", "content": "x"}] for i in range(20)]
+    convs.append(convs[0])  # an exact duplicate must not end up on both sides
+    val = train.holdout_split(convs, 0.25, seed=1, split="val")
+    tr = train.holdout_split(convs, 0.25, seed=1, split="train")
+    assert len(val) == 5 and len(tr) == 15
+    key = lambda c: c[0]["content"]  # noqa: E731
+    assert not {key(c) for c in val} & {key(c) for c in tr}
+    assert val == train.holdout_split(convs, 0.25, seed=1, split="val")
+
+
+# -----------------------------------------------------------------------------
+# Runs of the script (in process: no interpreter start-up per run)
+
+
+def test_end_to_end_writes_adapter_metrics_run_json_and_checkpoint(tiny_model_dir, chats, tmp_path):
+    import lora
+
+    out = tmp_path / "out"
+    assert run_main(base_args(tiny_model_dir, chats, out, **{"--max-steps": 4, "--log-every": 2})) == 0
+    assert sorted(os.listdir(out)) == ["adapter", "ckpt", "loss.png", "metrics.jsonl", "run.json"]
+    cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == tiny_model_dir and cfg["r"] == 16 and cfg["lora_dropout"] == 0.2
+    recs = metrics(out)
+    assert [r["step"] for r in recs] == [2, 3, 4]  # every 2 steps, plus the evaluation at step 3
+    assert all({"step", "loss", "lr", "tokens_per_s"} <= set(r) for r in recs)
+    assert "val_loss" in recs[1] and "val_loss" in recs[2] and "val_loss" not in recs[0]
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "finished" and run["steps"] == 4 and run["device"] == "cpu"
+    assert run["dtype"] == "float32" and run["weights"] == "adapter" and run["args"]["model"] == tiny_model_dir
+    # r (in + out) per adapted layer: c_attn 32->96, attn.c_proj 32->32, c_fc 32->128, mlp.c_proj 128->32
+    assert run["trainable_params"] == TINY.n_layer * 16 * ((32 + 96) + (32 + 32) + (32 + 128) + (128 + 32))
+    assert run["final_val_loss"] == pytest.approx(recs[-1]["val_loss"])
+    assert train.read_latest(out / "ckpt") == "step_0000004"
+    model = GPT.from_pretrained(tiny_model_dir)  # the adapter loads back onto the base model
+    lora.load_adapter(model, out / "adapter")
+    assert any(m.lora_B.abs().sum() > 0 for _, m in lora.lora_layers(model))
+
+
+def test_full_fine_tune_writes_a_loadable_model_dir(tiny_model_dir, chats, tmp_path):
+    out = tmp_path / "full"
+    args = base_args(tiny_model_dir, chats, out, **{"--max-steps": 2, "--full": True, "--lora-dropout": None,
+                                                    "--lr": 1e-3})
+    assert run_main(args) == 0
+    files = sorted(os.listdir(out / "model"))
+    assert files == ["config.json", "merges.txt", "model.safetensors", "vocab.json"]
+    trained, base = GPT.from_pretrained(str(out / "model")), GPT.from_pretrained(tiny_model_dir)
+    assert not torch.equal(trained.transformer.h[0].attn.c_attn.weight, base.transformer.h[0].attn.c_attn.weight)
+    assert json.loads((out / "run.json").read_text())["weights"] == "model"
+
+
+def test_tiny_model_overfits_a_handful_of_conversations(tiny_model_dir, tmp_path):
+    few = write_chats(tmp_path / "few.jsonl", 4, seed=1)
+    out = tmp_path / "overfit"
+    args = base_args(tiny_model_dir, few, out, **{"--max-steps": 60, "--full": True, "--lora-dropout": None,
+                                                  "--lr": 3e-3, "--batch-size": 4, "--grad-accum": 1,
+                                                  "--val-fraction": 0, "--warmup": 5, "--eval-every": 0,
+                                                  "--save-every": 0})
+    assert run_main(args) == 0
+    losses = [r["loss"] for r in metrics(out)]
+    assert losses[-1] < losses[0] / 2, (losses[0], losses[-1])
+
+
+def test_resume_reproduces_the_uninterrupted_run(tiny_model_dir, chats, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run_main(base_args(tiny_model_dir, chats, a)) == 0  # 8 steps straight (dropout 0.2)
+    assert run_main(base_args(tiny_model_dir, chats, b, **{"--stop-after": 3})) == 0
+    assert json.loads((b / "run.json").read_text())["status"] == "stopped"
+    assert run_main(base_args(tiny_model_dir, chats, b, **{"--resume": True})) == 0
+    ma, mb = metrics(a), metrics(b)
+    assert [r["step"] for r in mb] == list(range(1, 9))
+    for ra, rb in zip(ma, mb):
+        assert ra["loss"] == pytest.approx(rb["loss"], abs=1e-6)
+        assert ra.get("val_loss") == pytest.approx(rb.get("val_loss"), abs=1e-6)
+    wa, wb = adapter_weights(a), adapter_weights(b)
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6)
+
+
+def test_resume_without_restoring_rng_would_differ(tiny_model_dir, chats, tmp_path, monkeypatch):
+    """The resume test above is meaningful: with dropout, skipping the RNG restore changes the run."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    args = {"--max-steps": 4}
+    assert run_main(base_args(tiny_model_dir, chats, a, **args)) == 0
+    assert run_main(base_args(tiny_model_dir, chats, b, **args, **{"--stop-after": 2})) == 0
+    monkeypatch.setattr(train, "set_rng_state", lambda js, tensors: None)
+    assert run_main(base_args(tiny_model_dir, chats, b, **args, **{"--resume": True})) == 0
+    assert metrics(a)[-1]["loss"] != pytest.approx(metrics(b)[-1]["loss"], abs=1e-6)
+
+
+def test_early_stopping_keeps_the_best_weights(tiny_model_dir, chats, tmp_path, monkeypatch):
+    out = tmp_path / "early"
+    scripted = iter([3.0, 2.0, 2.5, 2.6, 2.7])  # best at the 2nd evaluation, then 2 worse ones
+    snapshots = []
+
+    def fake_evaluate(model, examples, batch_size, rt):
+        snapshots.append({n: p.detach().clone() for n, p in train.trainable_named(model)})
+        return next(scripted)
+
+    monkeypatch.setattr(train, "evaluate", fake_evaluate)
+    args = base_args(tiny_model_dir, chats, out, **{"--max-steps": 20, "--eval-every": 2,
+                                                    "--early-stop-patience": 2})
+    assert run_main(args) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "early_stopped" and run["steps"] == 8  # evaluations at steps 2, 4, 6, 8
+    assert run["final_val_loss"] == 2.0 and run["best_val_loss"] == 2.0
+    saved = adapter_weights(out)
+    best = snapshots[1]  # the weights at step 4
+    for name, w in best.items():
+        assert torch.equal(saved[f"base_model.model.{name}.weight"], w)
+    assert not torch.equal(snapshots[-1]["transformer.h.0.attn.c_attn.lora_B"],
+                           best["transformer.h.0.attn.c_attn.lora_B"])  # training did move on after it
+
+
+def test_val_data_file_replaces_the_holdout(tiny_model_dir, chats, tmp_path, gpt2_tokenizer):
+    val_file = write_chats(tmp_path / "val.jsonl", 3, seed=7)
+    cfg = train.TrainConfig(model=tiny_model_dir, data=chats, val_data=val_file)
+    tr, _ = train.load_split(cfg, "train", gpt2_tokenizer, 128)
+    val, _ = train.load_split(cfg, "val", gpt2_tokenizer, 128)
+    assert len(tr) == 12 and len(val) == 3  # all 12 of --data train; validation is the other file
+    held = train.TrainConfig(model=tiny_model_dir, data=chats, val_fraction=0.25)
+    assert len(train.load_split(held, "train", gpt2_tokenizer, 128)[0]) == 9
+    assert len(train.load_split(held, "val", gpt2_tokenizer, 128)[0]) == 3
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_model_dir, chats, tmp_path,
+                                                                  monkeypatch, capsys):
+    out = tmp_path / "nan"
+    real_forward, calls = GPT.forward, []
+
+    def forward(self, idx, targets=None, reduction="mean"):
+        logits, loss = real_forward(self, idx, targets, reduction)
+        if self.training:
+            calls.append(1)
+            if len(calls) > 6:  # steps 1-3 are fine (2 micro-batches each), step 4 goes NaN
+                loss = loss * float("nan")
+        return logits, loss
+
+    monkeypatch.setattr(GPT, "forward", forward)
+    assert run_main(base_args(tiny_model_dir, chats, out, **{"--save-every": 2})) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: non-finite loss (nan) at step 4") and "step_0000002" in err
+    tensors, state = train.load_checkpoint(out / "ckpt")
+    assert state["step"] == 2 and all(torch.isfinite(v).all() for v in tensors.values())
+
+
+def test_resume_refuses_a_checkpoint_with_other_settings(tiny_model_dir, chats, tmp_path, capsys):
+    out = tmp_path / "r"
+    assert run_main(base_args(tiny_model_dir, chats, out, **{"--max-steps": 1})) == 0
+    capsys.readouterr()
+    assert run_main(base_args(tiny_model_dir, chats, out, **{"--resume": True, "--batch-size": 3})) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --resume:") and "--batch-size 2" in err and "\n" not in err
+    assert run_main(base_args(tiny_model_dir, chats, out, **{"--max-steps": 1})) == 1  # a fresh run on top
+    assert "add --resume" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--full", "--lora-rank", "4"], "--full trains every weight"),
+    (["--max-steps", "3", "--epochs", "1"], "--max-steps and --epochs"),
+    (["--grad-accum", "0"], "--grad-accum must be >= 1"),
+    (["--benchmark-vs-hf"], "add --benchmark"),
+    (["--resume"], "no checkpoint to resume from"),
+])
+def test_impossible_flags_fail_fast_with_one_line(flags, message, tiny_model_dir, chats, tmp_path, capsys):
+    assert train.main(["--model", tiny_model_dir, "--data", chats, "--out", str(tmp_path / "x"), *flags]) == 1
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
+    assert captured.out == ""  # nothing ran: the check comes before loading anything
+
+
+def run_script(args, **kw):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *map(str, args)], capture_output=True,
+                          text=True, env=env, cwd=ROOT, timeout=120, **kw)
+
+
+def test_script_errors_are_one_line_with_nonzero_exit(tiny_model_dir, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+                   '{"messages": [{"role": "user", "content": "broken"}\n')
+    r = run_script(["--model", tiny_model_dir, "--data", bad, "--out", tmp_path / "o1"])
+    assert r.returncode == 1 and "Traceback" not in r.stderr + r.stdout
+    assert r.stderr.strip().splitlines()[-1].startswith(f"error: {bad}:2: bad JSON")
+    r = run_script(["--model", tmp_path / "no_such_model", "--out", tmp_path / "o2"])
+    assert r.returncode == 1 and "Traceback" not in r.stderr + r.stdout
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "no_such_model" in last
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()  # nothing written
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tiny_model_dir, chats, tmp_path):
+    out = tmp_path / "sig"
+    args = base_args(tiny_model_dir, chats, out, **{"--max-steps": 100000, "--save-every": 0, "--eval-every": 0})
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    try:
+        deadline = time.time() + 60  # wait until training is under way (a step has been logged)
+        while not ((out / "metrics.jsonl").exists() and metrics(out)):
+            assert p.poll() is None and time.time() < deadline, p.communicate()
+            time.sleep(0.2)
+        p.send_signal(signal.SIGINT)
+        stdout, stderr = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    assert p.returncode == 130 and "Traceback" not in stderr
+    assert "interrupted: checkpoint saved at step" in stdout
+    tensors, state = train.load_checkpoint(out / "ckpt")
+    assert state["step"] >= 1 and json.loads((out / "run.json").read_text())["status"] == "interrupted"
+
+
+def test_torchrun_two_processes_match_one_process_with_twice_the_batch(tiny_model_dir, chats, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = {"--max-steps": 6, "--lora-dropout": 0, "--eval-every": 3}
+    assert run_main(base_args(tiny_model_dir, chats, one, **common, **{"--batch-size": 2})) == 0
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(ROOT / "train.py"), *base_args(tiny_model_dir, chats, two, **common,
+                                                           **{"--batch-size": 1})],
+                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "2 processes" in r.stdout and r.stdout.count("done:") == 1  # only rank 0 prints
+    m1, m2 = metrics(one), metrics(two)
+    assert [r["step"] for r in m1] == [r["step"] for r in m2]
+    for a, b in zip(m1, m2):  # same examples per step -> same loss
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-4)
+        assert a.get("val_loss") == pytest.approx(b.get("val_loss"), abs=1e-4)
+    w1, w2 = adapter_weights(one), adapter_weights(two)
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], rtol=0, atol=1e-4)
+    assert json.loads((two / "run.json").read_text())["world_size"] == 2
+
+
+def test_benchmark_vs_transformers_peft_gives_the_same_loss(tiny_model_dir, tmp_path, capsys):
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    args = ["--model", tiny_model_dir, "--out", tmp_path / "bench", "--benchmark", "--benchmark-vs-hf",
+            "--benchmark-seq-len", 32, "--batch-size", 2, "--benchmark-steps", 2, "--benchmark-warmup", 1,
+            "--lora-dropout", 0]
+    assert train.main([str(a) for a in args]) == 0
+    out = capsys.readouterr().out
+    assert "ours (LoRA):" in out and "transformers + PEFT:" in out and "tokens/s" in out
+    line = next(s for s in out.splitlines() if s.startswith("speedup:"))
+    max_diff = float(line.split("max over all 3 steps: ")[1].split()[0])
+    assert max_diff < 1e-4  # same weights, same LoRA, same batches -> same loss at every step
+    assert not (tmp_path / "bench").exists()  # a benchmark writes nothing
+
+
+def test_benchmark_on_the_real_data_path(tiny_model_dir, chats, tmp_path, capsys):
+    args = ["--model", tiny_model_dir, "--data", chats, "--out", tmp_path / "b", "--benchmark", "--batch-size", 2,
+            "--grad-accum", 2, "--benchmark-steps", 2, "--benchmark-warmup", 1]
+    assert train.main([str(a) for a in args]) == 0
+    out = capsys.readouterr().out
+    assert f"--data {chats}" in out and "ms/step" in out and "peak memory" in out and "MFU          n/a" in out
+    assert not (tmp_path / "b").exists()
