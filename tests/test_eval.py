@@ -1,0 +1,440 @@
+"""Tests for eval.py: the scorers on hand-made replies, the response-token loss against an independent
+computation, KL and perplexity change on identical and on different models, the few-shot prompt layout, the
+chat's multi-turn template, and an offline end-to-end run: tiny random GPT-2 -> train.py -> eval.py.
+
+    python -m pytest tests/test_eval.py
+"""
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+import eval as ev
+from data import (EOT_ID, HELD_OUT_FAMILIES, TRIAGE_FIELDS, load_records, render_conversation, render_prompt,
+                  resolve_dataset, tokenize_dataset)
+from model import GPT, GPTConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+GOLD = {"category": "billing", "priority": "high", "product": "router", "sentiment": "negative"}
+GOLD_TEXT = json.dumps(GOLD)
+
+
+def tiny_gpt(seed=0, vocab_size=50257, block_size=64):
+    """A small random GPT with GPT-2's vocabulary (collate pads with the EOT id, 50256)."""
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(vocab_size=vocab_size, block_size=block_size, n_layer=2, n_head=2, n_embd=32)).eval()
+
+
+def perturbed(model, seed=1, std=0.02):
+    """A copy of model with noise added to every weight: a stand-in for a fine-tuned model."""
+    other = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * std)
+    return other
+
+
+# -----------------------------------------------------------------------------
+# Scorers
+
+
+def test_triage_exact_match_scores_every_field():
+    s = ev.score_triage(GOLD_TEXT, GOLD_TEXT)
+    assert s == {"valid": 1, "exact": 1, "category": 1, "priority": 1, "product": 1, "sentiment": 1}
+
+
+def test_triage_key_order_and_surrounding_whitespace_do_not_matter():
+    reordered = json.dumps({k: GOLD[k] for k in reversed(TRIAGE_FIELDS)}, indent=None, separators=(",", ":"))
+    assert ev.score_triage("  \n" + reordered + " \n", GOLD_TEXT)["exact"] == 1
+
+
+def test_triage_one_wrong_field_costs_exact_match_and_that_field_only():
+    s = ev.score_triage(json.dumps({**GOLD, "priority": "low"}), GOLD_TEXT)
+    assert s == {"valid": 1, "exact": 0, "category": 1, "priority": 0, "product": 1, "sentiment": 1}
+
+
+@pytest.mark.parametrize("reply", [
+    "",  # nothing
+    "{",  # cut off mid-object
+    "I think this is a billing issue.",  # prose
+    GOLD_TEXT + " Hope that helps!",  # right JSON, extra text
+    GOLD_TEXT + "\n" + GOLD_TEXT,  # a second line
+    json.dumps({**GOLD, "reason": "double charge"}),  # extra key: the format allows exactly the four
+    json.dumps({k: GOLD[k] for k in TRIAGE_FIELDS[:3]}),  # missing key
+    json.dumps({**GOLD, "priority": 3}),  # non-string value
+    json.dumps([GOLD]),  # a list, not an object
+    "[" * 10000,  # pathological nesting
+])
+def test_triage_malformed_reply_scores_zero_without_crashing(reply):
+    s = ev.score_triage(reply, GOLD_TEXT)
+    assert s == {"valid": 0, "exact": 0, **{f: 0 for f in TRIAGE_FIELDS}}
+
+
+def test_triage_summary_averages_per_field():
+    replies = [GOLD_TEXT, json.dumps({**GOLD, "product": "thermostat"}), "oops",
+               json.dumps({**GOLD, "product": "earbuds", "sentiment": "neutral"})]
+    scores = [ev.score_triage(r, GOLD_TEXT) for r in replies]
+    m = ev.summarize("triage", scores, [""] * 4, set())
+    assert m["n"] == 4
+    assert m["exact_match"] == 0.25
+    assert m["valid"] == 0.75
+    assert m["fields"] == {"category": 0.75, "priority": 0.75, "product": 0.25, "sentiment": 0.5}
+
+
+def test_exact_scorer_strips_surrounding_whitespace_only():
+    assert ev.score_exact(" 42\n", "42") == {"exact": 1}
+    assert ev.score_exact("42.", "42") == {"exact": 0}
+    assert ev.score_exact("Yes", "yes") == {"exact": 0}  # case matters: every family has one exact answer
+
+
+def test_instruct_summary_groups_seen_and_held_out_families():
+    families = ["add", "add", "uppercase", "acronym", "acronym", "acronym"]
+    scores = [{"exact": e} for e in (1, 0, 1, 1, 0, 0)]
+    m = ev.summarize("instruct", scores, families, {"acronym"})
+    assert m["accuracy"] == 0.5
+    assert m["seen"] == 2 / 3
+    assert m["held_out"] == 1 / 3
+    assert m["families"]["add"] == {"accuracy": 0.5, "n": 2, "held_out": False}
+    assert m["families"]["acronym"] == {"accuracy": 1 / 3, "n": 3, "held_out": True}
+
+
+# -----------------------------------------------------------------------------
+# Response-token loss
+
+
+def test_response_loss_equals_independent_nll_over_response_tokens():
+    model = perturbed(tiny_gpt(), std=0.3)  # large weights: per-token losses far from the uniform log(V)
+    g = torch.Generator().manual_seed(0)
+    examples = []
+    for length, spans in ((12, [(5, 9)]), (20, [(3, 6), (14, 20)]), (7, [(6, 7)]), (16, [(2, 8)])):
+        ids = torch.randint(0, 50257, (length,), generator=g).tolist()
+        mask = [0] * length
+        for a, b in spans:
+            mask[a:b] = [1] * (b - a)
+        examples.append((ids, mask))
+
+    # Independent: one example at a time, full logits, log-softmax, pick the next token where it is trained.
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ids, mask in examples:
+            logp = F.log_softmax(model(torch.tensor([ids[:-1]]))[0].double(), dim=-1)  # (T, V)
+            for t in range(len(ids) - 1):
+                if mask[t + 1]:
+                    total -= logp[t, ids[t + 1]].item()
+                    count += 1
+    want = total / count
+
+    got, n = ev.response_loss(model, examples, batch_size=3, device="cpu")  # batches of 3 then 1, padded
+    assert n == count == sum(sum(m[1:]) for _, m in examples)
+    assert got == pytest.approx(want, abs=1e-5)
+    # The test can tell a token-weighted mean from a mean of per-batch means (a classic bug).
+    first, _ = ev.response_loss(model, examples[:3], batch_size=3, device="cpu")
+    last, _ = ev.response_loss(model, examples[3:], batch_size=3, device="cpu")
+    assert abs((first + last) / 2 - want) > 1e-3
+
+
+def test_response_loss_of_rendered_conversation_counts_reply_and_its_eot(gpt2_tokenizer):
+    conv = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there."}]
+    ids, mask = render_conversation(conv, gpt2_tokenizer)
+    _, n = ev.response_loss(tiny_gpt(), [(ids, mask)], batch_size=1, device="cpu")
+    assert n == len(gpt2_tokenizer.encode_ordinary("Hello there.")) + 1  # + the EOT that ends the reply
+
+
+# -----------------------------------------------------------------------------
+# Forgetting: perplexity change and KL(base || tuned) on general text
+
+
+def test_text_windows_predict_every_token_after_the_first_once():
+    ids = list(range(1, 24))
+    windows = ev.text_windows(ids, block_size=5)
+    assert all(x.shape == y.shape and x.size(1) <= 5 for x, y in windows)
+    assert torch.cat([y[0] for _, y in windows]).tolist() == ids[1:]
+    assert torch.cat([x[0] for x, _ in windows]).tolist() == ids[:-1]
+
+
+def test_shipped_general_text_is_plain_prose_not_in_the_tuning_data():
+    text = (ROOT / "data" / "general.txt").read_text(encoding="utf-8")
+    words = text.split()
+    assert 2000 <= len(words) <= 4000
+    # no run of 8 words of it occurs in any built-in dataset's messages (all splits)
+    grams = {" ".join(words[i:i + 8]) for i in range(len(words) - 7)}
+    for name in ("triage", "instruct"):
+        for split in ("train", "val", "test"):
+            for rec in load_records(resolve_dataset(name, split)):
+                for m in rec["messages"]:
+                    w = m["content"].split()
+                    assert not any(" ".join(w[i:i + 8]) in grams for i in range(len(w) - 7))
+
+
+def test_kl_and_perplexity_change_are_zero_for_identical_models():
+    base = tiny_gpt()
+    windows = ev.text_windows(torch.randint(0, 50257, (150,)).tolist(), block_size=64)
+    f = ev.forgetting(base, copy.deepcopy(base), windows, device="cpu")
+    assert f["n_tokens"] == 149
+    assert abs(f["kl_base_tuned"]) < 1e-6
+    assert f["perplexity_change"] == 0.0
+    assert f["base_perplexity"] == f["tuned_perplexity"]
+
+
+def test_kl_matches_torch_kl_div_for_different_models():
+    base = tiny_gpt()
+    tuned = perturbed(base)
+    ids = torch.randint(0, 50257, (100,), generator=torch.Generator().manual_seed(3)).tolist()
+    f = ev.forgetting(base, tuned, ev.text_windows(ids, block_size=64), device="cpu")
+    kl = nll_b = nll_t = 0.0  # reference: torch's kl_div in float64, on the same two windows
+    with torch.no_grad():
+        for x, y in ev.text_windows(ids, block_size=64):
+            lp_b = F.log_softmax(base(x).double(), -1)
+            lp_t = F.log_softmax(tuned(x).double(), -1)
+            kl += F.kl_div(lp_t, lp_b, log_target=True, reduction="sum").item()  # sum p_b (log p_b - log p_t)
+            nll_b -= lp_b.gather(-1, y.unsqueeze(-1)).sum().item()
+            nll_t -= lp_t.gather(-1, y.unsqueeze(-1)).sum().item()
+    assert f["kl_base_tuned"] > 1e-4
+    assert f["kl_base_tuned"] == pytest.approx(kl / 99, rel=1e-4)
+    assert f["base_loss"] == pytest.approx(nll_b / 99, rel=1e-5)
+    assert f["perplexity_change"] == pytest.approx(torch.tensor((nll_t - nll_b) / 99).exp().item() - 1, rel=1e-4)
+
+
+def test_kl_under_bf16_autocast_needs_fp32_log_softmax():
+    """Under autocast the logits are bf16; forgetting() upcasts before the log-softmax. Done in bf16, the
+    same KL is far off, even negative, for two models as close as a short fine-tune makes them."""
+    base = tiny_gpt()
+    tuned = perturbed(base, std=1e-3)
+    windows = ev.text_windows(torch.randint(0, 50257, (65,), generator=torch.Generator().manual_seed(4)).tolist(), 64)
+    exact = ev.forgetting(base, tuned, windows, device="cpu")["kl_base_tuned"]
+    under_bf16 = ev.forgetting(base, tuned, windows, device="cpu", dtype="bfloat16")["kl_base_tuned"]
+    x = windows[0][0]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        lp_b, lp_t = F.log_softmax(base(x), -1), F.log_softmax(tuned(x), -1)  # bf16 log-probabilities
+    naive = float((lp_b.float().exp() * (lp_b.float() - lp_t.float())).sum()) / 64
+    assert exact > 0
+    assert under_bf16 == pytest.approx(exact, rel=0.2)
+    assert abs(naive - exact) > exact
+
+
+# -----------------------------------------------------------------------------
+# Prompts: zero-shot, few-shot, and what fits
+
+
+SYSTEM = {"role": "system", "content": "Be terse."}
+
+
+def conv(q, a, system=False):
+    return ([SYSTEM] if system else []) + [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+
+
+def test_few_shot_puts_solved_examples_after_the_system_prompt_and_before_the_question():
+    prompt, ref = ev.split_reply(conv("2+2?", "4", system=True))
+    assert ref == "4"
+    shots = [conv("1+1?", "2", system=True), conv("3+3?", "6")]
+    got = ev.few_shot(prompt, shots)
+    assert got == [SYSTEM, *conv("1+1?", "2"), *conv("3+3?", "6"), {"role": "user", "content": "2+2?"}]
+    assert ev.few_shot(prompt, []) == prompt
+    # no system prompt: the shots simply come first
+    assert ev.few_shot(conv("2+2?", "4")[:1], shots[1:]) == [*conv("3+3?", "6"), {"role": "user", "content": "2+2?"}]
+
+
+def test_fit_prompt_drops_the_earliest_shots_first(gpt2_tokenizer):
+    prompt, _ = ev.split_reply(conv("What is 2+2?", "4", system=True))
+    shots = [conv(f"What is {i}+{i}?", str(2 * i)) for i in range(1, 4)]
+    full, k = ev.fit_prompt(prompt, shots, gpt2_tokenizer, room=10_000)
+    assert k == 3 and full == render_prompt(ev.few_shot(prompt, shots), gpt2_tokenizer)
+    two = render_prompt(ev.few_shot(prompt, shots[1:]), gpt2_tokenizer)
+    ids, k = ev.fit_prompt(prompt, shots, gpt2_tokenizer, room=len(two))
+    assert k == 2 and ids == two
+    ids, k = ev.fit_prompt(prompt, shots, gpt2_tokenizer, room=1)  # nothing fits: zero-shot, never cut
+    assert k == 0 and ids == render_prompt(prompt, gpt2_tokenizer)
+
+
+def test_zero_shot_prompt_is_the_training_prefix(gpt2_tokenizer):
+    """The ladder's prompt is exactly the tokens the model saw before the reply in training."""
+    messages = conv("My router keeps dropping its connection.", GOLD_TEXT, system=True)
+    prompt, _ = ev.split_reply(messages)
+    ids, _ = ev.fit_prompt(prompt, [], gpt2_tokenizer, room=1024)
+    full, mask = render_conversation(messages, gpt2_tokenizer)
+    assert full[:len(ids)] == ids and mask[len(ids)] == 1 and mask[len(ids) - 1] == 0
+
+
+def test_few_shot_examples_are_never_the_evaluated_items(tmp_path):
+    convs = [conv(f"q{i}", f"a{i}") for i in range(5)]
+    f = tmp_path / "pool.jsonl"
+    f.write_text("".join(json.dumps({"messages": c}) + "\n" for c in convs))
+    cfg = ev.EvalConfig(shots=3, shots_data=str(f))
+    shots, why = ev.pick_shots(cfg, str(f), str(f), None, evaluated=convs[:2])
+    assert why is None and len(shots) == 3 and all(s in convs[2:] for s in shots)
+    assert ev.pick_shots(cfg, str(f), str(f), None, evaluated=convs)[0] == []  # nothing left: rung skipped
+    assert ev.pick_shots(ev.EvalConfig(shots=0), "triage", "x", None, [])[0] == []
+    # a file evaluated as given, with the run's training data being that same file: no shots to take
+    shots, why = ev.pick_shots(ev.EvalConfig(shots=3), str(f), str(f), str(f), evaluated=convs[:1])
+    assert shots == [] and "--shots-data" in why
+
+
+def test_greedy_reply_stops_at_end_of_turn(gpt2_tokenizer):
+    class Scripted:  # a "model" whose generate emits two tokens, EOT, then padding EOTs
+        def generate(self, idx, max_new_tokens, temperature, stop_token):
+            assert temperature == 0.0 and stop_token == EOT_ID
+            new = gpt2_tokenizer.encode_ordinary(" ok") + [EOT_ID, EOT_ID]
+            return torch.cat([idx, torch.tensor([new])], dim=1)
+
+    assert ev.greedy_reply(Scripted(), [1, 2, 3], 8, "cpu", gpt2_tokenizer) == " ok"
+
+
+# -----------------------------------------------------------------------------
+# Chat: multi-turn, in the training template, streamed
+
+
+def test_chat_renders_the_whole_conversation_with_render_prompt(gpt2_tokenizer, monkeypatch, capsys):
+    seen = []
+
+    class Scripted:
+        config = GPTConfig(block_size=1024)
+
+        def stream(self, idx, max_new_tokens, **kw):
+            seen.append(idx[0].tolist())
+            assert kw["stop_token"] == EOT_ID
+            yield from gpt2_tokenizer.encode_ordinary(f"reply {len(seen)} é") + [EOT_ID]
+
+    lines = iter(["hello", "and again", "/reset", "fresh"])
+
+    def fake_input(prompt):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    monkeypatch.setattr("builtins.input", fake_input)
+    cfg = ev.EvalConfig(chat=True, temperature=0.0)
+    ev.chat(Scripted(), gpt2_tokenizer, cfg, "cpu", system="Be terse.")
+    user = lambda t: {"role": "user", "content": t}
+    bot = lambda t: {"role": "assistant", "content": t}
+    assert seen == [
+        render_prompt([SYSTEM, user("hello")], gpt2_tokenizer),
+        render_prompt([SYSTEM, user("hello"), bot("reply 1 é"), user("and again")], gpt2_tokenizer),
+        render_prompt([SYSTEM, user("fresh")], gpt2_tokenizer),  # /reset forgot the first two exchanges
+    ]
+    out = capsys.readouterr().out
+    assert "assistant> reply 1 é\n" in out and "assistant> reply 3 é\n" in out
+    assert "(conversation cleared)" in out
+
+
+# -----------------------------------------------------------------------------
+# End to end, offline: tiny random GPT-2 -> train.py -> eval.py
+
+
+def run(args, **kw):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300, **kw)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, gpt2_tokenizer_dir):
+    """A random-init GPT-2 directory (HF layout + the tokenizer files), as `python model.py --save-random`."""
+    d = tmp_path_factory.mktemp("tiny_gpt2")
+    torch.manual_seed(0)
+    GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=512)).save_pretrained(d)
+    for f in ("vocab.json", "merges.txt"):
+        (d / f).write_bytes((Path(gpt2_tokenizer_dir) / f).read_bytes())
+    return d
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lora_run")
+    r = run(["train.py", "--model", str(tiny_dir), "--max-steps", "3", "--batch-size", "4", "--warmup", "0",
+             "--out", str(out)])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    return out
+
+
+def test_end_to_end_lora_report_has_ladder_forgetting_and_losses(lora_run):
+    report = lora_run / "report.json"
+    r = run(["eval.py", "--out", str(lora_run), "--limit", "3", "--max-new-tokens", "4", "--shots", "2",
+             "--samples", "2", "--general-tokens", "1024", "--report", str(report)])
+    assert r.returncode == 0, r.stderr[-2000:]
+    rep = json.loads(report.read_text())
+    assert rep["data"] == "triage" and rep["split"] == "test" and rep["task"] == "triage" and rep["n_items"] == 3
+    assert rep["kind"] == "lora" and rep["model"] == json.loads((lora_run / "run.json").read_text())["args"]["model"]
+    for key in ("loss", "perplexity", "base_loss", "base_perplexity"):
+        assert rep[key] > 0
+    assert set(rep["ladder"]) == {"base_zero_shot", "base_few_shot", "fine_tuned"}
+    assert rep["ladder"]["base_few_shot"]["shots"] == 2
+    for rung in rep["ladder"].values():
+        assert rung["n"] == 3 and 0 <= rung["exact_match"] <= 1 and set(rung["fields"]) == set(TRIAGE_FIELDS)
+    f = rep["forgetting"]
+    assert f["kl_base_tuned"] >= 0 and f["n_tokens"] == 1024 and f["general_text"].endswith("general.txt")
+    assert {"base_perplexity", "tuned_perplexity", "perplexity_change"} <= set(f)
+    o = rep["overfitting"]
+    assert o["gap"] == pytest.approx(o["test_loss"] - o["train_loss"]) and o["n_train_items"] == 3
+    assert len(rep["samples"]) == 2 and rep["tuned_bytes"] > 0 and rep["train"]["status"] == "finished"
+    assert "ladder" in r.stdout and "forgetting" in r.stdout and "KL(base||tuned)" in r.stdout
+
+
+def test_eval_loss_equals_train_val_loss(lora_run):
+    """eval.py masks and averages exactly as train.py: its loss on the val split is train.py's val loss."""
+    cfg = ev.EvalConfig(out=str(lora_run))
+    tuned_dir, kind = ev.locate_tuned(cfg)
+    run_info = ev.read_run(str(lora_run))
+    _, tuned, _, tok = ev.load_models(cfg, tuned_dir, kind, run_info)
+    records = load_records(resolve_dataset("triage", "val"))
+    examples, _ = tokenize_dataset([r["messages"] for r in records], tok, tuned.config.block_size, dedup=False)
+    loss, _ = ev.response_loss(tuned, examples, batch_size=16, device="cpu")
+    assert loss == pytest.approx(run_info["final_val_loss"], abs=1e-5)
+
+
+def test_end_to_end_full_finetune_on_instruct_files(tiny_dir, tmp_path):
+    """A full fine-tune (out/model) on a small instruct file; eval.py takes the base model from run.json,
+    evaluates another file as given with the per-family scorer, and takes few-shot examples from the
+    run's training file."""
+    train_file, test_file = tmp_path / "train.jsonl", tmp_path / "test.jsonl"
+    for path, split, n in ((train_file, "train", 24), (test_file, "test", 12)):
+        path.write_text("".join(json.dumps(r) + "\n" for r in load_records(resolve_dataset("instruct", split))[:n]))
+    out = tmp_path / "full"
+    r = run(["train.py", "--model", str(tiny_dir), "--full", "--data", str(train_file), "--max-steps", "2",
+             "--batch-size", "4", "--warmup", "0", "--out", str(out)])
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = tmp_path / "r.json"
+    r = run(["eval.py", "--adapter", str(out / "model"), "--data", str(test_file), "--limit", "0",
+             "--max-new-tokens", "3", "--shots", "1", "--samples", "1", "--general-tokens", "256",
+             "--report", str(report)])
+    assert r.returncode == 0, r.stderr[-2000:]
+    rep = json.loads(report.read_text())
+    assert rep["kind"] == "full" and rep["model"] == str(tiny_dir)
+    assert rep["split"] is None and rep["n_items"] == 12 and rep["task"] == "instruct"
+    fams = rep["ladder"]["fine_tuned"]["families"]
+    assert sum(v["n"] for v in fams.values()) == 12
+    assert all(v["held_out"] == (name in HELD_OUT_FAMILIES) for name, v in fams.items())
+    assert rep["ladder"]["base_few_shot"]["shots"] == 1  # from the run's training file, not the evaluated one
+    assert "skipped" in rep["overfitting"]
+    assert rep["forgetting"]["kl_base_tuned"] > 0  # every weight moved
+
+
+def test_chat_subprocess_streams_and_exits_on_eof(lora_run):
+    r = run(["eval.py", "--out", str(lora_run), "--chat", "--max-new-tokens", "5", "--temperature", "0"],
+            input="Hello there\n/reset\nMy router is broken\n")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("assistant> ") == 2 and "(conversation cleared)" in r.stdout
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("args, what", [
+    (["--out", "does/not/exist"], "does/not/exist"),
+    (["--adapter", "does/not/exist"], "does/not/exist"),
+    (["--data", "no_such_file.jsonl"], "no_such_file.jsonl"),
+    (["--general-text", "no_such.txt"], "no_such.txt"),
+    (["--limit", "-1"], "--limit"),
+])
+def test_bad_input_is_one_error_line(lora_run, args, what):
+    if "--out" not in args:
+        args = ["--out", str(lora_run), *args]
+    r = run(["eval.py", *args])
+    assert r.returncode == 1
+    assert "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and what in last
