@@ -10,6 +10,9 @@ perplexity and KL divergence from the base model on general English text it was 
     python eval.py --adapter out/model --model gpt2  # a full fine-tune, against its base model
     python eval.py --data my_test.jsonl              # your own file, evaluated as given (no split)
     python eval.py --chat                            # talk to the fine-tuned model in its training template
+
+The same for SmolLM2 (train.py --model smollm2-135m-instruct-gguf): its ChatML template, end-of-turn token and
+padding come from data.chat_format, so nothing here is specific to one model family.
 """
 
 import argparse
@@ -28,7 +31,7 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from data import (BUILTIN_DATASETS, EOT_ID, HELD_OUT_FAMILIES, TRIAGE_FIELDS, collate, get_tokenizer,
+from data import (BUILTIN_DATASETS, HELD_OUT_FAMILIES, TRIAGE_FIELDS, chat_format, collate, get_tokenizer,
                   load_records, parse_triage, render_prompt, resolve_dataset, tokenize_dataset)
 from lora import ADAPTER_CONFIG, load_adapter, merge_lora, read_adapter_config
 from model import GPT, IGNORE_INDEX, atomic_write_text, choose_device, choose_dtype, resolve_pretrained
@@ -58,16 +61,16 @@ class EvalConfig:
     dtype: str = "auto"  # float32 | bfloat16 | float16 | auto (autocast precision of forward passes)
     seed: int = 0  # picks the few-shot examples; seeds chat sampling
     chat: bool = False  # interactive chat instead of the evaluation
-    system: str | None = None  # chat: system prompt ("" for none); None: the training data's, if it has one
+    system: str | None = None  # chat: system prompt ("" for none: SmolLM2 gets its default); None: the data's
     temperature: float = 0.7  # chat: softmax temperature (0 is greedy)
     top_k: int | None = 50  # chat: sample among the k most likely tokens
     top_p: float | None = None  # chat: sample from the smallest set of tokens with this much probability
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Evaluate a fine-tuned GPT-2 against its base model: task accuracy "
-                                "ladder (zero-shot, few-shot, fine-tuned), loss, forgetting, side-by-side; "
-                                "or chat with it (--chat).")
+    p = argparse.ArgumentParser(description="Evaluate a fine-tuned GPT-2 or SmolLM2 against its base model: "
+                                "task accuracy ladder (zero-shot, few-shot, fine-tuned), loss, forgetting, "
+                                "side-by-side; or chat with it (--chat).")
     g = p.add_argument_group("what to evaluate")
     g.add_argument("--out", default="out", help="train.py's output directory (default: out); the tuned model, "
                    "run.json and the report default to paths inside it")
@@ -107,8 +110,9 @@ def parse_args(argv=None):
     g = p.add_argument_group("chat (--chat)")
     g.add_argument("--chat", action="store_true", help="chat with the fine-tuned model instead of evaluating "
                    "(commands: /reset, /quit; Ctrl-D exits)")
-    g.add_argument("--system", help="system prompt for the chat; \"\" for none (default: the one in the "
-                   "training data's first conversation, if it has one)")
+    g.add_argument("--system", help="system prompt for the chat; \"\" for none, which for SmolLM2 means its "
+                   "default system prompt, as in training (default: the one in the training data's first "
+                   "conversation, if it has one)")
     g.add_argument("--temperature", type=float, default=0.7, help="chat sampling temperature; 0 is greedy "
                    "(default: 0.7)")
     g.add_argument("--top-k", type=int, default=50, help="chat: sample among the k most likely tokens "
@@ -186,10 +190,15 @@ def load_models(cfg, tuned_dir, kind, run):
         tuned = merge_lora(tuned)
     else:
         tuned = GPT.from_pretrained(tuned_dir)
-    # Prefer the tokenizer files next to the weights (offline); tiktoken's own gpt2 encoding otherwise.
+    # The tokenizer files next to the tuned weights, else the base model's: its directory or .gguf file (a full
+    # fine-tune of a .gguf base has no tokenizer files of its own; train.py's run.json says the same).
     has_files = lambda d: all(os.path.isfile(os.path.join(d, f)) for f in ("vocab.json", "merges.txt"))
-    tok_dir = next((d for d in (tuned_dir, base_dir) if has_files(d)), None)
-    return base.eval(), tuned.eval(), base_name, get_tokenizer(tok_dir)
+    tok = get_tokenizer(tuned_dir if has_files(tuned_dir) else base_dir)
+    for name, m in (("base", base), ("tuned", tuned)):
+        if tok.n_vocab > m.config.vocab_size:
+            raise ValueError(f"the {tok.name} tokenizer has {tok.n_vocab} tokens, the {name} model's vocabulary "
+                             f"only {m.config.vocab_size}: the tokenizer files belong to another model")
+    return base.eval(), tuned.eval(), base_name, tok
 
 
 def load_items(data, split, limit):
@@ -226,13 +235,14 @@ def autocast_for(device, dtype):
 
 
 @torch.no_grad()
-def response_loss(model, examples, batch_size, device, dtype="float32"):
+def response_loss(model, examples, batch_size, device, dtype="float32", *, pad_id):
     """(mean NLL, number of tokens) over the trained tokens of examples [(ids, mask)], with exactly training's
-    masking (data.collate). The mean is token-weighted: sum over every response token / their count, not a
-    mean of per-batch means, which would over-weight the tokens of batches with short replies."""
+    masking (data.collate; pad_id: chat_format(tokenizer).pad_id, an id in the model's vocabulary). The mean is
+    token-weighted: sum over every response token / their count, not a mean of per-batch means, which would
+    over-weight the tokens of batches with short replies."""
     total, count = 0.0, 0
     for i in range(0, len(examples), batch_size):
-        x, y = collate(examples[i:i + batch_size])  # (B, T) each
+        x, y = collate(examples[i:i + batch_size], pad_id=pad_id)  # (B, T) each
         x, y = x.to(device), y.to(device)
         with autocast_for(device, dtype):
             _, nll = model(x, y, reduction="sum")
@@ -348,13 +358,14 @@ def pick_shots(cfg, data, data_path, train_data, evaluated):
 
 @torch.no_grad()
 def greedy_reply(model, prompt_ids, max_new_tokens, device, tok):
-    """The model's greedy reply to a prompt (KV-cached; stops at the end-of-turn token, which is not
-    part of the returned text)."""
+    """The model's greedy reply to a prompt (KV-cached; stops at the end-of-turn token). The reply is cut at
+    the first of the family's stop ids (SmolLM2 may also end with <|endoftext|>), which is not returned."""
+    fmt = chat_format(tok)
     idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T)
-    out = model.generate(idx, max_new_tokens, temperature=0.0, stop_token=EOT_ID)[0, len(prompt_ids):].tolist()
-    if EOT_ID in out:
-        out = out[:out.index(EOT_ID)]
-    return tok.decode(out)
+    out = model.generate(idx, max_new_tokens, temperature=0.0, stop_token=fmt.end_of_turn_id)
+    out = out[0, len(prompt_ids):].tolist()
+    stops = [i for i, t in enumerate(out) if t in fmt.stop_ids]
+    return tok.decode(out[:stops[0]] if stops else out)
 
 
 def run_rung(name, model, prompts, references, task, max_new_tokens, device, tok, dtype="float32"):
@@ -374,6 +385,12 @@ def run_rung(name, model, prompts, references, task, max_new_tokens, device, tok
 # Forgetting: does the tuned model still model ordinary English like the base model did?
 
 
+# Longest forgetting window: GPT-2's whole context. SmolLM2's is 8192, and one window that long would hold several
+# (T, V) = (8192, 49152) fp32 tensors of 1.5 GiB each (two models' logits, their log-softmaxes): too much for a
+# laptop. Both models always see the same windows, so the comparison stays fair.
+FORGET_WINDOW = 1024
+
+
 def text_windows(ids, block_size):
     """Cut one token sequence into (inputs, targets) windows of at most block_size positions that together
     predict every token after the first exactly once (no overlap: each window starts with no context, a
@@ -387,10 +404,10 @@ def text_windows(ids, block_size):
 
 
 def general_tokens(path, tok, max_tokens):
-    """The general text as one document: EOT (GPT-2's document separator) then its tokens, at most
-    max_tokens predicted ones."""
+    """The general text as one document: the family's document separator (<|endoftext|> in GPT-2 and
+    SmolLM2, at different ids) then its tokens, at most max_tokens predicted ones."""
     with open(path, encoding="utf-8") as f:
-        ids = [EOT_ID] + tok.encode_ordinary(f.read())
+        ids = [chat_format(tok).document_id] + tok.encode_ordinary(f.read())
     if len(ids) < 2:
         raise ValueError(f"{path}: empty; the forgetting check needs some plain text")
     return ids[:max_tokens + 1]
@@ -431,9 +448,10 @@ def chat(model, tok, cfg, device, system):
     training prompts, so the model sees exactly the token layout it learned; a reply ends at end-of-turn."""
     max_new = cfg.max_new_tokens or 256
     block = model.config.block_size
+    fmt = chat_format(tok)
     print("chat with the fine-tuned model: /reset starts over, /quit (or Ctrl-D) exits", flush=True)
-    if system:
-        print(f"system prompt: {one_line(system, 100)}", flush=True)
+    if system or fmt.default_system:  # no system message: render_prompt inserts the family's default (SmolLM2)
+        print(f"system prompt: {one_line(system or fmt.default_system, 100)}", flush=True)
     history, turn = [], 0
     while True:
         try:
@@ -451,7 +469,7 @@ def chat(model, tok, cfg, device, system):
         if not text:
             continue
         history.append({"role": "user", "content": line})
-        head = [{"role": "system", "content": system}] if system else []
+        head = [{"role": "system", "content": system}] if system else []  # never an empty system message
         # Forget the oldest exchanges (never the system prompt) until the prompt leaves room to answer.
         while True:
             ids = render_prompt(head + history, tok)
@@ -463,8 +481,8 @@ def chat(model, tok, cfg, device, system):
         decoder, reply = codecs.getincrementaldecoder("utf-8")(errors="replace"), []
         idx = torch.tensor([ids[-block:]], dtype=torch.long, device=device)  # (1, T)
         for token in model.stream(idx, max_new, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                                  stop_token=EOT_ID, seed=cfg.seed + turn):
-            if token == EOT_ID:
+                                  stop_token=fmt.end_of_turn_id, seed=cfg.seed + turn):
+            if token in fmt.stop_ids:
                 break
             reply.append(token)
             print(decoder.decode(tok.decode_single_token_bytes(token)), end="", flush=True)
@@ -594,13 +612,14 @@ def evaluate(cfg):
                                        dedup=False)
     if not examples:
         raise ValueError(f"{data_path}: no example fits {max_len} tokens with a trained token")
-    loss, n_tok = response_loss(tuned, examples, cfg.batch_size, device, dtype)
-    base_loss, _ = response_loss(base, examples, cfg.batch_size, device, dtype)
+    pad_id = chat_format(tok).pad_id  # in this model's vocabulary (GPT-2's 50256 is not in SmolLM2's)
+    loss, n_tok = response_loss(tuned, examples, cfg.batch_size, device, dtype, pad_id=pad_id)
+    base_loss, _ = response_loss(base, examples, cfg.batch_size, device, dtype, pad_id=pad_id)
     if split is not None and split != "train":
         train_records, _, _ = load_items(data, "train", len(records))
         train_examples, _ = tokenize_dataset([r["messages"] for r in train_records], tok, max_len,
                                              train_on=train_on, overflow=overflow, dedup=False)
-        train_loss, _ = response_loss(tuned, train_examples, cfg.batch_size, device, dtype)
+        train_loss, _ = response_loss(tuned, train_examples, cfg.batch_size, device, dtype, pad_id=pad_id)
         overfit = {"train_loss": train_loss, "test_loss": loss, "gap": loss - train_loss,
                    "n_train_items": len(train_records)}
     else:
@@ -629,8 +648,9 @@ def evaluate(cfg):
     ladder["fine_tuned"] = summarize(task, scores, families, held_out)
 
     # Forgetting: general English the fine-tuning data never contained.
-    windows = text_windows(general_tokens(general, tok, cfg.general_tokens), block)
-    forget = {"general_text": general, **forgetting(base, tuned, windows, device, dtype)}
+    window = min(block, FORGET_WINDOW)
+    windows = text_windows(general_tokens(general, tok, cfg.general_tokens), window)
+    forget = {"general_text": general, "window": window, **forgetting(base, tuned, windows, device, dtype)}
 
     report = {
         "model": base_name, "tuned": tuned_dir, "kind": kind, "data": data, "data_path": str(data_path),

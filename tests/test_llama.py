@@ -521,18 +521,30 @@ def test_q4_1_block_layout():
     assert gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q4_1] == (32, 2 + 2 + 16)
 
 
-def test_llama_cli_says_no_tokenizer_yet(tmp_path):
+def test_llama_cli_samples_with_its_tokenizer_and_says_when_it_has_none(tmp_path, smollm2_tokenizer_dir):
+    """python model.py on a Llama dir: samples with the SmolLM2 tokenizer found beside the weights, and
+    without tokenizer files gives one line that says what is missing."""
+    import shutil
     import subprocess
     import sys
 
-    d = tmp_path / "tiny-llama"
-    GPT(GPTConfig(**LLAMA_SWITCHES, block_size=16, vocab_size=50, n_layer=1, n_head=2, n_embd=16)).save_pretrained(d)
-    assert model_mod.load_config(str(d)).arch == "llama"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run([sys.executable, "model.py", "--model", str(d)], cwd=root, capture_output=True, text=True)
+    bare = tmp_path / "bare-llama"
+    GPT(GPTConfig(**LLAMA_SWITCHES, block_size=32, vocab_size=49152, n_layer=1, n_head=2, n_embd=16)).save_pretrained(bare)
+    assert model_mod.load_config(str(bare)).arch == "llama"
+    r = subprocess.run([sys.executable, "model.py", "--model", str(bare)], cwd=root, capture_output=True, text=True)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and "tokenizer" in lines[0]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "vocab.json" in lines[0]
+
+    full = tmp_path / "tiny-llama"
+    shutil.copytree(smollm2_tokenizer_dir, full)
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(bare / f, full / f)
+    r = subprocess.run([sys.executable, "model.py", "--model", str(full), "--prompt", "The capital of France is",
+                        "--max-new-tokens", "4"], cwd=root, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("The capital of France is") and len(r.stdout.strip()) > len("The capital of France is")
 
 
 def test_gguf_errors(tmp_path):

