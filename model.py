@@ -541,21 +541,11 @@ class GPT(nn.Module):
         if "lm_head.weight" in sd:  # tied: only allowed if it really is the embedding
             if not torch.equal(sd.pop("lm_head.weight"), sd.get("wte.weight")):
                 raise ValueError(f"{source}: lm_head.weight differs from wte.weight; GPT-2 ties them")
+        # Hugging Face's GPT-2 uses Conv1D, which stores (in, out); nn.Linear stores (out, in).
+        sd = {k: (w.t() if k.endswith(CONV1D_WEIGHTS) else w) for k, w in sd.items()}
         ours = {k.removeprefix("transformer."): p for k, p in self.state_dict().items()
                 if k != "lm_head.weight"}
-        missing, unexpected = sorted(set(ours) - set(sd)), sorted(set(sd) - set(ours))
-        if missing or unexpected:
-            raise ValueError(f"{source}: not a GPT-2 checkpoint of this shape: missing keys {missing[:5]}, "
-                             f"unexpected keys {unexpected[:5]}")
-        with torch.no_grad():
-            for k, p in ours.items():
-                w = sd[k]
-                if k.endswith(CONV1D_WEIGHTS):
-                    # Hugging Face's GPT-2 uses Conv1D, which stores (in, out); nn.Linear stores (out, in).
-                    w = w.t()
-                if w.shape != p.shape:
-                    raise ValueError(f"{source}: {k} has shape {tuple(w.shape)}, expected {tuple(p.shape)}")
-                p.copy_(w)
+        copy_checked(ours, sd, source, "GPT-2")
 
     def _load_llama_state_dict(self, sd, source):
         """LlamaForCausalLM's keys -> ours through LLAMA_NAMES; both sides use nn.Linear, so nothing is
@@ -568,15 +558,7 @@ class GPT(nn.Module):
                 raise ValueError(f"{source}: lm_head.weight differs from model.embed_tokens.weight, but the "
                                  "config ties them (tie_word_embeddings)")
         ours = {rename(k, OURS, HF): p for k, p in self.state_dict().items() if not (tied and k == "lm_head.weight")}
-        missing, unexpected = sorted(set(ours) - set(sd)), sorted(set(sd) - set(ours))
-        if missing or unexpected:
-            raise ValueError(f"{source}: not a Llama checkpoint of this shape: missing keys {missing[:5]}, "
-                             f"unexpected keys {unexpected[:5]}")
-        with torch.no_grad():
-            for k, p in ours.items():
-                if sd[k].shape != p.shape:
-                    raise ValueError(f"{source}: {k} has shape {tuple(sd[k].shape)}, expected {tuple(p.shape)}")
-                p.copy_(sd[k])
+        copy_checked(ours, sd, source, "Llama")
 
     def hf_state_dict(self):
         """This model's weights under Hugging Face's key names: GPT2LMHeadModel's (with its Conv1D
@@ -600,6 +582,21 @@ class GPT(nn.Module):
         save_safetensors(self.hf_state_dict(), os.path.join(out_dir, "model.safetensors"),
                          metadata={"format": "pt"})
         atomic_write_text(os.path.join(out_dir, "config.json"), json.dumps(hf_config, indent=2) + "\n")
+
+
+def copy_checked(params, sd, source, family):
+    """Copy checkpoint tensors sd[name] into params[name] (same names), after checking that neither side has
+    a key the other lacks and that every shape matches: one clear error instead of a silently half-loaded
+    model."""
+    missing, unexpected = sorted(set(params) - set(sd)), sorted(set(sd) - set(params))
+    if missing or unexpected:
+        raise ValueError(f"{source}: not a {family} checkpoint of this shape: missing keys {missing[:5]}, "
+                         f"unexpected keys {unexpected[:5]}")
+    with torch.no_grad():
+        for k, p in params.items():
+            if sd[k].shape != p.shape:
+                raise ValueError(f"{source}: {k} has shape {tuple(sd[k].shape)}, expected {tuple(p.shape)}")
+            p.copy_(sd[k])
 
 
 # The four weights Hugging Face stores transposed (Conv1D); all other tensors copy as they are.

@@ -15,6 +15,7 @@ import torch
 from lora import (DEFAULT_TARGETS, LoRALinear, apply_lora, default_targets, hf_module_name, load_adapter,
                   lora_layers, lora_parameters, lora_state_dict, merge_lora, read_adapter_config, save_adapter)
 from model import GPT, LLAMA_SWITCHES, PRESETS, GPTConfig, load_safetensors
+from test_lora import randomize_lora  # non-zero A and B, shared with GPT-2's LoRA tests
 
 # A tiny SmolLM2: grouped-query attention (4 query heads share 2 K/V heads), tied embeddings, no biases.
 LLAMA = dict(vocab_size=100, block_size=32, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, intermediate_size=96)
@@ -30,15 +31,6 @@ def tiny_llama(seed=0, **overrides):
 def tiny_gpt2(seed=0):
     torch.manual_seed(seed)
     return GPT(GPTConfig(**GPT2))
-
-
-def randomize_lora(model, seed=1, std=0.2):
-    """Give B (and A) non-zero values, so that an adapter actually changes the logits."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, m in lora_layers(model):
-            m.lora_A.copy_(torch.randn(m.lora_A.shape, generator=g) * std)
-            m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * std)
 
 
 def tokens(seed=0, B=2, T=16):
