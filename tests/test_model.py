@@ -460,3 +460,13 @@ def test_choose_device_and_dtype_on_cpu():
     assert choose_dtype("cpu")[0] == "float32"
     with pytest.raises(ValueError):
         choose_dtype("cpu", "float8")
+
+
+def test_atomic_write_gives_ordinary_file_permissions(tmp_path):
+    """The comment on mkstemp: outputs are readable like any file open() creates, not private."""
+    old = os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "f.bin", b"x")
+    finally:
+        os.umask(old)
+    assert (os.stat(tmp_path / "f.bin").st_mode & 0o777) == 0o644
