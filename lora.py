@@ -103,8 +103,9 @@ class LoRALinear(nn.Module):
         if self.merged:  # base.weight already holds the update. Footgun: A and B then get no gradient.
             return y
         # Left to right: (x @ A.T) is (..., r), then (..., out). Computing B @ A first would build the full
-        # (out, in) matrix on every call, the cost LoRA avoids.
-        return y + (self.lora_dropout(x) @ self.lora_A.T @ self.lora_B.T) * self.scaling
+        # (out, in) matrix on every call, the cost LoRA avoids. The scale is applied to the narrow (..., r)
+        # activations rather than the wide (..., out) result: the same product, r/out as many multiplies.
+        return y + (self.lora_dropout(x) @ self.lora_A.T * self.scaling) @ self.lora_B.T
 
     @torch.no_grad()
     def merge(self):
