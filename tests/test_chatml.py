@@ -18,6 +18,7 @@ import pytest
 
 import data
 from data import render_conversation, render_prompt
+from test_data import runs  # (start, end) of each run of trained tokens, shared with the GPT-2 template tests
 
 ROOT = Path(data.__file__).resolve().parent
 
@@ -28,21 +29,6 @@ CHAT = [
     {"role": "user", "content": "What is 2 + 2?"},
     {"role": "assistant", "content": "4, of course."},
 ]
-
-
-def runs(mask):
-    """(start, end) of every maximal run of 1s in a mask."""
-    out, i = [], 0
-    while i < len(mask):
-        if mask[i]:
-            j = i
-            while j < len(mask) and mask[j]:
-                j += 1
-            out.append((i, j))
-            i = j
-        else:
-            i += 1
-    return out
 
 
 # -----------------------------------------------------------------------------

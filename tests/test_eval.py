@@ -291,6 +291,19 @@ def test_greedy_reply_stops_at_end_of_turn(gpt2_tokenizer):
 # Chat: multi-turn, in the training template, streamed
 
 
+def typed(lines):
+    """A stand-in for input(): returns each line in turn, then raises EOFError as Ctrl-D does."""
+    it = iter(lines)
+
+    def fake_input(prompt):
+        try:
+            return next(it)
+        except StopIteration:
+            raise EOFError from None
+
+    return fake_input
+
+
 def test_chat_renders_the_whole_conversation_with_render_prompt(gpt2_tokenizer, monkeypatch, capsys):
     seen = []
 
@@ -302,15 +315,7 @@ def test_chat_renders_the_whole_conversation_with_render_prompt(gpt2_tokenizer, 
             assert kw["stop_token"] == EOT_ID
             yield from gpt2_tokenizer.encode_ordinary(f"reply {len(seen)} é") + [EOT_ID]
 
-    lines = iter(["hello", "and again", "/reset", "fresh"])
-
-    def fake_input(prompt):
-        try:
-            return next(lines)
-        except StopIteration:
-            raise EOFError from None
-
-    monkeypatch.setattr("builtins.input", fake_input)
+    monkeypatch.setattr("builtins.input", typed(["hello", "and again", "/reset", "fresh"]))
     cfg = ev.EvalConfig(chat=True, temperature=0.0)
     ev.chat(Scripted(), gpt2_tokenizer, cfg, "cpu", system="Be terse.")
     user = lambda t: {"role": "user", "content": t}
@@ -483,15 +488,7 @@ def test_chat_without_system_prompt_gets_smollm2_default_not_an_empty_one(smollm
             assert kw["stop_token"] == fmt.end_of_turn_id
             yield from smollm2_tokenizer.encode_ordinary("hi") + [fmt.stop_ids[1]]  # ends with <|endoftext|>
 
-    lines = iter(["hello"])
-
-    def fake_input(prompt):
-        try:
-            return next(lines)
-        except StopIteration:
-            raise EOFError from None
-
-    monkeypatch.setattr("builtins.input", fake_input)
+    monkeypatch.setattr("builtins.input", typed(["hello"]))
     ev.chat(Scripted(), smollm2_tokenizer, ev.EvalConfig(chat=True), "cpu", system="")  # "": no system message
     user = {"role": "user", "content": "hello"}
     assert seen == [render_prompt([{"role": "system", "content": SMOLLM2_DEFAULT_SYSTEM}, user], smollm2_tokenizer)]
