@@ -933,6 +933,14 @@ def save_safetensors(tensors, path, metadata=None):
 # Atomic writes: a crash or a kill mid-write must never leave a half-written file under the real name.
 
 
+def creation_mode(mode):
+    """The permissions open() or mkdir() would give a new file or directory: mode minus the process umask.
+    (tempfile's mkstemp and mkdtemp ignore the umask and make everything private.)"""
+    umask = os.umask(0)  # reading the umask means setting it; put it straight back
+    os.umask(umask)
+    return mode & ~umask
+
+
 def atomic_write_bytes(path, data):
     """Write to a temporary file in the same directory, fsync it, then rename over path (atomic on POSIX
     and Windows): readers see the old file or the new one, never a mix."""
@@ -940,10 +948,7 @@ def atomic_write_bytes(path, data):
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
     try:
-        # mkstemp creates the file private (0600); give it the permissions a plain open() would have
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        os.chmod(tmp, creation_mode(0o666))  # mkstemp makes it private (0600); open() would not
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

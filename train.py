@@ -26,6 +26,7 @@ out.
 import argparse
 import ctypes
 import gc
+import io
 import json
 import math
 import os
@@ -47,8 +48,8 @@ from tqdm import tqdm
 
 import data
 import lora
-from model import (GPT, IGNORE_INDEX, atomic_write_text, choose_device, choose_dtype, load_config,
-                   load_safetensors, resolve_pretrained, save_safetensors)
+from model import (GPT, IGNORE_INDEX, atomic_write_bytes, atomic_write_text, choose_device, choose_dtype,
+                   creation_mode, load_config, load_safetensors, resolve_pretrained, save_safetensors)
 
 # -----------------------------------------------------------------------------
 # CLI: every setting is a field of TrainConfig; argparse takes its defaults from there
@@ -517,6 +518,7 @@ def save_checkpoint(ckpt_dir, step, tensors, state):
     if read_latest(ckpt_dir) == name:
         return final  # this step is already saved (e.g. Ctrl-C right after a periodic save)
     tmp = tempfile.mkdtemp(dir=ckpt_dir, prefix=f".{name}.", suffix=".tmp")
+    os.chmod(tmp, creation_mode(0o777))  # mkdtemp makes it private; a checkpoint is an ordinary directory
     try:
         save_safetensors(tensors, os.path.join(tmp, "tensors.safetensors"))
         atomic_write_text(os.path.join(tmp, "state.json"), json.dumps(state) + "\n")
@@ -674,11 +676,10 @@ def save_plot(metrics_path, png_path):
     ax.set_ylabel("loss (nats per trained token)")
     ax.legend()
     ax.grid(alpha=0.3)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(png_path)), suffix=".png.tmp")
-    os.close(fd)
-    fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
-    os.replace(tmp, png_path)
+    atomic_write_bytes(png_path, png.getvalue())
     return None
 
 

@@ -550,3 +550,19 @@ def test_llama_lora_defaults_and_benchmark_vs_transformers_peft(smollm2_tokenize
     assert f"LoRA on 14 Linear layers: {2 * per_layer:,} trainable" in out
     line = next(s for s in out.splitlines() if s.startswith("speedup:"))
     assert float(line.split("max over all 3 steps: ")[1].split()[0]) < 1e-4
+
+
+def test_checkpoints_and_plot_get_ordinary_permissions(tmp_path):
+    """The comments on mkdtemp/mkstemp: outputs are readable like anything open()/mkdir() creates."""
+    old = os.umask(0o022)
+    try:
+        train.save_checkpoint(str(tmp_path / "ckpt"), 3, {"w": torch.zeros(2)}, {"step": 3})
+        (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0, "val_loss": 2.5}\n')
+        note = train.save_plot(str(tmp_path / "metrics.jsonl"), str(tmp_path / "loss.png"))
+    finally:
+        os.umask(old)
+    assert (os.stat(tmp_path / "ckpt" / "step_0000003").st_mode & 0o777) == 0o755
+    assert (os.stat(tmp_path / "ckpt" / "step_0000003" / "tensors.safetensors").st_mode & 0o777) == 0o644
+    if note is None:  # matplotlib installed (CI installs it)
+        assert (os.stat(tmp_path / "loss.png").st_mode & 0o777) == 0o644
+        assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
