@@ -291,6 +291,27 @@ def smollm2_tokenizer_from_gguf(path):
     return enc
 
 
+def save_smollm2_tokenizer_files(out_dir, gguf_path):
+    """Write a GGUF's SmolLM2 tokenizer as Hugging Face-layout files (vocab.json, merges.txt, and a
+    tokenizer.json holding the special tokens and the pre-tokenizer), so a model fine-tuned from the GGUF
+    is a complete directory that get_tokenizer(out_dir) opens. GGUF stores tokens in the same byte-level
+    spelling as vocab.json, so this is a copy, not a conversion."""
+    enc = smollm2_tokenizer_from_gguf(gguf_path)  # refuses a GGUF whose tokenizer is not SmolLM2's
+    fields = open_gguf(gguf_path).fields
+    tokens, merges = (fields[f"tokenizer.ggml.{k}"].contents() for k in ("tokens", "merges"))
+    specials = sorted(enc.encode_single_token(t) for t in enc.special_tokens_set)
+    atomic_write_text(os.path.join(out_dir, "vocab.json"),
+                      json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False))
+    atomic_write_text(os.path.join(out_dir, "merges.txt"), "#version: 0.2\n" + "\n".join(merges) + "\n")
+    atomic_write_text(os.path.join(out_dir, "tokenizer.json"), json.dumps({
+        "added_tokens": [{"id": i, "content": tokens[i], "special": True} for i in specials],
+        "normalizer": None,
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Digits", "individual_digits": True},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}]},
+    }, ensure_ascii=False))
+
+
 # SmolLM2's tokenizer.json describes its pre-tokenizer like this (other keys ignored).
 SMOLLM2_HF_PRE_TOKENIZER = [("Digits", "individual_digits", True), ("ByteLevel", "use_regex", True)]
 

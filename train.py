@@ -893,10 +893,13 @@ def train(cfg, flags_given=()):
         if cfg.full:
             out_dir = os.path.join(cfg.out, "model")
             raw_model.save_pretrained(out_dir)  # Hugging Face layout (GPT-2 or Llama), also from a .gguf base
-            if os.path.isdir(model_dir):  # the tokenizer files too, so out/model is a complete model directory
+            # the tokenizer files too, so out/model is a complete model directory
+            if os.path.isdir(model_dir):
                 for f in TOKENIZER_FILES:
                     if os.path.isfile(os.path.join(model_dir, f)):
                         shutil.copyfile(os.path.join(model_dir, f), os.path.join(out_dir, f))
+            elif model_dir.endswith(".gguf"):  # a GGUF keeps its tokenizer in its metadata: write it out
+                data.save_smollm2_tokenizer_files(out_dir, model_dir)
         else:
             out_dir = os.path.join(cfg.out, "adapter")
             lora.save_adapter(raw_model, out_dir, base_model_name_or_path=cfg.model)

@@ -111,25 +111,17 @@ def smollm2_hf_chat(smollm2_gguf):
 
 
 @pytest.fixture(scope="session")
-def smollm2_tokenizer_dir(smollm2_vocab, tmp_path_factory):
-    """A directory in the layout of the SmolLM2 hub repositories' tokenizer files, written from the GGUF:
-    config.json (model_type llama), vocab.json (all 49152 tokens), merges.txt, and a tokenizer.json holding
-    the added (special) tokens and the normalizer/pre-tokenizer description."""
+def smollm2_tokenizer_dir(smollm2_gguf, tmp_path_factory):
+    """A directory in the layout of the SmolLM2 hub repositories' tokenizer files, written from the GGUF by
+    data.save_smollm2_tokenizer_files (vocab.json, merges.txt, tokenizer.json with the special tokens and
+    the pre-tokenizer), plus a config.json saying model_type llama."""
     import json
 
-    tokens, merges, _ = smollm2_vocab
+    from data import save_smollm2_tokenizer_files
+
     d = tmp_path_factory.mktemp("smollm2_tokenizer")
-    (d / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": len(tokens)}))
-    (d / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False),
-                                  encoding="utf-8")
-    (d / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    (d / "tokenizer.json").write_text(json.dumps({
-        "added_tokens": [{"id": i, "content": t, "special": True} for i, t in enumerate(tokens[:17])],
-        "normalizer": None,
-        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-            {"type": "Digits", "individual_digits": True},
-            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}]},
-    }), encoding="utf-8")
+    save_smollm2_tokenizer_files(str(d), smollm2_gguf)
+    (d / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 49152}))
     return d
 
 
