@@ -18,17 +18,9 @@ import pytest
 
 import data
 from data import render_conversation, render_prompt
-from test_data import runs  # (start, end) of each run of trained tokens, shared with the GPT-2 template tests
+from test_data import CHAT, runs  # the multi-turn example and the trained-run finder of the GPT-2 tests
 
 ROOT = Path(data.__file__).resolve().parent
-
-CHAT = [
-    {"role": "system", "content": "Be brief."},
-    {"role": "user", "content": "Hi!"},
-    {"role": "assistant", "content": "Hello."},
-    {"role": "user", "content": "What is 2 + 2?"},
-    {"role": "assistant", "content": "4, of course."},
-]
 
 
 # -----------------------------------------------------------------------------

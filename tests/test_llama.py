@@ -17,7 +17,7 @@ import torch
 import model as model_mod
 from model import (GPT, GGUF, HF, IGNORE_INDEX, LLAMA_SWITCHES, OURS, PRESETS, GPTConfig, KVCache, RMSNorm,
                    apply_rope, find_smollm2_gguf, rename, resolve_pretrained, rope_cos_sin, unpermute_gguf_qk)
-from test_model import FakeResponse  # urlopen's stand-in, shared with GPT-2's download tests
+from test_model import FakeResponse, no_cache_greedy  # urlopen's stand-in; the no-KV-cache reference
 
 # Shapes the parity tests cover: n_layer, n_head, n_kv_head, n_embd, intermediate, vocab, block, tied, rope_theta,
 # bias. GQA, multi-query (one K/V head), plain multi-head, tied and untied heads, several RoPE bases, biases on,
@@ -204,15 +204,6 @@ def test_gqa_repeat_equals_transformers_repeat_kv_and_cache_holds_kv_heads():
 
 # -----------------------------------------------------------------------------
 # Generation
-
-
-def no_cache_greedy(model, idx, n):
-    """Reference: recompute the whole (cropped) prefix at every step, no KV cache."""
-    for _ in range(n):
-        with torch.no_grad():
-            logits = model(idx[:, -model.config.block_size:])[:, -1, :]
-        idx = torch.cat([idx, logits.argmax(-1, keepdim=True)], dim=1)
-    return idx
 
 
 def test_greedy_generate_matches_transformers_and_no_cache(tmp_path):
