@@ -15,7 +15,6 @@ The same for SmolLM2 (train.py --model smollm2-135m-instruct-gguf): its ChatML t
 padding come from data.chat_format, so nothing here is specific to one model family.
 """
 
-import argparse
 import codecs
 import copy
 import json
@@ -31,10 +30,20 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from data import (BUILTIN_DATASETS, HELD_OUT_FAMILIES, TRIAGE_FIELDS, chat_format, collate, get_tokenizer,
-                  load_records, parse_triage, render_prompt, resolve_dataset, tokenize_dataset)
-from lora import ADAPTER_CONFIG, load_adapter, merge_lora, read_adapter_config
-from model import GPT, IGNORE_INDEX, atomic_write_text, choose_device, choose_dtype, resolve_pretrained
+from data import BUILTIN_DATASETS, chat_format, collate, get_tokenizer, load_records, render_prompt, resolve_dataset, \
+    tokenize_dataset
+from lora import load_adapter, merge_lora
+from model import GPT
+from plumbing import cli
+from plumbing.device import autocast, choose_device, choose_dtype
+from plumbing.files import atomic_write_text
+from plumbing.hub import resolve_pretrained
+from plumbing.peft_format import ADAPTER_CONFIG, read_adapter_config
+from plumbing.report import dir_bytes, format_table, one_line
+from tasks import instruct, triage
+from tasks.instruct import score_exact
+from tasks.triage import parse_triage, score_triage
+from train import summed_loss
 
 # -----------------------------------------------------------------------------
 # CLI
@@ -42,98 +51,59 @@ from model import GPT, IGNORE_INDEX, atomic_write_text, choose_device, choose_dt
 
 @dataclass
 class EvalConfig:
-    out: str = "out"  # train.py's output directory: the default place for the tuned model, run.json, eval.json
-    model: str | None = None  # base model (preset or directory); None: the adapter's config or run.json says
-    adapter: str | None = None  # LoRA adapter dir or full fine-tuned model dir; None: out/adapter, else out/model
-    data: str | None = None  # built-in dataset name or a file; None: the data run.json records, else "triage"
-    task: str = "auto"  # scorer: triage | instruct | exact | auto (from the dataset)
-    split: str = "test"  # split of a built-in dataset to evaluate (a file is evaluated as given)
-    limit: int = 100  # evaluate the first N items (0: all); 100 keeps a CPU run of gpt2 to a few minutes
-    shots: int = 3  # solved training examples in the base model's few-shot prompt (0 skips that rung)
-    shots_data: str | None = None  # where few-shot examples come from; None: the training data of the run
-    samples: int = 3  # test prompts shown side by side (base vs tuned)
-    max_new_tokens: int | None = None  # generation cap; None: longest reference + 16 (scoring), 256 (chat)
-    batch_size: int = 8  # examples per forward pass for the loss
-    general_text: str | None = None  # plain text for forgetting; None: data/general.txt shipped with handtune
-    general_tokens: int = 8192  # use at most this many tokens of the general text
-    report: str | None = None  # JSON report path; None: <out>/eval.json
-    device: str = "auto"  # cpu | cuda | cuda:N | mps | auto
-    dtype: str = "auto"  # float32 | bfloat16 | float16 | auto (autocast precision of forward passes)
-    seed: int = 0  # picks the few-shot examples; seeds chat sampling
-    chat: bool = False  # interactive chat instead of the evaluation
-    system: str | None = None  # chat: system prompt ("" for none: SmolLM2 gets its default); None: the data's
-    temperature: float = 0.7  # chat: softmax temperature (0 is greedy)
-    top_k: int | None = 50  # chat: sample among the k most likely tokens
-    top_p: float | None = None  # chat: sample from the smallest set of tokens with this much probability
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Evaluate a fine-tuned GPT-2 or SmolLM2 against its base model: "
-                                "task accuracy ladder (zero-shot, few-shot, fine-tuned), loss, forgetting, "
-                                "side-by-side; or chat with it (--chat).")
-    g = p.add_argument_group("what to evaluate")
-    g.add_argument("--out", default="out", help="train.py's output directory (default: out); the tuned model, "
-                   "run.json and the report default to paths inside it")
-    g.add_argument("--adapter", help="a LoRA adapter directory (adapter_config.json) or a full fine-tuned "
-                   "model directory (config.json + model.safetensors); default: OUT/adapter, else OUT/model")
-    g.add_argument("--model", help="the base model, preset or directory (default: the adapter's "
-                   "base_model_name_or_path, or the model in OUT/run.json)")
-    g.add_argument("--data", help="built-in dataset (triage, instruct) or a chat JSONL / Alpaca JSON file, "
-                   "evaluated as given (default: the data in OUT/run.json, else triage)")
-    g.add_argument("--task", default="auto", choices=("auto", "triage", "instruct", "exact"),
-                   help="scorer: triage (JSON exact match + per field), instruct (per-family accuracy), exact "
-                   "(reply equals reference); auto picks from the dataset (default)")
-    g.add_argument("--split", default="test", choices=("train", "val", "test"),
-                   help="split of a built-in dataset to evaluate (default: test)")
-    g = p.add_argument_group("evaluation")
-    g.add_argument("--limit", type=int, default=100, help="evaluate the first N items, 0 for all (default: "
-                   "100, a few minutes for gpt2 on a laptop CPU)")
-    g.add_argument("--shots", type=int, default=3, help="solved examples in the base model's few-shot prompt; "
-                   "0 skips the few-shot rung (default: 3)")
-    g.add_argument("--shots-data", help="dataset the few-shot examples come from (default: the built-in "
-                   "dataset's train split, or the training data of the run when --data is a file)")
-    g.add_argument("--samples", type=int, default=3, help="test prompts to show side by side (default: 3)")
-    g.add_argument("--max-new-tokens", type=int, help="cap on generated tokens (default: longest reference "
-                   "reply + 16 when scoring, 256 in chat)")
-    g.add_argument("--batch-size", type=int, default=8, help="examples per forward pass for losses (default: 8)")
-    g.add_argument("--general-text", help="plain-text file for the forgetting check (default: data/general.txt)")
-    g.add_argument("--general-tokens", type=int, default=8192, help="use at most this many tokens of the "
-                   "general text (default: 8192)")
-    g.add_argument("--report", help="where to write the JSON report (default: OUT/eval.json)")
-    g.add_argument("--seed", type=int, default=0, help="seed for choosing few-shot examples and for chat "
-                   "sampling (default: 0)")
-    g = p.add_argument_group("hardware")
-    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default: auto)")
-    g.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
-                   help="autocast precision of every forward pass (default: auto: bf16 on recent GPUs, fp32 "
-                   "on CPU); log-softmax, losses and KL are computed in fp32 regardless")
-    g = p.add_argument_group("chat (--chat)")
-    g.add_argument("--chat", action="store_true", help="chat with the fine-tuned model instead of evaluating "
-                   "(commands: /reset, /quit; Ctrl-D exits)")
-    g.add_argument("--system", help="system prompt for the chat; \"\" for none, which for SmolLM2 means its "
-                   "default system prompt, as in training (default: the one in the training data's first "
-                   "conversation, if it has one)")
-    g.add_argument("--temperature", type=float, default=0.7, help="chat sampling temperature; 0 is greedy "
-                   "(default: 0.7)")
-    g.add_argument("--top-k", type=int, default=50, help="chat: sample among the k most likely tokens "
-                   "(default: 50)")
-    g.add_argument("--top-p", type=float, help="chat: nucleus sampling, keep the smallest set of tokens with "
-                   "this much probability (default: off)")
-    args = p.parse_args(argv)
-    return EvalConfig(**vars(args))
+    out: str = cli.opt("out", "train.py's output directory; the tuned model, run.json and the report default to "
+                       "paths inside it", group="what to evaluate")
+    adapter: str | None = cli.opt(None, "a LoRA adapter directory (adapter_config.json) or a full fine-tuned model "
+                                  "directory (config.json + model.safetensors); default: OUT/adapter, else "
+                                  "OUT/model", group="what to evaluate")
+    model: str | None = cli.opt(None, "the base model, preset or directory (default: the adapter's "
+                                "base_model_name_or_path, or the model in OUT/run.json)", group="what to evaluate")
+    data: str | None = cli.opt(None, "built-in dataset (triage, instruct) or a chat JSONL / Alpaca JSON file, "
+                               "evaluated as given (default: the data in OUT/run.json, else triage)",
+                               group="what to evaluate")
+    task: str = cli.opt("auto", "scorer: triage (JSON exact match + per field), instruct (per-family accuracy), "
+                        "exact (reply equals reference); auto picks from the dataset", group="what to evaluate",
+                        choices=("auto", "triage", "instruct", "exact"))
+    split: str = cli.opt("test", "split of a built-in dataset to evaluate", group="what to evaluate",
+                         choices=("train", "val", "test"))
+    limit: int = cli.opt(100, "evaluate the first N items, 0 for all (100: a few minutes for gpt2 on a laptop "
+                         "CPU)", group="evaluation", min=0)
+    shots: int = cli.opt(3, "solved examples in the base model's few-shot prompt; 0 skips the few-shot rung",
+                         group="evaluation", min=0)
+    shots_data: str | None = cli.opt(None, "dataset the few-shot examples come from (default: the built-in "
+                                     "dataset's train split, or the run's training data when --data is a file)",
+                                     group="evaluation")
+    samples: int = cli.opt(3, "test prompts to show side by side", group="evaluation", min=0)
+    max_new_tokens: int | None = cli.opt(None, "cap on generated tokens (default: longest reference reply + 16 "
+                                         "when scoring, 256 in chat)", group="evaluation", min=1)
+    batch_size: int = cli.opt(8, "examples per forward pass for losses", group="evaluation", min=1)
+    general_text: str | None = cli.opt(None, "plain-text file for the forgetting check (default: "
+                                       "data/general.txt)", group="evaluation")
+    general_tokens: int = cli.opt(8192, "use at most this many tokens of the general text", group="evaluation",
+                                  min=1)
+    report: str | None = cli.opt(None, "where to write the JSON report (default: OUT/eval.json)",
+                                 group="evaluation")
+    seed: int = cli.opt(0, "seed for choosing few-shot examples and for chat sampling", group="evaluation")
+    device: str = cli.opt("auto", "cpu, cuda, cuda:N, mps or auto", group="hardware")
+    dtype: str = cli.opt("auto", "precision of generation (auto: bf16 on recent GPUs, fp32 on CPU); losses, "
+                         "perplexity and KL are always computed in fp32", group="hardware",
+                         choices=("auto", "float32", "bfloat16", "float16"))
+    chat: bool = cli.opt(False, "chat with the fine-tuned model instead of evaluating (commands: /reset, /quit; "
+                         "Ctrl-D exits)", group="chat (--chat)")
+    system: str | None = cli.opt(None, "system prompt for the chat; \"\" for none, which for SmolLM2 means its "
+                                 "default system prompt, as in training (default: the one in the training data's "
+                                 "first conversation, if it has one)", group="chat (--chat)")
+    temperature: float = cli.opt(0.7, "chat sampling temperature; 0 is greedy", group="chat (--chat)", min=0)
+    top_k: int | None = cli.opt(50, "chat: sample among the k most likely tokens", group="chat (--chat)", min=1)
+    top_p: float | None = cli.opt(None, "chat: nucleus sampling, keep the smallest set of tokens with this much "
+                                  "probability", group="chat (--chat)", above=0)
 
 
 def check_config(cfg):
     """Refuse settings that cannot work, before anything is loaded."""
-    for name in ("limit", "shots", "samples"):
-        if getattr(cfg, name) < 0:
-            raise ValueError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
-    for name in ("batch_size", "general_tokens", "max_new_tokens", "top_k"):
-        value = getattr(cfg, name)
-        if value is not None and value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    if cfg.temperature < 0 or (cfg.top_p is not None and not 0 < cfg.top_p <= 1):
-        raise ValueError("--temperature must be >= 0 and --top-p in (0, 1]")
+    cli.check_ranges(cfg)
+    if cfg.top_p is not None and cfg.top_p > 1:
+        raise ValueError(f"--top-p must be in (0, 1], got {cfg.top_p}")
 
 
 # -----------------------------------------------------------------------------
@@ -222,86 +192,38 @@ def detect_task(records, data):
         return "instruct"
     return "exact"
 
-
 # -----------------------------------------------------------------------------
 # Response-token loss: the training objective, measured
 
 
-def autocast_for(device, dtype):
-    """Autocast context for forward passes in dtype (a no-op in float32)."""
-    if dtype == "float32":
-        return nullcontext()
-    return torch.autocast(device_type=device.split(":")[0], dtype=getattr(torch, dtype))
-
-
-@torch.no_grad()
-def response_loss(model, examples, batch_size, device, dtype="float32", *, pad_id):
+def response_loss(model, examples, batch_size, device, *, pad_id):
     """(mean NLL, number of tokens) over the trained tokens of examples [(ids, mask)], with exactly training's
-    masking (data.collate; pad_id: chat_format(tokenizer).pad_id, an id in the model's vocabulary). The mean is
-    token-weighted: sum over every response token / their count, not a mean of per-batch means, which would
-    over-weight the tokens of batches with short replies."""
-    total, count = 0.0, 0
-    for i in range(0, len(examples), batch_size):
-        x, y = collate(examples[i:i + batch_size], pad_id=pad_id)  # (B, T) each
-        x, y = x.to(device), y.to(device)
-        with autocast_for(device, dtype):
-            _, nll = model(x, y, reduction="sum")
-        total += float(nll)
-        count += int((y != IGNORE_INDEX).sum())
-    return total / max(count, 1), count
+    masking (data.collate) and token weighting (train.summed_loss), in fp32. pad_id: chat_format(tok).pad_id."""
+    batches = ((x.to(device), y.to(device)) for x, y in
+               (collate(examples[i:i + batch_size], pad_id=pad_id) for i in range(0, len(examples), batch_size)))
+    total = summed_loss(model, batches, nullcontext(), device)
+    return total[0].item() / max(total[1].item(), 1), int(total[1].item())
 
 
 def perplexity(loss):
     """exp(mean NLL): the model is, on average, as unsure as a uniform choice among this many tokens."""
     return math.exp(loss)
 
-
 # -----------------------------------------------------------------------------
-# Task scoring: greedy replies, compared with the reference replies
+# Task scoring: each task's scorer lives with its generator (tasks/)
 
 
-def score_triage(reply, reference):
-    """{"exact", "valid", <field>...} each 0 or 1 for one reply. The format is part of the task: a reply that
-    parse_triage refuses (not one line holding exactly one JSON object with the four keys: extra text, an
-    extra or missing key, a second line) is invalid and scores 0 everywhere. Whitespace around it is fine."""
-    got, want = parse_triage(reply), parse_triage(reference)
-    if want is None:
-        raise ValueError(f"reference reply is not a triage label: {reference!r}")
-    scores = {"valid": int(got is not None), "exact": int(got == want)}
-    for f in TRIAGE_FIELDS:
-        scores[f] = int(got is not None and got[f] == want[f])
-    return scores
-
-
-def score_exact(reply, reference):
-    """{"exact": 1} if the reply equals the reference after stripping surrounding whitespace, else 0."""
-    return {"exact": int(reply.strip() == reference.strip())}
+def summarize(task, scores, families, held_out):
+    """The task's metrics over per-item scores: tasks.triage.summarize, tasks.instruct.summarize, or accuracy."""
+    if task == "triage":
+        return triage.summarize(scores)
+    if task == "instruct":
+        return instruct.summarize(scores, families, held_out)
+    return {"n": len(scores), "accuracy": mean([s["exact"] for s in scores])}
 
 
 def mean(xs):
     return sum(xs) / len(xs) if xs else 0.0
-
-
-def summarize(task, scores, families, held_out):
-    """Aggregate per-item scores into the task's metrics. triage: exact match, valid-JSON rate and accuracy
-    per field. instruct: accuracy overall, per family, and over seen vs held-out families. exact: accuracy."""
-    out = {"n": len(scores)}
-    if task == "triage":
-        out["exact_match"] = mean([s["exact"] for s in scores])
-        out["valid"] = mean([s["valid"] for s in scores])
-        out["fields"] = {f: mean([s[f] for s in scores]) for f in TRIAGE_FIELDS}
-    elif task == "instruct":
-        out["accuracy"] = mean([s["exact"] for s in scores])
-        per = {}
-        for s, fam in zip(scores, families):
-            per.setdefault(fam, []).append(s["exact"])
-        out["families"] = {fam: {"accuracy": mean(v), "n": len(v), "held_out": fam in held_out}
-                           for fam, v in sorted(per.items())}
-        out["seen"] = mean([s["exact"] for s, f in zip(scores, families) if f not in held_out])
-        out["held_out"] = mean([s["exact"] for s, f in zip(scores, families) if f in held_out])
-    else:
-        out["accuracy"] = mean([s["exact"] for s in scores])
-    return out
 
 
 # -----------------------------------------------------------------------------
@@ -374,7 +296,7 @@ def run_rung(name, model, prompts, references, task, max_new_tokens, device, tok
     score = score_triage if task == "triage" else score_exact
     replies, scores = [], []
     for ids, ref in tqdm(list(zip(prompts, references)), desc=name, leave=False):
-        with autocast_for(device, dtype):
+        with autocast(device, dtype):
             reply = greedy_reply(model, ids, max_new_tokens, device, tok)
         replies.append(reply)
         scores.append(score(reply, ref))
@@ -422,7 +344,7 @@ def forgetting(base, tuned, windows, device, dtype="float32"):
     n = 0
     for x, y in tqdm(windows, desc="forgetting", leave=False):
         x, y = x.to(device), y.to(device)
-        with autocast_for(device, dtype):
+        with autocast(device, dtype):
             logits_b, logits_t = base(x), tuned(x)  # (1, T, V) each
         # Log-softmax in fp32 even when autocast made the logits bf16: bf16 log-probabilities are so coarse
         # that a small KL comes out wrong, even negative (a test shows it).
@@ -493,93 +415,10 @@ def chat(model, tok, cfg, device, system):
 
 
 # -----------------------------------------------------------------------------
-# Report
-
-
-def pct(x):
-    return f"{100 * x:5.1f}%"
-
-
-RUNG_LABELS = {"base_zero_shot": "base, zero-shot", "base_few_shot": "base, {k}-shot", "fine_tuned": "fine-tuned"}
-
-
-def format_table(report):
-    """The report's headline numbers as a short plain-text table."""
-    task, lines = report["task"], []
-    lines.append(f"eval: {report['tuned']} ({report['kind']}) vs base {report['model']} | data {report['data']}"
-                 f"{' ' + report['split'] if report['split'] else ''}, {report['n_items']} items | "
-                 f"{report['device']} {report['dtype']}")
-    lines.append("")
-    if task == "triage":
-        cols = ["exact", "valid", *TRIAGE_FIELDS]
-        get = lambda m: [m["exact_match"], m["valid"], *(m["fields"][f] for f in TRIAGE_FIELDS)]
-    elif task == "instruct":
-        cols = ["accuracy", "seen", "held-out"]
-        get = lambda m: [m["accuracy"], m["seen"], m["held_out"]]
-    else:
-        cols = ["accuracy"]
-        get = lambda m: [m["accuracy"]]
-    width = max(len(c) for c in cols) + 2
-    lines.append(f"{'ladder (same items, same scorer)':34}" + "".join(f"{c:>{max(width, 8)}}" for c in cols))
-    for rung, m in report["ladder"].items():
-        label = RUNG_LABELS[rung].format(k=m.get("shots"))
-        if m.get("skipped"):
-            lines.append(f"  {label:32}skipped: {m['skipped']}")
-            continue
-        lines.append(f"  {label:32}" + "".join(f"{pct(v):>{max(width, 8)}}" for v in get(m)))
-    if task == "instruct":  # which families the tuned model gets right; * marks families never trained on
-        fams = report["ladder"]["fine_tuned"]["families"]
-        per = [f"{name}{'*' if v['held_out'] else ''} {round(v['accuracy'] * v['n'])}/{v['n']}"
-               for name, v in fams.items()]
-        row = "  fine-tuned per family (* held out):"
-        for i, item in enumerate(per):
-            if len(row) + len(item) + 2 > 110:  # wrap between items, never inside one
-                lines.append(row + ("," if i else ""))
-                row = "    " + item
-            else:
-                row += (", " if i else " ") + item
-        lines.append(row)
-    lines.append("")
-    lines.append(f"{'response loss':34}base {report['base_loss']:.3f} (ppl {report['base_perplexity']:.1f})   "
-                 f"tuned {report['loss']:.3f} (ppl {report['perplexity']:.1f})   "
-                 f"[{report['n_response_tokens']} tokens]")
-    o = report["overfitting"]
-    if o.get("skipped"):
-        lines.append(f"{'overfitting':34}skipped: {o['skipped']}")
-    else:
-        lines.append(f"{'overfitting (tuned)':34}train loss {o['train_loss']:.3f}   test loss {o['test_loss']:.3f}"
-                     f"   gap {o['gap']:+.3f}")
-    f = report["forgetting"]
-    lines.append(f"{'forgetting (general text)':34}ppl base {f['base_perplexity']:.1f} -> tuned "
-                 f"{f['tuned_perplexity']:.1f} ({100 * f['perplexity_change']:+.1f}%)   KL(base||tuned) "
-                 f"{f['kl_base_tuned']:.3g} nats/token   [{f['n_tokens']} tokens]")
-    if report["samples"]:
-        lines.append("")
-        lines.append("side by side (greedy)")
-        for i, s in enumerate(report["samples"], 1):
-            lines.append(f"[{i}] user:      {one_line(s['user'], 100)}")
-            lines.append(f"    reference: {one_line(s['reference'], 100)}")
-            lines.append(f"    base:      {one_line(s['base'], 100) or '(empty reply)'}")
-            lines.append(f"    tuned:     {one_line(s['tuned'], 100) or '(empty reply)'}")
-    return "\n".join(lines)
-
-
-def one_line(text, width):
-    """Text on one line (newlines shown as the two characters \\n), cut to width characters."""
-    text = text.replace("\n", "\\n")
-    return text if len(text) <= width else text[:width - 3] + "..."
-
-
-def dir_bytes(d):
-    """Total size of the files in a directory (the adapter, or the full model): what a fine-tune costs to store."""
-    return sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d) if os.path.isfile(os.path.join(d, f)))
-
-
-# -----------------------------------------------------------------------------
 # Main: setup, then each measurement in turn
 
 
-def evaluate(cfg):
+def run_eval(cfg):
     t0 = time.time()
     device, why = choose_device(cfg.device)
     dtype, why_dtype = choose_dtype(device, cfg.dtype)
@@ -613,13 +452,13 @@ def evaluate(cfg):
     if not examples:
         raise ValueError(f"{data_path}: no example fits {max_len} tokens with a trained token")
     pad_id = chat_format(tok).pad_id  # in this model's vocabulary (GPT-2's 50256 is not in SmolLM2's)
-    loss, n_tok = response_loss(tuned, examples, cfg.batch_size, device, dtype, pad_id=pad_id)
-    base_loss, _ = response_loss(base, examples, cfg.batch_size, device, dtype, pad_id=pad_id)
+    loss, n_tok = response_loss(tuned, examples, cfg.batch_size, device, pad_id=pad_id)
+    base_loss, _ = response_loss(base, examples, cfg.batch_size, device, pad_id=pad_id)
     if split is not None and split != "train":
         train_records, _, _ = load_items(data, "train", len(records))
         train_examples, _ = tokenize_dataset([r["messages"] for r in train_records], tok, max_len,
                                              train_on=train_on, overflow=overflow, dedup=False)
-        train_loss, _ = response_loss(tuned, train_examples, cfg.batch_size, device, dtype, pad_id=pad_id)
+        train_loss, _ = response_loss(tuned, train_examples, cfg.batch_size, device, pad_id=pad_id)
         overfit = {"train_loss": train_loss, "test_loss": loss, "gap": loss - train_loss,
                    "n_train_items": len(train_records)}
     else:
@@ -631,7 +470,7 @@ def evaluate(cfg):
     max_new = cfg.max_new_tokens or max(len(tok.encode_ordinary(ref)) for ref in references) + 16
     room = block - max_new  # prompt tokens that still leave room for a whole reply
     families = [r.get("family", "") for r in records]
-    held_out = set(HELD_OUT_FAMILIES) if task == "instruct" else set()
+    held_out = set(instruct.HELD_OUT_FAMILIES) if task == "instruct" else set()
     gen = (references, task, max_new, device, tok, dtype)  # the same for every rung
     zero_ids = [fit_prompt(p, [], tok, room)[0] for p in prompts]
     base_replies, scores = run_rung("base zero-shot", base, zero_ids, *gen)
@@ -650,7 +489,7 @@ def evaluate(cfg):
     # Forgetting: general English the fine-tuning data never contained.
     window = min(block, FORGET_WINDOW)
     windows = text_windows(general_tokens(general, tok, cfg.general_tokens), window)
-    forget = {"general_text": general, "window": window, **forgetting(base, tuned, windows, device, dtype)}
+    forget = {"general_text": general, "window": window, **forgetting(base, tuned, windows, device)}  # fp32
 
     report = {
         "model": base_name, "tuned": tuned_dir, "kind": kind, "data": data, "data_path": str(data_path),
@@ -672,7 +511,9 @@ def evaluate(cfg):
 
 
 def main(argv=None):
-    cfg = parse_args(argv)
+    cfg, _ = cli.parse(EvalConfig, argv, "Evaluate a fine-tuned GPT-2 or SmolLM2 against its base model: task "
+                       "accuracy ladder (zero-shot, few-shot, fine-tuned), loss, forgetting, side-by-side; or chat "
+                       "with it (--chat).")
     try:
         check_config(cfg)
         if cfg.chat:
@@ -688,7 +529,7 @@ def main(argv=None):
                 system = first["content"] if first["role"] == "system" else ""
             chat(tuned.to(device), tok, cfg, device, system)
             return
-        report = evaluate(cfg)
+        report = run_eval(cfg)
         path = cfg.report or os.path.join(cfg.out, "eval.json")
         atomic_write_text(path, json.dumps(report, indent=2) + "\n")
     except (OSError, ValueError, RuntimeError, KeyError) as e:

@@ -8,7 +8,8 @@ W for serving (merge) and taken out again (unmerge), and the adapter alone is a 
 Hugging Face PEFT opens on top of the original model (GPT2LMHeadModel or LlamaForCausalLM).
 
 There is no CLI: train.py uses it for LoRA fine-tuning, and `python -m pytest tests/test_lora.py
-tests/test_lora_llama.py` checks it (against PEFT and transformers when they are installed). In code:
+tests/test_lora_llama.py` checks it against PEFT and transformers. The adapter files' format lives in
+plumbing/peft_format.py. In code:
 
     report = apply_lora(model, rank=8, alpha=16)     # wrap DEFAULT_TARGETS[arch], freeze the rest; print(report)
     ...train lora_parameters(model)...
@@ -19,16 +20,17 @@ tests/test_lora_llama.py` checks it (against PEFT and transformers when they are
 """
 
 import copy
-import json
 import math
-import os
 import re
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 
-from model import HF, OURS, atomic_write_text, load_safetensors, rename, save_safetensors
+from model import check_shapes
+from plumbing.hf_format import HF, OURS, rename
+from plumbing.peft_format import (check_architecture, peft_key, read_adapter_config, read_adapter_weights,
+                                  write_adapter)
 
 # The Linear layers apply_lora wraps when given no targets: every projection of every block, attention and MLP
 # alike (lm_head never: see _target_linears). Footgun: PEFT's own default for Llama, a LoraConfig without
@@ -37,18 +39,6 @@ DEFAULT_TARGETS = {
     "gpt2": ("c_attn", "c_proj", "c_fc"),  # "c_proj" is both attn.c_proj and mlp.c_proj
     "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
 }
-
-# PEFT's file names, and the prefix/suffix its saved keys carry for a Hugging Face model wrapped in a PeftModel.
-# Between them is the module's name in the Hugging Face model (hf_module_name): GPT2LMHeadModel's are ours, so
-# `transformer.h.0.attn.c_attn.lora_A` is saved as `base_model.model.transformer.h.0.attn.c_attn.lora_A.weight`;
-# LlamaForCausalLM's differ, so `transformer.h.0.attn.q_proj.lora_A` is saved as
-# `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`.
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-PEFT_PREFIX = "base_model.model."
-PEFT_SUFFIX = ".weight"
-# Where the blocks' keys start in each architecture's adapter: how load_adapter tells a GPT-2 adapter from a Llama one.
-PEFT_BLOCKS = {"gpt2": PEFT_PREFIX + "transformer.h.", "llama": PEFT_PREFIX + "model.layers."}
 
 
 # -----------------------------------------------------------------------------
@@ -163,7 +153,7 @@ def default_targets(model):
 
 def hf_module_name(model, name):
     """Our module name -> the same module's name in the Hugging Face model, the namespace of PEFT's keys and
-    target_modules. GPT2LMHeadModel's names are ours; LlamaForCausalLM's come from model.py's LLAMA_NAMES
+    target_modules. GPT2LMHeadModel's names are ours; LlamaForCausalLM's come from plumbing/hf_format.py's LLAMA_NAMES
     (transformer.h.3.attn.q_proj -> model.layers.3.self_attn.q_proj). Names outside that table (a block, an
     attention module) come back unchanged."""
     if model.config.arch == "llama":
@@ -231,19 +221,6 @@ def lora_state_dict(model):
     return sd
 
 
-def _check_tensors(expected, sd, source):
-    """Refuse sd unless it has exactly the keys of expected {name: shape}, each of that shape."""
-    missing, unexpected = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"{source}: LoRA weights do not fit this model: missing {missing[:3]}"
-                         f"{' ...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]}"
-                         f"{' ...' if len(unexpected) > 3 else ''} (different base model or targets?)")
-    for k, shape in expected.items():
-        if tuple(sd[k].shape) != tuple(shape):
-            raise ValueError(f"{source}: {k} has shape {tuple(sd[k].shape)} but this model needs "
-                             f"{tuple(shape)} (adapter made for a different base model or rank?)")
-
-
 def load_lora_state_dict(model, sd, source="LoRA state dict"):
     """Copy {name: tensor} (as from lora_state_dict) into a model that already has its LoRA layers, after
     checking that the keys and shapes are exactly the model's."""
@@ -253,10 +230,12 @@ def load_lora_state_dict(model, sd, source="LoRA state dict"):
     if any(m.merged for _, m in layers):
         raise ValueError(f"{source}: LoRA layers are merged; unmerge them before loading new weights")
     ours = lora_state_dict(model)
-    _check_tensors({k: v.shape for k, v in ours.items()}, sd, source)
+    check_shapes({k: v.shape for k, v in ours.items()}, sd, source, "LoRA weights made for a different base "
+                 "model, targets or rank?")
     with torch.no_grad():
         for k, p in ours.items():
             p.copy_(sd[k])
+
 
 
 # -----------------------------------------------------------------------------
@@ -277,23 +256,12 @@ def merge_lora(model):
 
 
 # -----------------------------------------------------------------------------
-# Adapter checkpoints in Hugging Face PEFT's format
+# Adapter files in Hugging Face PEFT's format (plumbing/peft_format.py reads and writes them)
 
 
 def _peft_key(model, name, tensor):
     """The key PEFT saves LoRA tensor "lora_A" or "lora_B" of our layer `name` under."""
-    return f"{PEFT_PREFIX}{hf_module_name(model, name)}.{tensor}{PEFT_SUFFIX}"
-
-
-def _check_architecture(model, keys, source):
-    """Refuse an adapter whose keys are another architecture's (a GPT-2 adapter on a Llama, or the reverse)
-    before its target names get the chance to fail with a less telling message."""
-    arch = model.config.arch
-    for other, prefix in PEFT_BLOCKS.items():
-        if other != arch and any(k.startswith(prefix) for k in keys):
-            raise ValueError(f"{source}: this adapter was made for a {other} model (its keys start with "
-                             f"{prefix}) but the model is a {arch} model; load it onto the base model it was "
-                             "trained from")
+    return peft_key(hf_module_name(model, name), tensor)
 
 
 def _target_modules(model, layers):
@@ -321,57 +289,9 @@ def save_adapter(model, out_dir, base_model_name_or_path=None):
         raise ValueError(f"LoRA layers differ in (rank, alpha, dropout) {sorted(settings)}; an adapter "
                          "config records one setting")
     (rank, alpha, dropout), = settings
-    config = {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",  # PeftModel.from_pretrained then builds a PeftModelForCausalLM
-        "base_model_name_or_path": base_model_name_or_path,
-        "r": rank,
-        "lora_alpha": alpha,
-        "lora_dropout": dropout,
-        "target_modules": _target_modules(model, layers),
-        # GPT-2's checkpoint stores these layers as Conv1D, weight (in, out): PEFT needs to know when it
-        # merges. It does not change the orientation of the saved A and B. Llama's are nn.Linear, (out, in).
-        "fan_in_fan_out": model.config.arch == "gpt2",
-        "bias": "none",  # biases stay frozen and are not part of the adapter
-        "use_rslora": False,  # scaling is alpha / r, not alpha / sqrt(r)
-        "use_dora": False,
-        "modules_to_save": None,
-        "init_lora_weights": True,
-        "inference_mode": True,
-    }
-    os.makedirs(out_dir, exist_ok=True)
-    tensors = {}
-    for name, m in layers:
-        tensors[_peft_key(model, name, "lora_A")] = m.lora_A.detach()
-        tensors[_peft_key(model, name, "lora_B")] = m.lora_B.detach()
-    save_safetensors(tensors, os.path.join(out_dir, ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    atomic_write_text(os.path.join(out_dir, ADAPTER_CONFIG), json.dumps(config, indent=2) + "\n")
-
-
-def read_adapter_config(adapter_dir):
-    """adapter_config.json as a dict, refusing adapters of a kind this file does not implement."""
-    path = os.path.join(adapter_dir, ADAPTER_CONFIG)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{adapter_dir}: no {ADAPTER_CONFIG} here; an adapter directory holds "
-                                f"{ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} (as save_adapter or PEFT write them)")
-    with open(path, encoding="utf-8") as f:
-        try:
-            config = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if config.get("peft_type") != "LORA":
-        raise ValueError(f"{path}: peft_type is {config.get('peft_type')!r}; only 'LORA' adapters load here")
-    for k in ("r", "lora_alpha", "target_modules"):
-        if config.get(k) is None:
-            raise ValueError(f"{path}: no {k!r} field; is this a LoRA adapter_config.json?")
-    # Variants that change the math or the stored tensors: refuse them rather than load them wrongly.
-    unsupported = {"use_dora": False, "use_rslora": False, "lora_bias": False, "bias": "none",
-                   "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None,
-                   "modules_to_save": None, "layer_replication": None, "target_parameters": None}
-    for k, plain in unsupported.items():
-        if config.get(k) not in (plain, None, [], {}):
-            raise ValueError(f"{path}: {k}={config[k]!r} is not supported by lora.py (plain LoRA only)")
-    return config
+    tensors = {_peft_key(model, name, t): getattr(m, t).detach() for name, m in layers for t in ("lora_A", "lora_B")}
+    write_adapter(out_dir, tensors, rank, alpha, dropout, _target_modules(model, layers), model.config.arch,
+                  base_model_name_or_path)
 
 
 def load_adapter(model, adapter_dir):
@@ -383,23 +303,17 @@ def load_adapter(model, adapter_dir):
     targets = config["target_modules"]
     targets = targets if isinstance(targets, str) else tuple(targets)
     rank = config["r"]
-    path = os.path.join(adapter_dir, ADAPTER_WEIGHTS)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{adapter_dir}: no {ADAPTER_WEIGHTS} here (only {ADAPTER_CONFIG})")
-    sd = load_safetensors(path)
-    _check_architecture(model, sd, path)
+    sd, path = read_adapter_weights(adapter_dir)
+    check_architecture(model.config.arch, sd, path)
     found = _target_linears(model, targets, hf_names=True)
     expected = {}  # PEFT key -> shape
     for name, linear in found:
         expected[_peft_key(model, name, "lora_A")] = (rank, linear.in_features)
         expected[_peft_key(model, name, "lora_B")] = (linear.out_features, rank)
-    _check_tensors(expected, sd, path)
+    check_shapes(expected, sd, path, "LoRA weights made for a different base model, targets or rank?")
     # The layers found, by their full names (ours): apply_lora wraps exactly these.
     summary = apply_lora(model, rank=rank, alpha=config["lora_alpha"], dropout=config.get("lora_dropout") or 0.0,
                          targets=tuple(name for name, _ in found))
-    ours = {}
-    for name, _ in found:
-        ours[f"{name}.lora_A"] = sd[_peft_key(model, name, "lora_A")]
-        ours[f"{name}.lora_B"] = sd[_peft_key(model, name, "lora_B")]
-    load_lora_state_dict(model, ours, source=path)
+    load_lora_state_dict(model, {f"{name}.{t}": sd[_peft_key(model, name, t)] for name, _ in found
+                                 for t in ("lora_A", "lora_B")}, source=path)
     return summary

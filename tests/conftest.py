@@ -51,10 +51,10 @@ def gpt2_tokenizer(gpt2_tokenizer_dir):
 def smollm2_gguf():
     """Path of SmolLM2-135M-Instruct's GGUF file (98 MB; only its metadata is ever read here)."""
     pytest.importorskip("gguf")
-    import model
+    from plumbing.hub import find_smollm2_gguf
 
     try:
-        return model.find_smollm2_gguf()
+        return find_smollm2_gguf()
     except FileNotFoundError as e:
         pytest.skip(str(e))
 
@@ -113,11 +113,11 @@ def smollm2_hf_chat(smollm2_gguf):
 @pytest.fixture(scope="session")
 def smollm2_tokenizer_dir(smollm2_gguf, tmp_path_factory):
     """A directory in the layout of the SmolLM2 hub repositories' tokenizer files, written from the GGUF by
-    data.save_smollm2_tokenizer_files (vocab.json, merges.txt, tokenizer.json with the special tokens and
+    plumbing.tokenizer_files.save_smollm2_tokenizer_files (vocab.json, merges.txt, tokenizer.json with the special tokens and
     the pre-tokenizer), plus a config.json saying model_type llama."""
     import json
 
-    from data import save_smollm2_tokenizer_files
+    from plumbing.tokenizer_files import save_smollm2_tokenizer_files
 
     d = tmp_path_factory.mktemp("smollm2_tokenizer")
     save_smollm2_tokenizer_files(str(d), smollm2_gguf)

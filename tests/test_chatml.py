@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 import data
+import plumbing.tokenizer_files as tokfiles
 from data import render_conversation, render_prompt
 from test_data import CHAT, runs  # the multi-turn example and the trained-run finder of the GPT-2 tests
 
@@ -70,18 +71,18 @@ def test_pattern_splits_like_the_reference_pre_tokenizer(smollm2_reference):
     # the regex alone against Hugging Face's Digits + ByteLevel, piece by piece (not only the final ids)
     import regex
 
-    to_byte = data._byte_decoder()
+    to_byte = tokfiles._byte_decoder()
     for text in TEXTS:
         pieces = [bytes(to_byte[c] for c in p).decode("utf-8")
                   for p, _ in smollm2_reference.pre_tokenizer.pre_tokenize_str(text)]
-        assert regex.findall(data.SMOLLM2_PATTERN, text) == pieces, text
+        assert regex.findall(tokfiles.SMOLLM2_PATTERN, text) == pieces, text
     # a digit is a piece of its own, and whitespace before it stays whole (GPT-2's regex: "a", " ", " 1")
-    assert regex.findall(data.SMOLLM2_PATTERN, "a  12 x") == ["a", "  ", "1", "2", " x"]
+    assert regex.findall(tokfiles.SMOLLM2_PATTERN, "a  12 x") == ["a", "  ", "1", "2", " x"]
 
 
 def test_ranks_are_the_ids_and_follow_merge_order(smollm2_tokenizer, smollm2_vocab):
     tokens, merges, _ = smollm2_vocab
-    to_byte = data._byte_decoder()
+    to_byte = tokfiles._byte_decoder()
     assert smollm2_tokenizer.n_vocab == len(tokens) == 49152 and len(merges) == 48900
     # merge n makes id 252 + n (17 special tokens, then 235 single bytes): "lowest rank" = "earliest merge"
     assert all(tokens[252 + n] == m.replace(" ", "") for n, m in enumerate(merges))
@@ -117,7 +118,7 @@ def test_bytes_without_a_token_are_dropped(smollm2_tokenizer, smollm2_reference)
 
 def test_without_dropping_them_tiktoken_would_crash(smollm2_tokenizer):
     t = smollm2_tokenizer
-    plain = data.tiktoken.Encoding("plain", pat_str=data.SMOLLM2_PATTERN, mergeable_ranks=t._mergeable_ranks,
+    plain = tokfiles.tiktoken.Encoding("plain", pat_str=tokfiles.SMOLLM2_PATTERN, mergeable_ranks=t._mergeable_ranks,
                                    special_tokens=t._special_tokens)
     assert plain.encode_ordinary("ok") == smollm2_tokenizer.encode_ordinary("ok")
     with pytest.raises(BaseException, match="no entry found for key"):  # a Rust panic, not even an Exception

@@ -16,7 +16,10 @@ import pytest
 import torch
 
 import data
+import plumbing.tokenizer_files as tokfiles
 from data import EOT_ID, IGNORE_INDEX, render_conversation, render_prompt
+from plumbing.report import format_stats
+from tasks import instruct, triage
 
 ROOT = Path(data.__file__).resolve().parent
 
@@ -93,13 +96,13 @@ def test_bpe_ranks_equal_tiktoken_loader(gpt2_tokenizer_dir, monkeypatch):
 
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")  # "" disables tiktoken's path-keyed cache
     theirs = data_gym_to_mergeable_bpe_ranks(str(gpt2_tokenizer_dir / "merges.txt"), str(gpt2_tokenizer_dir / "vocab.json"))
-    assert data.load_bpe_files(gpt2_tokenizer_dir / "vocab.json", gpt2_tokenizer_dir / "merges.txt") == theirs
+    assert tokfiles.load_bpe_files(gpt2_tokenizer_dir / "vocab.json", gpt2_tokenizer_dir / "merges.txt") == theirs
 
 
 def test_pattern_is_tiktoken_gpt2_pattern():
     from tiktoken_ext.openai_public import r50k_pat_str
 
-    assert data.GPT2_PATTERN == r50k_pat_str
+    assert tokfiles.GPT2_PATTERN == r50k_pat_str
 
 
 def test_merges_out_of_order_are_rejected(gpt2_tokenizer_dir, tmp_path):
@@ -118,7 +121,7 @@ def test_get_tokenizer_says_what_to_do(tmp_path, monkeypatch):
     def offline(name):
         raise ConnectionError("no network")
 
-    monkeypatch.setattr(data.tiktoken, "get_encoding", offline)
+    monkeypatch.setattr(tokfiles.tiktoken, "get_encoding", offline)
     with pytest.raises(RuntimeError, match="TIKTOKEN_CACHE_DIR") as e:
         data.get_tokenizer()
     assert "\n" not in str(e.value)
@@ -315,7 +318,7 @@ def test_dedup_and_stats(gpt2_tokenizer):
     assert s["len_max"] == lengths[-1] and s["len_p50"] == lengths[0]  # nearest rank of 2 values
     trained = sum(sum(m[1:]) for _, m in examples)
     assert s["n_trained_tokens"] == trained and s["trained_share"] == trained / sum(n - 1 for n in lengths)
-    text = data.format_stats(s)
+    text = format_stats(s)
     for word in ("examples", "duplicates", "dropped", "truncated", "p50", "p90", "p99", "trained", "distinct-2"):
         assert word in text
 
@@ -481,48 +484,48 @@ def test_triage_dataset():
     for recs in splits.values():
         for r in recs:
             system, user, reply = r["messages"]
-            assert system["content"] == data.TRIAGE_SYSTEM and "\n" not in reply["content"]
-            label = data.parse_triage(reply["content"])
-            assert label is not None and list(label) == list(data.TRIAGE_FIELDS)
-            assert all(label[f] in data.TRIAGE_LABELS[f] for f in data.TRIAGE_FIELDS)
-    test_labels = [data.parse_triage(r["messages"][2]["content"]) for r in splits["test"]]
-    for f in data.TRIAGE_FIELDS:  # every label value is represented in the test split
-        assert {lab[f] for lab in test_labels} == set(data.TRIAGE_LABELS[f])
+            assert system["content"] == triage.TRIAGE_SYSTEM and "\n" not in reply["content"]
+            label = triage.parse_triage(reply["content"])
+            assert label is not None and list(label) == list(triage.TRIAGE_FIELDS)
+            assert all(label[f] in triage.TRIAGE_LABELS[f] for f in triage.TRIAGE_FIELDS)
+    test_labels = [triage.parse_triage(r["messages"][2]["content"]) for r in splits["test"]]
+    for f in triage.TRIAGE_FIELDS:  # every label value is represented in the test split
+        assert {lab[f] for lab in test_labels} == set(triage.TRIAGE_LABELS[f])
 
 
 def test_triage_labels_follow_the_message():
     # spot-check derivability: label cues in the text agree with the label for the whole train split
     for r in data.load_records(ROOT / "data" / "triage" / "train.jsonl"):
-        text, label = r["messages"][1]["content"].lower(), data.parse_triage(r["messages"][2]["content"])
-        assert (label["priority"] == "urgent") == any(c.lower() in text for c in data.URGENCY["urgent"] + ("urgent:", "urgent -", "[urgent]"))
-        assert (label["sentiment"] == "neutral") == (not any(c.lower() in text for c in data.TONE["negative"] + data.TONE["positive"]))
+        text, label = r["messages"][1]["content"].lower(), triage.parse_triage(r["messages"][2]["content"])
+        assert (label["priority"] == "urgent") == any(c.lower() in text for c in triage.URGENCY["urgent"] + ("urgent:", "urgent -", "[urgent]"))
+        assert (label["sentiment"] == "neutral") == (not any(c.lower() in text for c in triage.TONE["negative"] + triage.TONE["positive"]))
         if label["product"] != "unknown":
-            assert any(n.lower() in text for n in data.PRODUCT_NAMES[label["product"]])
+            assert any(n.lower() in text for n in triage.PRODUCT_NAMES[label["product"]])
 
 
 def test_parse_triage_never_crashes():
     good = '{"category": "bug", "priority": "low", "product": "router", "sentiment": "neutral"}'
-    assert data.parse_triage("  " + good + "\n") == json.loads(good)
-    assert data.parse_triage(json.dumps(dict(reversed(list(json.loads(good).items()))))) == json.loads(good)
+    assert triage.parse_triage("  " + good + "\n") == json.loads(good)
+    assert triage.parse_triage(json.dumps(dict(reversed(list(json.loads(good).items()))))) == json.loads(good)
     bad = ["", "   ", "{", "null", "[]", "42", '"bug"', good[:-1], good + " extra", good + "\n" + good,
            good.replace('"low"', "3"), good.replace('"sentiment": "neutral"', '"sentiment": "neutral", "x": "y"'),
            '{"category": "bug"}', "[" * 100_000, None, 3.5, "NaN", "{\"category\": \"bug\", \"category\": NaN}"]
     for b in bad:
-        assert data.parse_triage(b) is None, b
+        assert triage.parse_triage(b) is None, b
     rng = random.Random(0)
     for _ in range(300):
         s = "".join(rng.choice(good + "{}[]\\\"\n ") for _ in range(rng.randint(0, 40)))
-        data.parse_triage(s)  # must not raise
+        triage.parse_triage(s)  # must not raise
     for k in range(len(good)):
-        assert data.parse_triage(good[:k]) is None
+        assert triage.parse_triage(good[:k]) is None
 
 
 def test_instruct_dataset():
     splits = {s: data.load_records(ROOT / "data" / "instruct" / f"{s}.jsonl") for s in data.SPLITS}
     seen_families = {part for s in ("train", "val") for r in splits[s] for part in r["family"].split("+")}
     test_families = {r["family"] for r in splits["test"]}
-    assert not seen_families & set(data.HELD_OUT_FAMILIES)  # held out entirely from train and val
-    assert test_families == set(data.INSTRUCT_FAMILIES) and len(data.INSTRUCT_FAMILIES) >= 20
+    assert not seen_families & set(instruct.HELD_OUT_FAMILIES)  # held out entirely from train and val
+    assert test_families == set(instruct.INSTRUCT_FAMILIES) and len(instruct.INSTRUCT_FAMILIES) >= 20
     assert any("+" in r["family"] for r in splits["train"])  # multi-turn conversations exist in train
     prompts = [m["content"] for recs in splits.values() for r in recs for m in r["messages"] if m["role"] == "user"]
     assert len(set(prompts)) == len(prompts)
@@ -632,11 +635,11 @@ def test_save_tokenizer_files_errors(tmp_path, monkeypatch):
     import tiktoken.load
 
     with pytest.raises(FileNotFoundError, match="no vocab.json there"):
-        data.save_tokenizer_files(tmp_path / "out", tmp_path)
+        tokfiles.save_tokenizer_files(tmp_path / "out", tmp_path)
 
     def offline(url):
         raise ConnectionError("no network")
 
     monkeypatch.setattr(tiktoken.load, "read_file_cached", offline)
     with pytest.raises(RuntimeError, match="--tokenizer-dir"):
-        data.save_tokenizer_files(tmp_path / "out")
+        tokfiles.save_tokenizer_files(tmp_path / "out")

@@ -16,8 +16,9 @@ import torch
 from torch.nn import functional as F
 
 import eval as ev
-from data import (EOT_ID, HELD_OUT_FAMILIES, TRIAGE_FIELDS, load_records, render_conversation, render_prompt,
-                  resolve_dataset, tokenize_dataset)
+from data import EOT_ID, load_records, render_conversation, render_prompt, resolve_dataset, tokenize_dataset
+from tasks.instruct import HELD_OUT_FAMILIES
+from tasks.triage import TRIAGE_FIELDS
 from model import GPT, GPTConfig
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -15,8 +15,14 @@ import pytest
 import torch
 
 import model as model_mod
-from model import (GPT, GGUF, HF, IGNORE_INDEX, LLAMA_SWITCHES, OURS, PRESETS, GPTConfig, KVCache, RMSNorm,
-                   apply_rope, find_smollm2_gguf, rename, resolve_pretrained, rope_cos_sin, unpermute_gguf_qk)
+import plumbing.gguf_io
+import plumbing.hub
+from data import IGNORE_INDEX
+from model import GPT, LLAMA_SWITCHES, PRESETS, GPTConfig, KVCache, RMSNorm, apply_rope, rope_cos_sin
+from plumbing.gguf_io import unpermute_gguf_qk
+from plumbing.hf_format import GGUF, HF, OURS, rename
+from plumbing.hub import find_smollm2_gguf, resolve_pretrained
+from plumbing.safetensors_io import load_safetensors
 from test_model import FakeResponse, no_cache_greedy  # urlopen's stand-in; the no-KV-cache reference
 
 # Shapes the parity tests cover: n_layer, n_head, n_kv_head, n_embd, intermediate, vocab, block, tied, rope_theta,
@@ -259,7 +265,7 @@ def test_llama_names_table_round_trips():
 
 def test_checkpoint_key_and_shape_errors(tmp_path):
     d, _ = hf_llama_checkpoint(tmp_path, SHAPES["gqa_tied"])
-    sd = {k: v.clone() for k, v in model_mod.load_safetensors(os.path.join(d, "model.safetensors")).items()}
+    sd = {k: v.clone() for k, v in load_safetensors(os.path.join(d, "model.safetensors")).items()}
     m = GPT.from_pretrained(d)
     missing = dict(sd)
     missing.pop("model.layers.1.self_attn.k_proj.weight")
@@ -354,9 +360,9 @@ def test_smollm2_preset_downloads_its_files(tmp_path, monkeypatch):
         urls.append(url)
         return FakeResponse(b"x")
 
-    monkeypatch.setattr(model_mod.urllib.request, "urlopen", fake_urlopen)
+    monkeypatch.setattr(plumbing.hub.urllib.request, "urlopen", fake_urlopen)
     d = resolve_pretrained("smollm2-135m-instruct", cache_dir=str(tmp_path))
-    assert sorted(os.listdir(d)) == sorted(model_mod.SMOLLM2_HUB_FILES)
+    assert sorted(os.listdir(d)) == sorted(plumbing.hub.SMOLLM2_HUB_FILES)
     assert urls[0] == "https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct/resolve/main/config.json"
     assert "https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct/resolve/main/tokenizer.json" in urls
 
@@ -472,7 +478,7 @@ def test_tiny_gguf_matches_transformers(tmp_path, name, monkeypatch):
     with torch.no_grad():
         want = hf(idx).logits
         torch.testing.assert_close(ours(idx), want, atol=1e-4, rtol=0)
-        monkeypatch.setattr(model_mod, "unpermute_gguf_qk", lambda w, n_head: w)
+        monkeypatch.setattr(plumbing.gguf_io, "unpermute_gguf_qk", lambda w, n_head: w)
         skipped = GPT.from_pretrained(str(path)).eval()(idx)
     assert (skipped - want).abs().max() > 0.05  # 500x the tolerance above
 

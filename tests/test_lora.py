@@ -16,7 +16,8 @@ from torch.nn import functional as F
 
 from lora import (LoRALinear, LoRASummary, apply_lora, load_adapter, load_lora_state_dict, lora_layers,
                   lora_parameters, lora_state_dict, merge_lora, read_adapter_config, save_adapter)
-from model import GPT, PRESETS, GPTConfig, load_safetensors
+from model import GPT, PRESETS, GPTConfig
+from plumbing.safetensors_io import load_safetensors
 
 TINY = dict(vocab_size=101, block_size=32, n_layer=2, n_head=4, n_embd=32)  # shared by every tiny model
 
@@ -386,7 +387,7 @@ def test_load_adapter_refuses_other_base_models(tmp_path):
     apply_lora(wide)
     save_adapter(wide, tmp_path / "wide")
     narrow = tiny_gpt(n_embd=32)
-    with pytest.raises(ValueError, match=r"has shape \(8, 64\) but this model needs \(8, 32\)"):
+    with pytest.raises(ValueError, match=r"has shape \(8, 64\), expected \(8, 32\)"):
         load_adapter(narrow, tmp_path / "wide")
     assert not lora_layers(narrow) and all(p.requires_grad for p in narrow.parameters())  # untouched
     with pytest.raises(ValueError, match="missing"):

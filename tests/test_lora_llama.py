@@ -14,7 +14,8 @@ import torch
 
 from lora import (DEFAULT_TARGETS, LoRALinear, apply_lora, default_targets, hf_module_name, load_adapter,
                   lora_layers, lora_parameters, lora_state_dict, merge_lora, read_adapter_config, save_adapter)
-from model import GPT, LLAMA_SWITCHES, PRESETS, GPTConfig, load_safetensors
+from model import GPT, LLAMA_SWITCHES, PRESETS, GPTConfig
+from plumbing.safetensors_io import load_safetensors
 from test_lora import randomize_lora  # non-zero A and B, shared with GPT-2's LoRA tests
 
 # A tiny SmolLM2: grouped-query attention (4 query heads share 2 K/V heads), tied embeddings, no biases.
@@ -355,7 +356,7 @@ def test_llama_adapter_refuses_other_llama_shapes(tmp_path):
     model = tiny_llama()
     apply_lora(model, rank=4)
     save_adapter(model, tmp_path)
-    with pytest.raises(ValueError, match=r"k_proj.lora_B.weight has shape \(32, 4\) but this model needs \(64, 4\)"):
+    with pytest.raises(ValueError, match=r"k_proj.lora_B.weight has shape \(32, 4\), expected \(64, 4\)"):
         load_adapter(tiny_llama(n_kv_head=4), tmp_path)  # multi-head attention: k and v are as wide as q
     with pytest.raises(ValueError, match="missing"):
         load_adapter(tiny_llama(n_layer=3), tmp_path)

@@ -18,9 +18,14 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-import model as model_mod
-from model import (GPT, IGNORE_INDEX, PRESETS, GPTConfig, KVCache, atomic_write_bytes, choose_device,
-                   choose_dtype, load_safetensors, resolve_pretrained, sample_next, save_safetensors)
+import plumbing.files
+import plumbing.hub
+from data import IGNORE_INDEX
+from model import GPT, PRESETS, GPTConfig, KVCache, sample_next
+from plumbing.device import choose_device, choose_dtype
+from plumbing.files import atomic_write_bytes
+from plumbing.hub import resolve_pretrained
+from plumbing.safetensors_io import load_safetensors, save_safetensors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -414,21 +419,21 @@ def test_preset_downloads_once_into_cache(tmp_path, monkeypatch):
         urls.append(url)
         return FakeResponse(b"content of " + url.encode())
 
-    monkeypatch.setattr(model_mod.urllib.request, "urlopen", fake_urlopen)
+    monkeypatch.setattr(plumbing.hub.urllib.request, "urlopen", fake_urlopen)
     monkeypatch.setenv("HANDTUNE_CACHE", str(tmp_path))
     d = resolve_pretrained("gpt2")
     assert d == os.path.join(str(tmp_path), "gpt2")
-    assert sorted(os.listdir(d)) == sorted(model_mod.HUB_FILES)  # no .part left behind
+    assert sorted(os.listdir(d)) == sorted(plumbing.hub.HUB_FILES)  # no .part left behind
     assert urls[0] == "https://huggingface.co/openai-community/gpt2/resolve/main/config.json"
     resolve_pretrained("gpt2")
-    assert len(urls) == len(model_mod.HUB_FILES)  # second call: all cached
+    assert len(urls) == len(plumbing.hub.HUB_FILES)  # second call: all cached
 
 
 def test_offline_download_says_what_to_do(tmp_path, monkeypatch):
     def offline(url, timeout=None):
         raise urllib.error.URLError("Name or service not known")
 
-    monkeypatch.setattr(model_mod.urllib.request, "urlopen", offline)
+    monkeypatch.setattr(plumbing.hub.urllib.request, "urlopen", offline)
     with pytest.raises(RuntimeError, match="Offline.*pass that directory"):
         resolve_pretrained("gpt2-medium", cache_dir=str(tmp_path))
     assert not any(f.endswith(".json") for f in os.listdir(tmp_path / "gpt2-medium"))
@@ -443,7 +448,7 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
     def boom(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(model_mod.os, "replace", boom)
+    monkeypatch.setattr(plumbing.files.os, "replace", boom)
     with pytest.raises(OSError):
         atomic_write_bytes(p, b"new")
     assert p.read_bytes() == b"old"

@@ -15,8 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
+import plumbing.checkpoint as checkpoint
 import train
-from model import GPT, IGNORE_INDEX, GPTConfig, load_safetensors
+from data import IGNORE_INDEX
+from model import GPT, GPTConfig
+from plumbing.report import save_plot
+from plumbing.safetensors_io import load_safetensors
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = GPTConfig(block_size=128, n_layer=2, n_head=2, n_embd=32)
@@ -187,8 +191,8 @@ def test_fully_masked_micro_batch_contributes_zero_never_nan():
 
 def test_checkpoint_atomic_under_a_crash_at_every_rename(tmp_path, monkeypatch):
     ckpt = tmp_path / "ckpt"
-    train.save_checkpoint(ckpt, 1, {"w": torch.ones(3)}, {"step": 1})
-    train.save_checkpoint(ckpt, 2, {"w": torch.full((3,), 2.0)}, {"step": 2})
+    checkpoint.save_checkpoint(ckpt, 1, {"w": torch.ones(3)}, {"step": 1})
+    checkpoint.save_checkpoint(ckpt, 2, {"w": torch.full((3,), 2.0)}, {"step": 2})
     real_replace = os.replace
     for fail_at in (1, 2, 3, 4):  # tensors file, state file, directory rename, `latest` pointer
         calls = []
@@ -201,13 +205,13 @@ def test_checkpoint_atomic_under_a_crash_at_every_rename(tmp_path, monkeypatch):
 
         monkeypatch.setattr(os, "replace", crashing_replace)
         with pytest.raises(OSError, match="simulated crash"):
-            train.save_checkpoint(ckpt, 3, {"w": torch.full((3,), 3.0)}, {"step": 3})
+            checkpoint.save_checkpoint(ckpt, 3, {"w": torch.full((3,), 3.0)}, {"step": 3})
         monkeypatch.setattr(os, "replace", real_replace)
-        tensors, state = train.load_checkpoint(ckpt)  # the previous checkpoint, intact
+        tensors, state = checkpoint.load_checkpoint(ckpt)  # the previous checkpoint, intact
         assert state == {"step": 2} and tensors["w"].tolist() == [2.0] * 3
         assert not [e for e in os.listdir(ckpt) if e.endswith(".tmp")]  # no temp dirs left behind
-    train.save_checkpoint(ckpt, 3, {"w": torch.full((3,), 3.0)}, {"step": 3})  # and saving works again
-    assert train.load_checkpoint(ckpt)[1] == {"step": 3}
+    checkpoint.save_checkpoint(ckpt, 3, {"w": torch.full((3,), 3.0)}, {"step": 3})  # and saving works again
+    assert checkpoint.load_checkpoint(ckpt)[1] == {"step": 3}
     assert sorted(os.listdir(ckpt)) == ["latest", "step_0000002", "step_0000003"]  # latest + previous
 
 
@@ -220,21 +224,21 @@ def test_optimizer_and_rng_state_round_trip_through_files(tmp_path):
         loss.backward()
         opt.step()
         opt.zero_grad()
-    opt_tensors, opt_js = train.optimizer_to_checkpoint(opt)
-    rng_js, rng_tensors = train.rng_state()
+    opt_tensors, opt_js = checkpoint.optimizer_to_checkpoint(opt)
+    rng_js, rng_tensors = checkpoint.rng_state()
     tensors = {**opt_tensors, **{f"rng.0.{k}": v for k, v in rng_tensors.items()}}
-    train.save_checkpoint(tmp_path, 3, tensors, {"optimizer": opt_js, "rng": [rng_js]})
+    checkpoint.save_checkpoint(tmp_path, 3, tensors, {"optimizer": opt_js, "rng": [rng_js]})
     expected = [torch.rand(3), torch.randn(2)]  # what the generators produce after the save
-    loaded, state = train.load_checkpoint(tmp_path)
+    loaded, state = checkpoint.load_checkpoint(tmp_path)
 
     opt2 = train.make_optimizer(model, train.TrainConfig(weight_decay=0.1), "cpu")
-    train.optimizer_from_checkpoint(opt2, loaded, state["optimizer"])
+    checkpoint.optimizer_from_checkpoint(opt2, loaded, state["optimizer"])
     a, b = opt.state_dict(), opt2.state_dict()
     assert a["param_groups"] == b["param_groups"]
     for i in a["state"]:
         for k in a["state"][i]:
             assert torch.equal(a["state"][i][k], b["state"][i][k])
-    train.set_rng_state(state["rng"][0], {k[6:]: v for k, v in loaded.items() if k.startswith("rng.0.")})
+    checkpoint.set_rng_state(state["rng"][0], {k[6:]: v for k, v in loaded.items() if k.startswith("rng.0.")})
     assert torch.equal(torch.rand(3), expected[0]) and torch.equal(torch.randn(2), expected[1])
 
 
@@ -271,7 +275,7 @@ def test_end_to_end_writes_adapter_metrics_run_json_and_checkpoint(tiny_model_di
     # r (in + out) per adapted layer: c_attn 32->96, attn.c_proj 32->32, c_fc 32->128, mlp.c_proj 128->32
     assert run["trainable_params"] == TINY.n_layer * 16 * ((32 + 96) + (32 + 32) + (32 + 128) + (128 + 32))
     assert run["final_val_loss"] == pytest.approx(recs[-1]["val_loss"])
-    assert train.read_latest(out / "ckpt") == "step_0000004"
+    assert checkpoint.read_latest(out / "ckpt") == "step_0000004"
     model = GPT.from_pretrained(tiny_model_dir)  # the adapter loads back onto the base model
     lora.load_adapter(model, out / "adapter")
     assert any(m.lora_B.abs().sum() > 0 for _, m in lora.lora_layers(model))
@@ -337,7 +341,7 @@ def test_early_stopping_keeps_the_best_weights(tiny_model_dir, chats, tmp_path, 
         snapshots.append({n: p.detach().clone() for n, p in train.trainable_named(model)})
         return next(scripted)
 
-    monkeypatch.setattr(train, "evaluate", fake_evaluate)
+    monkeypatch.setattr(train, "validation_loss", fake_evaluate)
     args = base_args(tiny_model_dir, chats, out, **{"--max-steps": 20, "--eval-every": 2,
                                                     "--early-stop-patience": 2})
     assert run_main(args) == 0
@@ -380,7 +384,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_model_dir
     assert run_main(base_args(tiny_model_dir, chats, out, **{"--save-every": 2})) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: non-finite loss (nan) at step 4") and "step_0000002" in err
-    tensors, state = train.load_checkpoint(out / "ckpt")
+    tensors, state = checkpoint.load_checkpoint(out / "ckpt")
     assert state["step"] == 2 and all(torch.isfinite(v).all() for v in tensors.values())
 
 
@@ -447,7 +451,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tiny_model_dir, chats, tmp_
         p.kill()
     assert p.returncode == 130 and "Traceback" not in stderr
     assert "interrupted: checkpoint saved at step" in stdout
-    tensors, state = train.load_checkpoint(out / "ckpt")
+    tensors, state = checkpoint.load_checkpoint(out / "ckpt")
     assert state["step"] >= 1 and json.loads((out / "run.json").read_text())["status"] == "interrupted"
 
 
@@ -502,7 +506,7 @@ def test_tokens_per_s_leaves_out_evaluation_time(tiny_model_dir, chats, tmp_path
         time.sleep(2.0)
         return 1.0
 
-    monkeypatch.setattr(train, "evaluate", slow_evaluate)
+    monkeypatch.setattr(train, "validation_loss", slow_evaluate)
     out = tmp_path / "speed"
     assert run_main(base_args(tiny_model_dir, chats, out, **{"--max-steps": 1, "--eval-every": 1})) == 0
     rec, = metrics(out)
@@ -556,9 +560,9 @@ def test_checkpoints_and_plot_get_ordinary_permissions(tmp_path):
     """The comments on mkdtemp/mkstemp: outputs are readable like anything open()/mkdir() creates."""
     old = os.umask(0o022)
     try:
-        train.save_checkpoint(str(tmp_path / "ckpt"), 3, {"w": torch.zeros(2)}, {"step": 3})
+        checkpoint.save_checkpoint(str(tmp_path / "ckpt"), 3, {"w": torch.zeros(2)}, {"step": 3})
         (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0, "val_loss": 2.5}\n')
-        note = train.save_plot(str(tmp_path / "metrics.jsonl"), str(tmp_path / "loss.png"))
+        note = save_plot(str(tmp_path / "metrics.jsonl"), str(tmp_path / "loss.png"))
     finally:
         os.umask(old)
     assert (os.stat(tmp_path / "ckpt" / "step_0000003").st_mode & 0o777) == 0o755

@@ -1,0 +1,147 @@
+"""plumbing/checkpoint.py: training checkpoints that survive a kill at any moment, and the state they carry.
+
+A checkpoint is a directory ckpt/step_NNNNNNN holding tensors.safetensors (weights, optimizer moments,
+random generator states) and state.json (everything else); ckpt/latest names the newest complete one. Loading
+runs no code (safetensors + JSON, never pickle). train.py decides what goes in; this file only stores it.
+"""
+
+import json
+import os
+import random
+import shutil
+import signal
+import tempfile
+
+import numpy as np
+import torch
+
+from plumbing.files import atomic_write_text, creation_mode, fsync_dir
+from plumbing.safetensors_io import load_safetensors, save_safetensors
+
+LATEST = "latest"  # ckpt/latest names the newest complete checkpoint directory
+
+
+def save_checkpoint(ckpt_dir, step, tensors, state):
+    """Write tensors (safetensors) and state (JSON) as ckpt_dir/step_NNNNNNN, atomically, and point
+    ckpt_dir/latest at it; keep the previous checkpoint, delete older ones.
+
+    Atomic in three stages: (1) both files are written to a fresh temporary directory (each fsynced), (2) that
+    directory is renamed to its final name, (3) `latest` is replaced (tmp file + fsync + rename) to name it.
+    A kill before (3) leaves `latest` naming the previous complete checkpoint; readers never follow
+    `latest` into a half-written directory."""
+    os.makedirs(ckpt_dir, exist_ok=True)
+    name = f"step_{step:07d}"
+    final = os.path.join(ckpt_dir, name)
+    if read_latest(ckpt_dir) == name:
+        return final  # this step is already saved (e.g. Ctrl-C right after a periodic save)
+    tmp = tempfile.mkdtemp(dir=ckpt_dir, prefix=f".{name}.", suffix=".tmp")
+    os.chmod(tmp, creation_mode(0o777))  # mkdtemp makes it private; a checkpoint is an ordinary directory
+    try:
+        save_safetensors(tensors, os.path.join(tmp, "tensors.safetensors"))
+        atomic_write_text(os.path.join(tmp, "state.json"), json.dumps(state) + "\n")
+        if os.path.isdir(final):  # left over from a run that crashed after (2): not referenced by latest
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        fsync_dir(ckpt_dir)
+        previous = read_latest(ckpt_dir)
+        atomic_write_text(os.path.join(ckpt_dir, LATEST), name + "\n")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for entry in os.listdir(ckpt_dir):  # prune: everything but the new and the previous checkpoint
+        if entry not in (LATEST, name, previous):
+            path = os.path.join(ckpt_dir, entry)
+            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+    return final
+
+
+def read_latest(ckpt_dir):
+    """Name of the newest complete checkpoint in ckpt_dir, or None."""
+    try:
+        with open(os.path.join(ckpt_dir, LATEST), encoding="utf-8") as f:
+            return f.read().strip() or None
+    except FileNotFoundError:
+        return None
+
+
+def load_checkpoint(ckpt_dir):
+    """(tensors, state) of the checkpoint `latest` names. Safetensors + JSON: loading runs no code."""
+    name = read_latest(ckpt_dir)
+    if name is None:
+        raise FileNotFoundError(f"{ckpt_dir}: no checkpoint to resume from (no {LATEST} file); "
+                                "start without --resume")
+    path = os.path.join(ckpt_dir, name)
+    with open(os.path.join(path, "state.json"), encoding="utf-8") as f:
+        state = json.load(f)
+    return load_safetensors(os.path.join(path, "tensors.safetensors")), state
+
+
+def rng_state():
+    """This process's random generator states as (JSON-able dict, {name: tensor})."""
+    py = random.getstate()  # (version, 625 ints, gauss_next)
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    js = {"python": [py[0], list(py[1]), py[2]], "numpy": [kind, keys.tolist(), pos, has_gauss, gauss]}
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors["cuda"] = torch.cuda.get_rng_state()  # this process's current GPU
+    return js, tensors
+
+
+def set_rng_state(js, tensors):
+    version, internal, gauss = js["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = js["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["torch"].clone())
+    if "cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["cuda"].clone())
+
+
+def optimizer_to_checkpoint(optimizer):
+    """Split optimizer.state_dict() into tensors {optim.<param index>.<key>: tensor} and a JSON-able rest."""
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"optim.{idx}.{k}"] = v
+            else:
+                scalars[f"{idx}.{k}"] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_checkpoint(optimizer, tensors, js):
+    state = {}
+    for key, v in tensors.items():
+        if key.startswith("optim."):
+            _, idx, k = key.split(".", 2)
+            state.setdefault(int(idx), {})[k] = v.clone()
+    for key, v in js["scalars"].items():
+        idx, k = key.split(".", 1)
+        state.setdefault(int(idx), {})[k] = v
+    # JSON has no tuples: give AdamW its (beta1, beta2) back as one
+    groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in js["param_groups"]]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+class StopFlag:
+    """Ctrl-C (SIGINT) or SIGTERM only sets a flag; the loop sees it between steps, saves a checkpoint and
+    exits. Stopping there, never mid-update, keeps the saved state consistent. A second Ctrl-C aborts."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self.handle)
+        return self
+
+    def handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt  # second Ctrl-C: stop now (the last checkpoint on disk is intact)
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,50 @@
+"""plumbing/files.py: writes that a crash or a kill can never leave half done.
+
+Every output handtune writes (weights, adapters, checkpoints, reports, datasets) goes to a temporary file in
+the same directory, is fsynced, and is renamed over the real name: readers see the old file or the new one,
+never a mix. Machinery beside the learning path; nothing here is about fine-tuning.
+"""
+
+import os
+import tempfile
+
+def creation_mode(mode):
+    """The permissions open() or mkdir() would give a new file or directory: mode minus the process umask.
+    (tempfile's mkstemp and mkdtemp ignore the umask and make everything private.)"""
+    umask = os.umask(0)  # reading the umask means setting it; put it straight back
+    os.umask(umask)
+    return mode & ~umask
+
+
+def fsync_dir(path):
+    """Make a rename inside `path` durable (POSIX; a no-op where directories cannot be opened)."""
+    if hasattr(os, "O_DIRECTORY"):
+        fd = os.open(path, os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write_bytes(path, data):
+    """Write to a temporary file in the same directory, fsync it, then rename over path (atomic on POSIX
+    and Windows): readers see the old file or the new one, never a mix."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        os.chmod(tmp, creation_mode(0o666))  # mkstemp makes it private (0600); open() would not
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    fsync_dir(directory)  # make the rename itself durable
+
+
+def atomic_write_text(path, text):
+    atomic_write_bytes(path, text.encode("utf-8"))

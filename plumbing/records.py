@@ -1,0 +1,125 @@
+"""plumbing/records.py: reading and validating dataset files, so a bad line fails with its file and line.
+
+Two formats, detected from the first record: chat JSONL ({"messages": [{"role", "content"}, ...]} per line)
+and Alpaca ("instruction", optional "input", "output"; a JSON array or JSONL). Every malformed input raises
+ValueError naming the file, the line and the problem. data.load_conversations is the core's entry point.
+"""
+
+import json
+from pathlib import Path
+
+ROLES = ("system", "user", "assistant")
+
+
+def _line_of(text, pos):
+    return text.count("\n", 0, pos) + 1
+
+
+def _read_json_records(path):
+    """Yield (line number, parsed object) for a JSONL file or a JSON array file. UTF-8 with or without BOM,
+    CRLF line ends and blank lines are fine; anything unparseable raises ValueError naming file and line."""
+    raw = Path(path).read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")  # -sig: strips a byte-order mark if there is one
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{path}:{line}: not valid UTF-8 ({e.reason}); save the file as UTF-8") from None
+    if not text.strip():
+        raise ValueError(f"{path}:1: empty file, no records")
+    decoder = json.JSONDecoder()
+    start = len(text) - len(text.lstrip())
+    if text[start] == "[":  # one JSON array of records (the usual Alpaca layout)
+        pos = start + 1
+        while True:
+            while pos < len(text) and text[pos] in " \t\r\n":
+                pos += 1
+            if pos < len(text) and text[pos] == "]":
+                break
+            try:
+                obj, end = decoder.raw_decode(text, pos)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{e.lineno}: bad JSON ({e.msg})") from None
+            yield _line_of(text, pos), obj
+            pos = end
+            while pos < len(text) and text[pos] in " \t\r\n":
+                pos += 1
+            if pos < len(text) and text[pos] == ",":
+                pos += 1
+            elif not (pos < len(text) and text[pos] == "]"):
+                raise ValueError(f"{path}:{_line_of(text, pos)}: bad JSON (expected ',' or ']' in the array)")
+        return
+    # JSONL. Split on "\n" only: str.splitlines() would also split on U+2028 and friends, which JSON
+    # allows unescaped inside strings, and so would cut a valid record in half.
+    for n, line in enumerate(text.split("\n"), start=1):
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            yield n, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: bad JSON ({e.msg} at column {e.colno})") from None
+
+
+def _check_messages(messages, where):
+    """Validate one chat record's messages; return them as clean [{"role", "content"}] dicts."""
+    if not isinstance(messages, list):
+        raise ValueError(f"{where}: 'messages' must be a list, got {type(messages).__name__}")
+    if not messages:
+        raise ValueError(f"{where}: empty conversation ('messages' is [])")
+    clean = []
+    for k, m in enumerate(messages, start=1):
+        if not isinstance(m, dict):
+            raise ValueError(f"{where}: message {k} must be an object with 'role' and 'content'")
+        if "role" not in m:
+            raise ValueError(f"{where}: message {k} has no 'role'")
+        if m["role"] not in ROLES:
+            raise ValueError(f"{where}: message {k} has unknown role {m['role']!r} "
+                             "(expected system, user or assistant)")
+        if not isinstance(m.get("content"), str):
+            raise ValueError(f"{where}: message {k} content must be a string, got {type(m.get('content')).__name__}")
+        if m["role"] == "system" and k != 1:
+            raise ValueError(f"{where}: message {k} is a system message; only the first message may be one")
+        clean.append({"role": m["role"], "content": m["content"]})
+    if not any(m["role"] == "assistant" for m in clean):
+        raise ValueError(f"{where}: no assistant turn, so nothing to train on")
+    if clean[-1]["role"] != "assistant":
+        raise ValueError(f"{where}: last message is from the {clean[-1]['role']}; a conversation must end "
+                         "with the assistant's reply")
+    return clean
+
+
+def _alpaca_to_messages(rec, where):
+    for key in ("instruction", "output"):
+        if key not in rec:
+            raise ValueError(f"{where}: Alpaca record has no {key!r}")
+    for key in ("instruction", "input", "output"):
+        if key in rec and not isinstance(rec[key], str):
+            raise ValueError(f"{where}: Alpaca {key!r} must be a string, got {type(rec[key]).__name__}")
+    # an Alpaca "input" is the material the instruction refers to: it joins the user turn after a blank line
+    user = rec["instruction"] + ("\n\n" + rec["input"] if rec.get("input") else "")
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": rec["output"]}]
+
+
+def load_records(path):
+    """Every record of a dataset file as a dict with a validated "messages" list plus the record's other
+    keys (e.g. the built-in datasets' "family"). The format -- chat ("messages") or Alpaca ("instruction",
+    optional "input", "output") -- is detected from the first record and must hold for the whole file."""
+    records, fmt = [], None
+    for n, obj in _read_json_records(path):
+        where = f"{path}:{n}"
+        if not isinstance(obj, dict):
+            raise ValueError(f"{where}: a record must be a JSON object, got {type(obj).__name__}")
+        if fmt is None:
+            fmt = "chat" if "messages" in obj else "alpaca" if "instruction" in obj else None
+            if fmt is None:
+                raise ValueError(f"{where}: missing 'messages' key (chat format) and no 'instruction' (Alpaca format)")
+        if fmt == "chat":
+            if "messages" not in obj:
+                raise ValueError(f"{where}: missing 'messages' key (the file is in chat format)")
+            rec = {k: v for k, v in obj.items() if k != "messages"}
+            rec["messages"] = _check_messages(obj["messages"], where)
+        else:
+            rec = {k: v for k, v in obj.items() if k not in ("instruction", "input", "output")}
+            rec["messages"] = _alpaca_to_messages(obj, where)
+        records.append(rec)
+    return records

