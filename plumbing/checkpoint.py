@@ -2,7 +2,8 @@
 
 A checkpoint is a directory ckpt/step_NNNNNNN holding tensors.safetensors (weights, optimizer moments,
 random generator states) and state.json (everything else); ckpt/latest names the newest complete one. Loading
-runs no code (safetensors + JSON, never pickle). train.py decides what goes in; this file only stores it.
+runs no code (safetensors + JSON, never pickle). save_run_checkpoint/restore hold a training run's state:
+trainable weights, optimizer, gradient scaler, data position, every process's random generators.
 """
 
 import json
@@ -11,9 +12,11 @@ import random
 import shutil
 import signal
 import tempfile
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from plumbing.files import atomic_write_text, creation_mode, fsync_dir
 from plumbing.safetensors_io import load_safetensors, save_safetensors
@@ -145,3 +148,91 @@ class StopFlag:
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+
+
+# -----------------------------------------------------------------------------
+# A training run's state
+
+
+
+@dataclass
+class Progress:
+    """Where the run is: what a checkpoint saves besides weights, optimizer and generators."""
+
+    step: int = 0  # optimizer steps done
+    best_val: float | None = None  # lowest validation loss so far
+    bad_evals: int = 0  # evaluations since best_val last improved (early stopping)
+    best_weights: dict | None = None  # CPU copy of the trainable weights at best_val (early stopping only)
+
+    def update_best(self, val_loss, named_params, keep_weights):
+        if self.best_val is None or val_loss < self.best_val:
+            self.best_val, self.bad_evals = val_loss, 0
+            if keep_weights:
+                self.best_weights = {n: p.detach().cpu().clone() for n, p in named_params}
+        else:
+            self.bad_evals += 1
+
+
+# The settings a checkpoint must share with the run resuming it: anything else would silently train a
+# different model or feed different batches. (--max-steps, --lr, --eval-every, ... may change.)
+RESUME_MUST_MATCH = ("model", "full", "data", "val_data", "val_fraction", "train_on", "max_len", "overflow",
+                     "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "batch_size", "grad_accum",
+                     "seed")
+
+
+def check_resume(saved, cfg, world_size):
+    """Refuse to resume a checkpoint made with different model/data/LoRA/batch settings."""
+    args = saved["args"]
+    for k in RESUME_MUST_MATCH:
+        if args.get(k) != getattr(cfg, k):
+            raise ValueError(f"--resume: the checkpoint in {cfg.out}/ckpt was made with "
+                             f"--{k.replace('_', '-')} {args.get(k)}, this run has {getattr(cfg, k)}; resume "
+                             "with the same setting or start a new --out")
+    if saved["world_size"] != world_size:
+        raise ValueError(f"--resume: the checkpoint was made with {saved['world_size']} processes, this run "
+                         f"has {world_size}; the batch order per process would differ")
+
+
+def save_run_checkpoint(ckpt_dir, progress, named_params, optimizer, scaler, stream, cfg, rt):
+    """Everything needed to continue exactly. Every process passes its random generator states to rank 0
+    (a collective: all processes call this at the same steps); rank 0 writes."""
+    rng_js, rng_tensors = rng_state()
+    if rt.ddp:
+        gathered = [None] * rt.world_size
+        dist.all_gather_object(gathered, (rng_js, {k: v.cpu() for k, v in rng_tensors.items()}))
+    else:
+        gathered = [(rng_js, rng_tensors)]
+    if not rt.master:
+        return
+    tensors = {f"model.{n}": p for n, p in named_params}
+    opt_tensors, opt_js = optimizer_to_checkpoint(optimizer)
+    tensors.update(opt_tensors)
+    for r, (_, rank_tensors) in enumerate(gathered):
+        tensors.update({f"rng.{r}.{k}": v for k, v in rank_tensors.items()})
+    if progress.best_weights is not None:
+        tensors.update({f"best.{n}": v for n, v in progress.best_weights.items()})
+    state = {"step": progress.step, "best_val": progress.best_val, "bad_evals": progress.bad_evals,
+             "data": stream.position(), "args": asdict(cfg), "world_size": rt.world_size,
+             "optimizer": opt_js, "scaler": scaler.state_dict(), "rng": [js for js, _ in gathered]}
+    save_checkpoint(ckpt_dir, progress.step, tensors, state)
+
+
+def restore(tensors, saved, named_params, optimizer, scaler, stream, rt):
+    """Load a checkpoint into the freshly built run; return its Progress."""
+    ours = dict(named_params)
+    got = {k[len("model."):] for k in tensors if k.startswith("model.")}
+    if got != set(ours):
+        raise ValueError(f"--resume: the checkpoint's trainable weights do not match this model "
+                         f"(missing {sorted(set(ours) - got)[:3]}, unexpected {sorted(got - set(ours))[:3]})")
+    with torch.no_grad():
+        for n, p in ours.items():
+            p.copy_(tensors[f"model.{n}"])
+    optimizer_from_checkpoint(optimizer, tensors, saved["optimizer"])
+    if saved["scaler"]:
+        scaler.load_state_dict(saved["scaler"])
+    stream.seek(saved["data"]["epoch"], saved["data"]["index"])
+    prefix = f"rng.{rt.rank}."
+    set_rng_state(saved["rng"][rt.rank], {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+    best = {k[len("best."):]: v.clone() for k, v in tensors.items() if k.startswith("best.")}
+    return Progress(step=saved["step"], best_val=saved["best_val"], bad_evals=saved["bad_evals"],
+                    best_weights=best or None)

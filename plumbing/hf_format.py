@@ -8,6 +8,8 @@ that table and rename() translates between its columns. Nothing here imports the
 
 import re
 
+import torch
+
 # Fields transformers fills in when a config.json leaves them out (GPT2Config() and LlamaConfig() defaults;
 # a test compares): a file that transformers opens opens here too.
 GPT2_DEFAULTS = {"vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12, "n_head": 12,
@@ -125,3 +127,24 @@ def rename(key, src, dst):
         return key
     out = table[template] if layer is None else table[template].replace(".N.", f".{layer.group(1)}.")
     return f"{out}.{param}"
+
+
+def hf_name(arch, name):
+    """Our module name -> the same module's name in the Hugging Face model. GPT2LMHeadModel's names are ours;
+    LlamaForCausalLM's come from LLAMA_NAMES (transformer.h.3.attn.q_proj -> model.layers.3.self_attn.q_proj).
+    Names outside that table (a block, an attention module) come back unchanged."""
+    if arch == "llama":
+        return rename(name + ".weight", OURS, HF).removesuffix(".weight")
+    return name
+
+
+def llama_weights(sd, tied, source):
+    """A LlamaForCausalLM state dict minus what is not a weight, and with a stored head dropped when the
+    config ties it to the embedding (after checking that it is the embedding)."""
+    # Not weights: the RoPE frequency buffers some older transformers versions saved with the model.
+    sd = {k: v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}
+    if tied and "lm_head.weight" in sd:  # some tied checkpoints store the head anyway: it must be the embedding
+        if not torch.equal(sd.pop("lm_head.weight"), sd.get("model.embed_tokens.weight")):
+            raise ValueError(f"{source}: lm_head.weight differs from model.embed_tokens.weight, but the "
+                             "config ties them (tie_word_embeddings)")
+    return sd

@@ -11,6 +11,7 @@ lora.py maps the names; this file reads and writes the two files.
 
 import json
 import os
+import re
 
 from plumbing.files import atomic_write_text
 from plumbing.safetensors_io import load_safetensors, save_safetensors
@@ -21,6 +22,23 @@ PEFT_PREFIX = "base_model.model."
 PEFT_SUFFIX = ".weight"
 # Where the blocks' keys start in each architecture's adapter: how an adapter tells a GPT-2 one from a Llama one.
 PEFT_BLOCKS = {"gpt2": PEFT_PREFIX + "transformer.h.", "llama": PEFT_PREFIX + "model.layers."}
+
+
+def is_target(name, targets):
+    """PEFT's matching rule: a list of names matches a module whose name equals one or ends with '.' + one
+    (so "c_proj" is both attn.c_proj and mlp.c_proj); a single string is a regex the whole name must match."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def target_modules(wrapped, candidates):
+    """What adapter_config.json's target_modules should say, given the Hugging Face names of the wrapped layers
+    and of every layer that could have been: their short names ("c_attn", "q_proj", ...) when those select
+    exactly the wrapped layers (the usual case), else every wrapped layer's full name."""
+    short = sorted({name.rpartition(".")[2] for name in wrapped})
+    selected = [n for n in candidates if is_target(n, short)]
+    return short if sorted(selected) == sorted(wrapped) else list(wrapped)
 
 
 def peft_key(hf_name, tensor):

@@ -8,6 +8,9 @@ ValueError naming the file, the line and the problem. data.load_conversations is
 import json
 from pathlib import Path
 
+import numpy as np
+import torch
+
 ROLES = ("system", "user", "assistant")
 
 
@@ -123,3 +126,39 @@ def load_records(path):
             rec["messages"] = _alpaca_to_messages(obj, where)
         records.append(rec)
     return records
+
+
+def holdout_split(conversations, fraction, seed, split):
+    """A file without a val split: after removing exact duplicates (so no validation conversation is
+    also trained on), a fixed random fraction of the conversations is validation, the rest training."""
+    unique = list({tuple((m["role"], m["content"]) for m in c): c for c in conversations}.values())
+    order = np.random.default_rng(seed).permutation(len(unique)).tolist()
+    n_val = round(fraction * len(unique))
+    chosen = order[:n_val] if split == "val" else order[n_val:]
+    return [unique[i] for i in sorted(chosen)]
+
+
+# -----------------------------------------------------------------------------
+# Plain text for language modelling (eval.py's forgetting check)
+
+
+def text_windows(ids, block_size):
+    """Cut one token sequence into (inputs, targets) windows of at most block_size positions that together
+    predict every token after the first exactly once (no overlap: each window starts with no context, a
+    little pessimistic for both models alike)."""
+    windows = []
+    for start in range(0, len(ids) - 1, block_size):
+        chunk = ids[start:start + block_size + 1]
+        if len(chunk) >= 2:
+            windows.append((torch.tensor([chunk[:-1]]), torch.tensor([chunk[1:]])))  # (1, T) each
+    return windows
+
+
+def general_tokens(path, tok, max_tokens, document_id):
+    """The general text as one document: the family's document separator (<|endoftext|> in GPT-2 and
+    SmolLM2, at different ids) then its tokens, at most max_tokens predicted ones."""
+    with open(path, encoding="utf-8") as f:
+        ids = [document_id] + tok.encode_ordinary(f.read())
+    if len(ids) < 2:
+        raise ValueError(f"{path}: empty; the forgetting check needs some plain text")
+    return ids[:max_tokens + 1]

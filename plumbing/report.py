@@ -6,11 +6,51 @@ Nothing here computes a measurement; data.py, train.py and eval.py do, and hand 
 
 import io
 import json
+import math
 import os
 import time
 
 from plumbing.files import atomic_write_bytes, atomic_write_text
 from tasks.triage import TRIAGE_FIELDS
+
+
+def diversity(conversations, max_n=3):
+    """Corpus diversity of what users write: distinct-n = unique word n-grams / all word n-grams over the user
+    turns (n-grams do not cross messages). Low values mean a few templates repeated. System prompts and
+    replies are left out: a fixed instruction or a strict output format repeats by design. Like any
+    distinct-n it falls as the corpus grows, so compare datasets of similar size."""
+    out = {}
+    for n in range(1, max_n + 1):
+        seen, total = set(), 0
+        for conv in conversations:
+            for m in conv:
+                if m["role"] != "user":
+                    continue
+                words = m["content"].split()
+                grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+                seen.update(grams)
+                total += len(grams)
+        out[f"distinct_{n}"] = len(seen) / max(total, 1)
+    return out
+
+
+def percentile(sorted_values, p):
+    """Nearest-rank percentile of an ascending list (0 for an empty list)."""
+    if not sorted_values:
+        return 0
+    return sorted_values[min(len(sorted_values) - 1, max(0, math.ceil(p / 100 * len(sorted_values)) - 1))]
+
+
+def padding_fraction(examples, batch_list):
+    """Share of input positions that are padding when each batch is collated to its longest example."""
+    total = pad = 0
+    for batch in batch_list:
+        if not batch:
+            continue
+        n = [len(examples[i][0]) - 1 for i in batch]
+        total += len(n) * max(n)
+        pad += sum(max(n) - k for k in n)
+    return pad / max(total, 1)
 
 
 def format_stats(stats):
@@ -54,6 +94,12 @@ def save_plot(metrics_path, png_path):
     plt.close(fig)
     atomic_write_bytes(png_path, png.getvalue())
     return None
+
+
+def keep_metrics(path, step):
+    """Rewrite metrics.jsonl with only the records up to step (0: an empty log for a new run)."""
+    kept = [r for r in read_metrics(path) if r["step"] <= step]
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def read_metrics(path):

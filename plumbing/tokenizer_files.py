@@ -8,6 +8,7 @@ special tokens out of ordinary text.
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import tiktoken
@@ -263,3 +264,18 @@ def smollm2_tokenizer_from_dir(model_dir):
     merges = [ln for ln in lines if ln.strip() and not ln.startswith("#version")]
     _check_smollm2_specials(tokens, model_dir)
     return byte_level_encoding("smollm2", tokens, merges, SMOLLM2_PATTERN, merges_path)
+
+
+# What get_tokenizer reads from a model directory: GPT-2's two files; SmolLM2's add the special tokens' file.
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json")
+
+
+def copy_tokenizer_files(model_path, out_dir):
+    """Give out_dir the tokenizer of model_path: its files copied from a directory, or written out of a
+    GGUF file's metadata (SmolLM2)."""
+    if os.path.isdir(model_path):
+        for f in TOKENIZER_FILES:
+            if os.path.isfile(os.path.join(model_path, f)):
+                shutil.copyfile(os.path.join(model_path, f), os.path.join(out_dir, f))
+    elif model_path.endswith(".gguf"):
+        save_smollm2_tokenizer_files(out_dir, model_path)

@@ -9,9 +9,12 @@ name is a file path, used as given.
 """
 
 import json
+import os
+import random
 from pathlib import Path
 
 from plumbing.files import atomic_write_text
+from plumbing.records import load_records
 from tasks import instruct, triage
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
@@ -45,3 +48,57 @@ def resolve_dataset(name_or_path, split="train", data_dir=DATA_DIR):
     if not path.is_file():
         raise ValueError(f"{name_or_path}: not a built-in dataset ({', '.join(BUILTIN_DATASETS)}) and no such file")
     return path
+
+
+def load_items(data, split, limit):
+    """(records, path, split or None): the evaluated records (dicts with "messages" and any other keys). A
+    built-in name gives that split; a file is evaluated as given."""
+    path = resolve_dataset(data, split)  # a built-in's split file, or the file itself (ValueError if missing)
+    if data not in BUILTIN_DATASETS:
+        split = None
+    records = load_records(path)
+    return (records[:limit] if limit > 0 else records), path, split
+
+
+def detect_task(records, data):
+    """The scorer for these records: the built-in name, else triage if every reference is a triage label,
+    instruct if every record names its family, else exact match."""
+    if data in BUILTIN_DATASETS:
+        return data
+    if all(triage.parse_triage(r["messages"][-1]["content"]) is not None for r in records):
+        return "triage"
+    if all("family" in r for r in records):
+        return "instruct"
+    return "exact"
+
+
+def pick_shots(cfg, data, data_path, train_data, evaluated):
+    """(list of k solved conversations, reason if none): a seeded random pick from a training split (the
+    same k for every test item), never one of the evaluated conversations themselves."""
+    if cfg.shots <= 0:
+        return [], "--shots 0"
+    source = cfg.shots_data
+    if source is None:
+        if data in BUILTIN_DATASETS:
+            source = data
+        elif train_data and os.path.abspath(train_data) != os.path.abspath(data_path):
+            source = train_data
+        else:
+            return [], "no training data to take examples from (pass --shots-data)"
+    path = resolve_dataset(source, "train")  # a built-in's train split, or the file as given
+    key = lambda conv: tuple((m["role"], m["content"]) for m in conv)
+    taken = {key(c) for c in evaluated}
+    pool = [r["messages"] for r in load_records(path) if key(r["messages"]) not in taken]
+    if not pool:
+        return [], f"{path} has no conversation that is not also evaluated"
+    rng = random.Random(cfg.seed)
+    return rng.sample(pool, min(cfg.shots, len(pool))), None
+
+
+def summarize(task, scores, families, held_out):
+    """The task's metrics over per-item scores: triage.summarize, instruct.summarize, or plain accuracy."""
+    if task == "triage":
+        return triage.summarize(scores)
+    if task == "instruct":
+        return instruct.summarize(scores, families, held_out)
+    return {"n": len(scores), "accuracy": sum(s["exact"] for s in scores) / max(len(scores), 1)}

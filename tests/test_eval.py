@@ -471,7 +471,7 @@ def test_greedy_reply_cuts_at_any_stop_id_of_the_family(smollm2_tokenizer):
 def test_general_text_starts_with_the_familys_document_separator(smollm2_tokenizer, tmp_path):
     f = tmp_path / "g.txt"
     f.write_text("Plain text.", encoding="utf-8")
-    ids = ev.general_tokens(str(f), smollm2_tokenizer, 100)
+    ids = ev.general_tokens(str(f), smollm2_tokenizer, 100, ev.chat_format(smollm2_tokenizer).document_id)
     assert ids == [smollm2_tokenizer.encode_single_token("<|endoftext|>")] + smollm2_tokenizer.encode_ordinary(
         "Plain text.") and ids[0] == 0  # SmolLM2's <|endoftext|> is id 0, not GPT-2's 50256
 

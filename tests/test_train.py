@@ -327,7 +327,7 @@ def test_resume_without_restoring_rng_would_differ(tiny_model_dir, chats, tmp_pa
     args = {"--max-steps": 4}
     assert run_main(base_args(tiny_model_dir, chats, a, **args)) == 0
     assert run_main(base_args(tiny_model_dir, chats, b, **args, **{"--stop-after": 2})) == 0
-    monkeypatch.setattr(train, "set_rng_state", lambda js, tensors: None)
+    monkeypatch.setattr(checkpoint, "set_rng_state", lambda js, tensors: None)
     assert run_main(base_args(tiny_model_dir, chats, b, **args, **{"--resume": True})) == 0
     assert metrics(a)[-1]["loss"] != pytest.approx(metrics(b)[-1]["loss"], abs=1e-6)
 

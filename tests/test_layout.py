@@ -1,0 +1,60 @@
+"""The layout's promises: the five core files import the machinery (plumbing/, tasks/), never the reverse,
+and no module of the project imports itself back through others, imports inside functions included.
+
+    python -m pytest tests/test_layout.py -q
+"""
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CORE = ("model", "data", "lora", "train", "eval")
+
+
+def project_modules():
+    """{module name: path} of every project module outside tests/ (plumbing.x, tasks.x, and the core)."""
+    mods = {p.stem: p for p in ROOT.glob("*.py")}
+    for pkg in ("plumbing", "tasks"):
+        for p in (ROOT / pkg).glob("*.py"):
+            mods[pkg if p.stem == "__init__" else f"{pkg}.{p.stem}"] = p
+    return mods
+
+
+def imports_of(path, mods):
+    """Project modules that path imports anywhere in the file (top level or inside a function)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        found |= {n for n in names if n in mods}
+    return found
+
+
+def test_machinery_never_imports_the_core():
+    mods = project_modules()
+    for name, path in mods.items():
+        if name.startswith(("plumbing", "tasks")):
+            assert not imports_of(path, mods) & set(CORE), f"{name} imports a core file"
+
+
+def test_no_import_cycles():
+    mods = project_modules()
+    graph = {name: imports_of(path, mods) - {name} for name, path in mods.items()}
+    done, stack = set(), []
+
+    def visit(n):
+        assert n not in stack, "import cycle: " + " -> ".join(stack[stack.index(n):] + [n])
+        if n in done:
+            return
+        stack.append(n)
+        for m in sorted(graph[n]):
+            visit(m)
+        stack.pop()
+        done.add(n)
+
+    for n in sorted(graph):
+        visit(n)
+    assert {"data", "plumbing.cli"} <= graph["model"]  # the graph is real: model.py imports these
