@@ -86,6 +86,14 @@ def get_tokenizer(model_path=None):
     raise ValueError(f"{path / 'config.json'}: model_type {model_type!r}; handtune has tokenizers for gpt2 "
                      "and llama (SmolLM2) only")
 
+
+def check_vocab(tokenizer, vocab_size, model_name):
+    """Refuse a tokenizer whose ids run past the model's embedding table (an index error later, mid-run)."""
+    if tokenizer.n_vocab > vocab_size:
+        raise ValueError(f"{model_name}: the {tokenizer.name} tokenizer has {tokenizer.n_vocab} tokens but the "
+                         f"model's vocabulary only {vocab_size}; the tokenizer files belong to another model")
+
+
 # -----------------------------------------------------------------------------
 # Chat formats: what train.py and eval.py need to know, whatever the model family
 
@@ -366,18 +374,16 @@ def show(name_or_path, tokenizer, n=3, split="train", block_size=1024, train_on=
 class ShowConfig:
     show: str | None = cli.opt(None, "print examples with the trained tokens marked, then stats: a built-in "
                                "dataset or a chat/Alpaca file", group="what to do (one)", metavar="NAME_OR_PATH")
-    generate: bool = cli.opt(False, "regenerate the built-in datasets under --out", group="what to do (one)")
+    generate: bool = cli.opt(False, "regenerate the built-in datasets under --out")
     n: int = cli.opt(3, "examples to print", group="--show", flag="-n", min=0)
-    split: str = cli.opt("train", "split of a built-in dataset", group="--show", choices=SPLITS)
+    split: str = cli.opt("train", "split of a built-in dataset", choices=SPLITS)
     tokenizer_dir: str | None = cli.opt(None, "model directory or .gguf file whose tokenizer and template to use "
-                                        "(default: tiktoken's gpt2)", group="--show")
-    model: str | None = cli.opt(None, "model preset or path, as train.py takes it", group="--show")
-    block_size: int = cli.opt(1024, "context length for the length policy", group="--show", min=1)
-    train_on: str = cli.opt("all", "train every reply or the last", group="--show", choices=("all", "last"))
-    overflow: str = cli.opt("drop", "too-long examples: drop or truncate", group="--show",
-                            choices=("drop", "truncate"))
-    color: str = cli.opt("auto", "colour trained tokens (auto: on a terminal)", group="--show",
-                         choices=("auto", "always", "never"))
+                                        "(default: tiktoken's gpt2)")
+    model: str | None = cli.opt(None, "model preset or path, as train.py takes it")
+    block_size: int = cli.opt(1024, "context length for the length policy", min=1)
+    train_on: str = cli.opt("all", "train every reply or the last", choices=("all", "last"))
+    overflow: str = cli.opt("drop", "too-long examples: drop or truncate", choices=("drop", "truncate"))
+    color: str = cli.opt("auto", "colour trained tokens (auto: on a terminal)", choices=("auto", "always", "never"))
     out: str = cli.opt(str(DATA_DIR), "output directory of --generate", group="--generate")
 
 
@@ -394,6 +400,7 @@ def main(argv=None):
                 for path in write_dataset(name, cfg.out):
                     print(f"wrote {path} ({path.stat().st_size} bytes)")
             return
+        resolve_dataset(cfg.show, cfg.split)  # a missing file fails here, before a tokenizer is loaded
         tokenizer = get_tokenizer(resolve_pretrained(cfg.model) if cfg.model else cfg.tokenizer_dir)
         color = cfg.color == "always" or (cfg.color == "auto" and sys.stdout.isatty())
         show(cfg.show, tokenizer, cfg.n, cfg.split, cfg.block_size, cfg.train_on, cfg.overflow, color)

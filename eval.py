@@ -28,7 +28,7 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from data import chat_format, collate, get_tokenizer, render_prompt, tokenize_dataset
+from data import chat_format, check_vocab, collate, get_tokenizer, render_prompt, tokenize_dataset
 from lora import load_adapter, merge_lora
 from model import GPT
 from plumbing import cli
@@ -53,37 +53,32 @@ class EvalConfig:
     out: str = cli.opt("out", "train.py's output directory: default home of the tuned model, run.json, eval.json",
                        group="what to evaluate")
     adapter: str | None = cli.opt(None, "a LoRA adapter or a full fine-tuned model directory (default: "
-                                  "OUT/adapter, else OUT/model)", group="what to evaluate")
+                                  "OUT/adapter, else OUT/model)")
     model: str | None = cli.opt(None, "the base model (default: the adapter's base_model_name_or_path, or "
-                                "OUT/run.json's)", group="what to evaluate")
+                                "OUT/run.json's)")
     data: str | None = cli.opt(None, "built-in dataset or a chat JSONL / Alpaca file, evaluated as given "
-                               "(default: OUT/run.json's, else triage)", group="what to evaluate")
+                               "(default: OUT/run.json's, else triage)")
     task: str = cli.opt("auto", "scorer: triage (JSON fields), instruct (per family), exact; auto: from the data",
-                        group="what to evaluate", choices=("auto", "triage", "instruct", "exact"))
-    split: str = cli.opt("test", "split of a built-in dataset", group="what to evaluate",
-                         choices=("train", "val", "test"))
+                        choices=("auto", "triage", "instruct", "exact"))
+    split: str = cli.opt("test", "split of a built-in dataset", choices=("train", "val", "test"))
     limit: int = cli.opt(100, "evaluate the first N items (0: all)", group="evaluation", min=0)
-    shots: int = cli.opt(3, "solved examples in the few-shot prompt (0: skip that rung)", group="evaluation", min=0)
-    shots_data: str | None = cli.opt(None, "where few-shot examples come from (default: the training data)",
-                                     group="evaluation")
-    samples: int = cli.opt(3, "test prompts shown side by side", group="evaluation", min=0)
-    max_new_tokens: int | None = cli.opt(None, "generation cap (default: longest reference + 16; chat 256)",
-                                         group="evaluation", min=1)
-    batch_size: int = cli.opt(8, "examples per forward pass for losses", group="evaluation", min=1)
-    general_text: str | None = cli.opt(None, "plain text for forgetting (default: data/general.txt)",
-                                       group="evaluation")
-    general_tokens: int = cli.opt(8192, "at most this many tokens of it", group="evaluation", min=1)
-    report: str | None = cli.opt(None, "JSON report path (default: OUT/eval.json)", group="evaluation")
-    seed: int = cli.opt(0, "seed for the few-shot pick and chat sampling", group="evaluation")
+    shots: int = cli.opt(3, "solved examples in the few-shot prompt (0: skip that rung)", min=0)
+    shots_data: str | None = cli.opt(None, "where few-shot examples come from (default: the training data)")
+    samples: int = cli.opt(3, "test prompts shown side by side", min=0)
+    max_new_tokens: int | None = cli.opt(None, "generation cap (default: longest reference + 16; chat 256)", min=1)
+    batch_size: int = cli.opt(8, "examples per forward pass for losses", min=1)
+    general_text: str | None = cli.opt(None, "plain text for forgetting (default: data/general.txt)")
+    general_tokens: int = cli.opt(8192, "at most this many tokens of it", min=1)
+    report: str | None = cli.opt(None, "JSON report path (default: OUT/eval.json)")
+    seed: int = cli.opt(0, "seed for the few-shot pick and chat sampling")
     device: str = cli.opt("auto", "cpu, cuda, cuda:N, mps or auto", group="hardware")
-    dtype: str = cli.opt("auto", "precision of generation; losses and KL are always fp32", group="hardware",
+    dtype: str = cli.opt("auto", "precision of generation; losses and KL are always fp32",
                          choices=("auto", "float32", "bfloat16", "float16"))
     chat: bool = cli.opt(False, "chat with the tuned model (/reset, /quit, Ctrl-D)", group="chat")
-    system: str | None = cli.opt(None, "chat system prompt (\"\": none; default: the training data's)",
-                                 group="chat")
-    temperature: float = cli.opt(0.7, "chat sampling temperature (0: greedy)", group="chat", min=0)
-    top_k: int | None = cli.opt(50, "sample among the k most likely tokens", group="chat", min=1)
-    top_p: float | None = cli.opt(None, "nucleus sampling probability mass", group="chat", above=0)
+    system: str | None = cli.opt(None, "chat system prompt (\"\": none; default: the training data's)")
+    temperature: float = cli.opt(0.7, "chat sampling temperature (0: greedy)", min=0)
+    top_k: int | None = cli.opt(50, "sample among the k most likely tokens", min=1)
+    top_p: float | None = cli.opt(None, "nucleus sampling probability mass", above=0)
 
 
 def check_config(cfg):
@@ -115,10 +110,8 @@ def load_models(cfg, tuned_dir, kind, run):
     # The tokenizer files next to the tuned weights (train.py writes them there), else the base model's.
     has_files = lambda d: all(os.path.isfile(os.path.join(d, f)) for f in ("vocab.json", "merges.txt"))
     tok = get_tokenizer(tuned_dir if has_files(tuned_dir) else base_dir)
-    for name, m in (("base", base), ("tuned", tuned)):
-        if tok.n_vocab > m.config.vocab_size:
-            raise ValueError(f"the {tok.name} tokenizer has {tok.n_vocab} tokens, the {name} model's vocabulary "
-                             f"only {m.config.vocab_size}: the tokenizer files belong to another model")
+    check_vocab(tok, base.config.vocab_size, base_name)
+    check_vocab(tok, tuned.config.vocab_size, tuned_dir)
     return base.eval(), tuned.eval(), base_name, tok
 
 
@@ -138,6 +131,7 @@ def response_loss(model, examples, batch_size, device, *, pad_id):
 def perplexity(loss):
     """exp(mean NLL): the model is, on average, as unsure as a uniform choice among this many tokens."""
     return math.exp(loss)
+
 
 # -----------------------------------------------------------------------------
 # Prompts: the test conversation up to its last reply, with or without solved examples before it
@@ -316,7 +310,8 @@ def run_eval(cfg):
                                        dedup=False)
     if not examples:
         raise ValueError(f"{data_path}: no example fits {max_len} tokens with a trained token")
-    pad_id = chat_format(tok).pad_id  # in this model's vocabulary (GPT-2's 50256 is not in SmolLM2's)
+    fmt = chat_format(tok)  # pad_id is in this model's vocabulary (GPT-2's 50256 is not in SmolLM2's)
+    pad_id = fmt.pad_id
     loss, n_tok = response_loss(tuned, examples, cfg.batch_size, device, pad_id=pad_id)
     base_loss, _ = response_loss(base, examples, cfg.batch_size, device, pad_id=pad_id)
     if split is not None and split != "train":
@@ -353,7 +348,7 @@ def run_eval(cfg):
 
     # Forgetting: general English the fine-tuning data never contained.
     window = min(block, FORGET_WINDOW)
-    windows = text_windows(general_tokens(general, tok, cfg.general_tokens, chat_format(tok).document_id), window)
+    windows = text_windows(general_tokens(general, tok, cfg.general_tokens, fmt.document_id), window)
     forget = {"general_text": general, "window": window, **forgetting(base, tuned, windows, device)}  # fp32
 
     report = {

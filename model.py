@@ -165,7 +165,7 @@ def rope_cos_sin(start, T, head_size, theta, device=None):
 
     Channel pair (i, i + hs/2) of every query and key head is turned by the angle position * theta^(-2i/hs):
     Hugging Face's "rotate_half" layout. The RoPE paper and llama.cpp pair neighbours (2i, 2i + 1) instead,
-    which is why GGUF files store the rows of q_proj/k_proj permuted (see unpermute_gguf_qk)."""
+    which is why GGUF files store the rows of q_proj/k_proj permuted (see plumbing/gguf_io.py)."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_size, 2, dtype=torch.float32, device=device) / head_size)
     pos = torch.arange(start, start + T, dtype=torch.float32, device=device)  # (T,)
     angles = torch.outer(pos, inv_freq)  # (T, hs/2)
@@ -559,19 +559,18 @@ def sample_next(logits, temperature, top_k=None, top_p=None, generator=None):
 class SampleConfig:
     model: str = cli.opt("gpt2", "preset (gpt2[-medium|-large|-xl], smollm2-135m[-instruct], smollm2-135m-instruct-"
                          "gguf), a Hugging Face directory or a .gguf file", group="sampling")
-    prompt: str = cli.opt("Hello, I'm a language model,", "text to continue", group="sampling")
-    max_new_tokens: int = cli.opt(40, "tokens to generate", group="sampling", min=1)
-    temperature: float = cli.opt(0.8, "softmax temperature; 0 is greedy", group="sampling", min=0)
-    top_k: int = cli.opt(50, "sample among the k most likely tokens", group="sampling", min=1)
-    seed: int = cli.opt(1337, "random seed", group="sampling")
+    prompt: str = cli.opt("Hello, I'm a language model,", "text to continue")
+    max_new_tokens: int = cli.opt(40, "tokens to generate", min=1)
+    temperature: float = cli.opt(0.8, "softmax temperature; 0 is greedy", min=0)
+    top_k: int = cli.opt(50, "sample among the k most likely tokens", min=1)
+    seed: int = cli.opt(1337, "random seed")
     save_random: str | None = cli.opt(None, "write a random GPT-2 of the size below, with GPT-2's tokenizer files, "
                                       "to DIR and exit", group="random init (offline)", metavar="DIR")
-    n_layer: int = cli.opt(2, "blocks", group="random init (offline)", min=1)
-    n_head: int = cli.opt(4, "attention heads", group="random init (offline)", min=1)
-    n_embd: int = cli.opt(128, "width", group="random init (offline)", min=1)
-    block_size: int = cli.opt(512, "context length", group="random init (offline)", min=1)
-    tokenizer_dir: str | None = cli.opt(None, "where GPT-2's vocab.json + merges.txt are (default: tiktoken's)",
-                                        group="random init (offline)")
+    n_layer: int = cli.opt(2, "blocks", min=1)
+    n_head: int = cli.opt(4, "attention heads", min=1)
+    n_embd: int = cli.opt(128, "width", min=1)
+    block_size: int = cli.opt(512, "context length", min=1)
+    tokenizer_dir: str | None = cli.opt(None, "where GPT-2's vocab.json + merges.txt are (default: tiktoken's)")
 
 
 def main(argv=None):

@@ -41,7 +41,7 @@ from plumbing import benchmark as bench
 from plumbing import cli
 from plumbing.checkpoint import (LATEST, Progress, StopFlag, check_resume, load_checkpoint, read_latest, restore,
                                  save_run_checkpoint)
-from plumbing.device import any_process, autocast, seed_everything, setup_runtime
+from plumbing.device import all_reduce_sum, any_process, autocast, seed_everything, setup_runtime
 from plumbing.hub import resolve_pretrained
 from plumbing.records import holdout_split
 from plumbing.report import keep_metrics, save_plot, write_run_json
@@ -57,53 +57,46 @@ from plumbing.tokenizer_files import copy_tokenizer_files
 class TrainConfig:
     model: str = cli.opt("gpt2", "preset (gpt2[-medium|-large|-xl], smollm2-135m[-instruct], smollm2-135m-instruct-"
                          "gguf), a Hugging Face directory or a .gguf file", group="model")
-    full: bool = cli.opt(False, "full fine-tune (every weight) instead of LoRA", group="model")
+    full: bool = cli.opt(False, "full fine-tune (every weight) instead of LoRA")
     data: str = cli.opt("triage", "built-in dataset (triage, instruct) or a chat JSONL / Alpaca file", group="data")
-    val_data: str | None = cli.opt(None, "validation file for a --data file", group="data")
-    val_fraction: float = cli.opt(0.05, "share of a --data file held out when there is no --val-data", group="data",
-                                  min=0)
-    train_on: str = cli.opt("all", "loss on every assistant reply or only the last", group="data",
-                            choices=("all", "last"))
-    max_len: int | None = cli.opt(None, "longest example in tokens (default: the context length)", group="data",
-                                  min=1)
+    val_data: str | None = cli.opt(None, "validation file for a --data file")
+    val_fraction: float = cli.opt(0.05, "share of a --data file held out when there is no --val-data", min=0)
+    train_on: str = cli.opt("all", "loss on every assistant reply or only the last", choices=("all", "last"))
+    max_len: int | None = cli.opt(None, "longest example in tokens (default: the context length)", min=1)
     overflow: str = cli.opt("drop", "longer examples: drop, or truncate after the last reply that fits",
-                            group="data", choices=("drop", "truncate"))
+                            choices=("drop", "truncate"))
     lora_rank: int = cli.opt(16, "rank r of each adapter", group="LoRA", min=1)
-    lora_alpha: float = cli.opt(32.0, "the update is B A * alpha / r", group="LoRA")
-    lora_dropout: float = cli.opt(0.05, "dropout on the adapters' input", group="LoRA", min=0)
-    lora_targets: str = cli.opt("", "comma-separated Linear names (default: every block projection)", group="LoRA")
+    lora_alpha: float = cli.opt(32.0, "the update is B A * alpha / r")
+    lora_dropout: float = cli.opt(0.05, "dropout on the adapters' input", min=0)
+    lora_targets: str = cli.opt("", "comma-separated Linear names (default: every block projection)")
     batch_size: int = cli.opt(16, "examples per micro-batch, per process", group="optimisation", min=1)
-    grad_accum: int = cli.opt(1, "micro-batches per optimizer step", group="optimisation", min=1)
-    lr: float | None = cli.opt(None, "peak learning rate (default 5e-4 LoRA, 5e-5 --full)", group="optimisation",
-                               above=0)
-    weight_decay: float = cli.opt(0.01, "AdamW weight decay on matrices", group="optimisation")
-    beta1: float = cli.opt(0.9, "AdamW beta1", group="optimisation")
-    beta2: float = cli.opt(0.999, "AdamW beta2", group="optimisation")
-    grad_clip: float = cli.opt(1.0, "clip the gradient norm to this (0: off)", group="optimisation", min=0)
+    grad_accum: int = cli.opt(1, "micro-batches per optimizer step", min=1)
+    lr: float | None = cli.opt(None, "peak learning rate (default 5e-4 LoRA, 5e-5 --full)", above=0)
+    weight_decay: float = cli.opt(0.01, "AdamW weight decay on matrices")
+    beta1: float = cli.opt(0.9, "AdamW beta1")
+    beta2: float = cli.opt(0.999, "AdamW beta2")
+    grad_clip: float = cli.opt(1.0, "clip the gradient norm to this (0: off)", min=0)
     max_steps: int | None = cli.opt(None, "optimizer steps to train", group="schedule", min=1)
-    epochs: float | None = cli.opt(None, "passes over the data (2 without --max-steps)", group="schedule", above=0)
-    warmup: int = cli.opt(20, "linear warmup steps, then cosine decay", group="schedule", min=0)
-    min_lr_ratio: float = cli.opt(0.1, "the cosine ends at lr * this", group="schedule", min=0)
-    stop_after: int | None = cli.opt(None, "stop with a checkpoint after this step (continue with --resume)",
-                                     group="schedule", min=1)
+    epochs: float | None = cli.opt(None, "passes over the data (2 without --max-steps)", above=0)
+    warmup: int = cli.opt(20, "linear warmup steps, then cosine decay", min=0)
+    min_lr_ratio: float = cli.opt(0.1, "the cosine ends at lr * this", min=0)
+    stop_after: int | None = cli.opt(None, "stop with a checkpoint after this step (continue with --resume)", min=1)
     out: str = cli.opt("out", "output directory", group="outputs")
-    eval_every: int = cli.opt(50, "validation loss every N steps and at the end", group="outputs", min=0)
-    log_every: int = cli.opt(10, "metrics.jsonl record every N steps", group="outputs", min=1)
-    save_every: int = cli.opt(100, "checkpoint every N steps and at the end", group="outputs", min=0)
-    early_stop_patience: int = cli.opt(0, "stop after N evaluations without a better val loss (0: off)",
-                                       group="outputs", min=0)
-    resume: bool = cli.opt(False, "continue from the latest checkpoint in --out", group="outputs")
+    eval_every: int = cli.opt(50, "validation loss every N steps and at the end", min=0)
+    log_every: int = cli.opt(10, "metrics.jsonl record every N steps", min=1)
+    save_every: int = cli.opt(100, "checkpoint every N steps and at the end", min=0)
+    early_stop_patience: int = cli.opt(0, "stop after N evaluations without a better val loss (0: off)", min=0)
+    resume: bool = cli.opt(False, "continue from the latest checkpoint in --out")
     seed: int = cli.opt(1337, "seed for LoRA init, dropout and data order", group="system")
-    device: str = cli.opt("auto", "auto, cpu, cuda, cuda:N or mps", group="system")
-    dtype: str = cli.opt("auto", "autocast precision; weights stay fp32", group="system",
+    device: str = cli.opt("auto", "auto, cpu, cuda, cuda:N or mps")
+    dtype: str = cli.opt("auto", "autocast precision; weights stay fp32",
                          choices=("auto", "float32", "bfloat16", "float16"))
-    compile: bool = cli.opt(False, "torch.compile the model", group="system")
+    compile: bool = cli.opt(False, "torch.compile the model")
     benchmark: bool = cli.opt(False, "time steps instead of training; writes nothing", group="benchmark")
-    benchmark_steps: int = cli.opt(10, "timed steps", group="benchmark", min=1)
-    benchmark_warmup: int = cli.opt(3, "untimed steps first", group="benchmark", min=0)
-    benchmark_seq_len: int | None = cli.opt(None, "synthetic rows of this length, second half trained",
-                                            group="benchmark", min=1)
-    benchmark_vs_hf: bool = cli.opt(False, "also time transformers + PEFT on the same batches", group="benchmark")
+    benchmark_steps: int = cli.opt(10, "timed steps", min=1)
+    benchmark_warmup: int = cli.opt(3, "untimed steps first", min=0)
+    benchmark_seq_len: int | None = cli.opt(None, "synthetic rows of this length, second half trained", min=1)
+    benchmark_vs_hf: bool = cli.opt(False, "also time transformers + PEFT on the same batches")
 
 
 def check_config(cfg, flags_given):
@@ -137,17 +130,6 @@ def has_val(cfg):
 def default_lr(cfg):
     """LoRA's few small matrices take a ~10x larger step than a full fine-tune of all 124M weights."""
     return cfg.lr if cfg.lr is not None else (5e-5 if cfg.full else 5e-4)
-
-
-# -----------------------------------------------------------------------------
-# Setup: processes, seeds, device and precision
-
-
-def all_reduce_sum(t, rt):
-    """Sum a tensor over processes, in place; a no-op for one process."""
-    if rt.ddp:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
 
 
 # -----------------------------------------------------------------------------
@@ -419,9 +401,7 @@ def run_training(cfg, flags_given=()):
     tokenizer = data.get_tokenizer(model_dir)  # GPT-2's or SmolLM2's, as the checkpoint says
     fmt = data.chat_format(tokenizer)  # the family's chat tokens: pad id, end of turn, ...
     model_config = load_config(model_dir)  # config.json or the .gguf's metadata; no weights read yet
-    if tokenizer.n_vocab > model_config.vocab_size:  # token ids past the embedding table: an index error later
-        raise ValueError(f"{cfg.model}: the {tokenizer.name} tokenizer has {tokenizer.n_vocab} tokens but the model's "
-                         f"vocabulary only {model_config.vocab_size}; the tokenizer files belong to another model")
+    data.check_vocab(tokenizer, model_config.vocab_size, cfg.model)
     block_size = model_config.block_size  # the model's context length
     max_len = min(cfg.max_len or block_size, block_size)
     if cfg.benchmark and cfg.benchmark_seq_len:

@@ -18,6 +18,7 @@ import torch
 
 from plumbing.device import autocast
 
+
 def synthetic_windows(n, grad_accum, batch_size, seq_len, vocab_size, seed, device, ignore_index):
     """n optimizer steps of grad_accum micro-batches of random tokens (B, T), the second half of every row
     trained (a prompt, then a reply)."""

@@ -154,7 +154,6 @@ class StopFlag:
 # A training run's state
 
 
-
 @dataclass
 class Progress:
     """Where the run is: what a checkpoint saves besides weights, optimizer and generators."""

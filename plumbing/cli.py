@@ -2,7 +2,8 @@
 
 Each field of a config dataclass is declared with opt(default, "help text", ...): its name gives the flag
 (lora_rank -> --lora-rank), its type the parser (int | None -> int, bool -> a switch), its metadata the help,
-the choices, the argument group and the smallest allowed value. build_parser() makes the argparse parser;
+the choices and the smallest allowed value. group= starts an argument group in --help; the fields after it
+belong to it until the next group=. build_parser() makes the argparse parser;
 check_ranges() turns an out-of-range value into one ValueError naming the flag.
 """
 
@@ -40,12 +41,13 @@ class HelpFormatter(argparse.HelpFormatter):
 
 
 def build_parser(config_cls, description, epilog=None):
-    """An argparse parser with one option per field of config_cls, in field order, grouped by metadata."""
+    """An argparse parser with one option per field of config_cls, in field order."""
     p = argparse.ArgumentParser(description=description, epilog=epilog, formatter_class=HelpFormatter)
-    groups = {}
+    g = p
     for f in fields(config_cls):
         m = f.metadata
-        g = p if m.get("group") is None else groups.setdefault(m["group"], p.add_argument_group(m["group"]))
+        if m.get("group"):
+            g = p.add_argument_group(m["group"])
         default = None if f.default is MISSING else f.default
         kind = _base_type(f.type)
         kw = dict(dest=f.name, default=default, help=m.get("help"))

@@ -1,7 +1,9 @@
 """plumbing/device.py: which device and precision a run uses, decided in one place, with the reason.
 
-setup_runtime also joins torchrun's process group. Every script calls choose_device and choose_dtype once, prints both answers with their reasons, and takes
---device / --dtype to override them. autocast() is the one mixed-precision context every forward pass uses.
+Every script calls choose_device and choose_dtype once, prints both answers with their reasons, and takes
+--device / --dtype to override them; autocast() is the one mixed-precision context every forward pass uses.
+setup_runtime does both for train.py and joins torchrun's process group; all_reduce_sum and any_process are
+the two collectives the loop needs.
 """
 
 import os
@@ -12,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
+
 
 def choose_device(requested="auto"):
     """Return (device string, reason). "auto" prefers CUDA, then Apple's MPS, then the CPU."""
@@ -43,7 +46,6 @@ def choose_dtype(device, requested="auto"):
             return "bfloat16", "CUDA GPU supports bf16: half the memory traffic, fp32's range"
         return "float16", "CUDA GPU without bf16: fp16 autocast with a gradient scaler"
     return "float32", f"autocast to half precision is slow or unsupported on {device}"
-
 
 
 def autocast(device, dtype):
@@ -91,9 +93,13 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def any_process(flag, rt):
-    """True if flag is set on any process (so that all of them stop at the same step)."""
-    t = torch.tensor([float(flag)], device=rt.device)
+def all_reduce_sum(t, rt):
+    """Sum a tensor over processes, in place; a no-op for one process."""
     if rt.ddp:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t.item() > 0
+    return t
+
+
+def any_process(flag, rt):
+    """True if flag is set on any process (so that all of them stop at the same step)."""
+    return all_reduce_sum(torch.tensor([float(flag)], device=rt.device), rt).item() > 0

@@ -8,6 +8,7 @@ never a mix. Machinery beside the learning path; nothing here is about fine-tuni
 import os
 import tempfile
 
+
 def creation_mode(mode):
     """The permissions open() or mkdir() would give a new file or directory: mode minus the process umask.
     (tempfile's mkstemp and mkdtemp ignore the umask and make everything private.)"""

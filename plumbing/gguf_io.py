@@ -13,6 +13,7 @@ import torch
 
 from plumbing.hf_format import GGUF, HF, rename
 
+
 def open_gguf(path):
     """A gguf.GGUFReader over path, from the gguf package (an optional dependency, imported only here). The
     file is memory-mapped: nothing is read until a field or tensor is used."""

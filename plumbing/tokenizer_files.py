@@ -129,7 +129,6 @@ def save_tokenizer_files(out_dir, tokenizer_dir=None):
 #   two "!" around it) or is one of those unassigned code points (HF keeps its continuation bytes).
 
 
-
 def _unencodable_chars(ranks, source):
     """A regex class body matching every character whose UTF-8 bytes include one with no token."""
     out = []
