@@ -58,3 +58,22 @@ def test_no_import_cycles():
     for n in sorted(graph):
         visit(n)
     assert {"data", "plumbing.cli"} <= graph["model"]  # the graph is real: model.py imports these
+
+
+def test_core_files_stay_within_the_learning_path_budget():
+    """The five core files read like nanochat's SFT path: at most 2,300 lines and 115,000 non-blank (not
+    whitespace) characters together, and no file over 600 lines. Machinery goes to plumbing/ or tasks/."""
+    texts = {name: (ROOT / f"{name}.py").read_text(encoding="utf-8") for name in CORE}
+    lines = {name: len(t.splitlines()) for name, t in texts.items()}
+    assert max(lines.values()) <= 600, lines
+    assert sum(lines.values()) <= 2300, lines
+    assert sum(len("".join(t.split())) for t in texts.values()) <= 115_000
+
+
+def test_every_script_has_help():
+    import subprocess
+    import sys
+
+    for name in ("model", "data", "train", "eval"):
+        r = subprocess.run([sys.executable, f"{name}.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+        assert r.returncode == 0 and r.stdout.startswith("usage:") and not r.stderr, name
