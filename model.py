@@ -366,17 +366,6 @@ class GPT(nn.Module):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
         return logits, loss
 
-    def flops_per_token(self, seq_len):
-        """Training FLOPs per token: 6 per parameter used in a matmul (forward 2, backward 4) plus attention's
-        QK^T and AV (12 * n_layer * n_embd * seq_len), as in the PaLM paper's appendix B. Grouped-query
-        attention shrinks only the K/V projections (counted by num_params): every query head still scores.
-        An untied input embedding is a table lookup, not a matmul, so it is left out."""
-        cfg = self.config
-        matmul_params = self.num_params()
-        if not cfg.tie_embeddings:
-            matmul_params -= self.transformer.wte.weight.numel()
-        return 6 * matmul_params + 12 * cfg.n_layer * cfg.n_head * cfg.head_size * seq_len
-
     # -------------------------------------------------------------------------
     # Generation
 

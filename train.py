@@ -42,6 +42,7 @@ from plumbing import cli
 from plumbing.checkpoint import (LATEST, Progress, StopFlag, check_resume, load_checkpoint, read_latest, restore,
                                  save_run_checkpoint)
 from plumbing.device import all_reduce_sum, any_process, autocast, seed_everything, setup_runtime
+from plumbing.flops import flop_costs, step_flops
 from plumbing.hub import resolve_pretrained
 from plumbing.records import holdout_split
 from plumbing.report import keep_metrics, save_plot, write_run_json
@@ -379,11 +380,6 @@ def setup_training(cfg, rt, model_dir, log):
     return raw_model, model, optimizer, scaler, params
 
 
-def step_flops(model, micro_batches):
-    """Model FLOPs of one step on this process: flops_per_token(T) (6N + attention) for every position."""
-    return sum(model.flops_per_token(x.size(1)) * x.numel() for x, _ in micro_batches)
-
-
 def run_training(cfg, flags_given=()):
     """The whole run. Returns the process exit code (0 done, 130 stopped by Ctrl-C)."""
     t_start = time.time()
@@ -445,6 +441,7 @@ def run_training(cfg, flags_given=()):
 
     # ---- the loop
     peak = bench.peak_flops(rt)  # None off CUDA: no MFU
+    costs = flop_costs(raw_model)  # what a step computes: LoRA skips frozen weights' gradients (plumbing/flops.py)
     status, val_loss = "finished", None
     end_step = min(max_steps, cfg.stop_after or max_steps)
     t_last, tokens_since, flops_since = time.time(), 0.0, 0.0
@@ -460,7 +457,7 @@ def run_training(cfg, flags_given=()):
             step = progress.step
             bar.update(1)
             tokens_since += counts[1].item()
-            flops_since += step_flops(raw_model, micro) * rt.world_size
+            flops_since += step_flops(costs, micro, IGNORE_INDEX)[0] * rt.world_size
 
             # evaluation (every process takes part), then logging and checkpoints (rank 0 writes)
             record = {"step": step, "loss": loss, "lr": lr, "grad_norm": norm}
@@ -545,7 +542,7 @@ def benchmark(cfg, rt, model_dir, examples, pad_id):
         if examples is not None else None
     step = lambda w: train_step(model, w, optimizer, scaler, params, default_lr(cfg), cfg, rt, 0, None)[0]
     make_optimizer = lambda ps: adamw([{"params": ps, "weight_decay": cfg.weight_decay}], cfg, rt.device)
-    return bench.run(cfg, rt, model_dir, raw_model, stream, step, make_optimizer, optimizer_step, step_flops,
+    return bench.run(cfg, rt, model_dir, raw_model, stream, step, make_optimizer, optimizer_step,
                      lora.save_adapter, IGNORE_INDEX, log)
 
 

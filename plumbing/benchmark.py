@@ -17,6 +17,7 @@ import time
 import torch
 
 from plumbing.device import autocast
+from plumbing.flops import flop_costs, step_flops
 
 
 def synthetic_windows(n, grad_accum, batch_size, seq_len, vocab_size, seed, device, ignore_index):
@@ -154,20 +155,29 @@ def peak_memory(rt):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale, "lifetime peak RSS (getrusage)"
 
 
-# Dense bf16/fp16 tensor-core peak FLOP/s (vendor datasheets) by substring of the GPU name; first match wins.
-PEAK_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12),
-              ("L40S", 362e12), ("L4", 121e12), ("A10", 125e12), ("RTX 4090", 165e12),
-              ("RTX 3090", 71e12), ("V100", 125e12), ("T4", 65e12))
+# Dense (no sparsity) half-precision tensor-core peak FLOP/s from the vendors' datasheets; GeForce cards at
+# fp32 accumulation, which is what PyTorch's matmuls use. A key matches when each of its words is a whole
+# word of the device name, in any case ("L4" is not "L40", "A10" is not "A100"); the key with most words wins.
+PEAK_FLOPS = {"B200": 2250e12, "H200": 989e12, "H200 NVL": 835e12, "H100": 989e12, "H100 PCIe": 756e12,
+              "H100 NVL": 835e12, "H800": 989e12, "H800 PCIe": 756e12, "A100": 312e12, "A800": 312e12,
+              "L40S": 362e12, "L40": 181e12, "L4": 121e12, "A10": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12,
+              "V100": 125e12, "V100 PCIe": 112e12, "T4": 65e12}
+
+
+def peak_for_name(name):
+    """The peak FLOP/s of a GPU by its torch.cuda.get_device_name(), e.g. "NVIDIA H100 PCIe"; None if unknown."""
+    words = set(name.lower().replace("-", " ").split())
+    keys = [key for key in PEAK_FLOPS if set(key.lower().split()) <= words]
+    return PEAK_FLOPS[max(keys, key=lambda k: len(k.split()))] if keys else None
 
 
 def peak_flops(rt):
-    """The GPU's half-precision peak, or None (CPU, MPS, fp32, or a GPU not in the table)."""
+    """The GPU's half-precision peak, or None (CPU, MPS, fp32, bf16 emulated before Ampere, or not in the table)."""
     if not rt.device.startswith("cuda") or rt.dtype == "float32":
         return None
-    name = torch.cuda.get_device_name(rt.device)
-    if rt.dtype == "bfloat16" and ("V100" in name or "T4" in name):
+    if rt.dtype == "bfloat16" and torch.cuda.get_device_capability(rt.device)[0] < 8:
         return None
-    return next((peak for key, peak in PEAK_FLOPS if key in name), None)
+    return peak_for_name(torch.cuda.get_device_name(rt.device))
 
 
 def format_benchmark(label, r, rt):
@@ -178,8 +188,11 @@ def format_benchmark(label, r, rt):
         memory = (f"{r['peak_bytes'] / 2**20:,.0f} MiB ({r['peak_how']}; in use before them: "
                   f"{base / 2**20 if base is not None else float('nan'):,.0f} MiB)")
     peak = peak_flops(rt)
-    mfu = f"{r['flops_per_step'] / (r['ms_per_step'] / 1000) / (peak * rt.world_size):.1%}" \
-        if peak and "flops_per_step" in r else "n/a (needs a CUDA GPU in the peak table, bf16/fp16)"
+    achieved = r["flops_per_step"] / (r["ms_per_step"] / 1000) if "flops_per_step" in r else None
+    mfu = f"{achieved / (peak * rt.world_size):.1%} of {peak * rt.world_size / 1e12:,.0f} TFLOP/s peak" \
+        if peak and achieved else "n/a (needs a CUDA GPU in the peak table, bf16/fp16)"
+    if achieved:
+        mfu += f"; achieved {achieved / 1e12:.3f} TFLOP/s"
     median = sorted(r["step_seconds"])[len(r["step_seconds"]) // 2]
     return (f"{label}:\n"
             f"  tokens/s     {r['tokens_per_s']:,.0f} (all positions), {r['trained_per_s']:,.0f} (trained)\n"
@@ -189,10 +202,12 @@ def format_benchmark(label, r, rt):
             f"  loss         step 1 {r['losses'][0]:.4f}, last {r['losses'][-1]:.4f}")
 
 
-def report(cfg, rt, results, flops_per_step, source, log):
+def report(cfg, rt, results, flops_per_step, padding_share, source, log):
     """Print the timed results (ours first, then transformers + PEFT if it ran) and how they compare."""
     ours = results[0]
     ours["flops_per_step"] = flops_per_step
+    log(f"flops per step: {flops_per_step:.0f} ({padding_share:.1%} of them on padding positions; "
+        "plumbing/flops.py)")
     log(f"benchmark: {cfg.benchmark_steps} steps after {cfg.benchmark_warmup} warmup, {cfg.grad_accum} x "
         f"{cfg.batch_size} rows per step and process, {source}, {rt.device} {rt.dtype}, "
         f"{torch.get_num_threads()} CPU threads")
@@ -212,8 +227,8 @@ def report(cfg, rt, results, flops_per_step, source, log):
     return 0
 
 
-def run(cfg, rt, model_dir, model, stream, our_step, make_optimizer, optimizer_step, step_flops, save_adapter,
-        ignore_index, log):
+def run(cfg, rt, model_dir, model, stream, our_step, make_optimizer, optimizer_step, save_adapter, ignore_index,
+        log):
     """Time --benchmark-steps optimizer steps after --benchmark-warmup untimed ones, on batches from stream (or
     synthetic rows with --benchmark-seq-len); with --benchmark-vs-hf, the same steps on the same batches with
     transformers + PEFT LoRA from the same weights. The callables are train.py's and lora.py's, so both sides
@@ -241,4 +256,8 @@ def run(cfg, rt, model_dir, model, stream, our_step, make_optimizer, optimizer_s
         finally:
             shutil.rmtree(adapter_dir, ignore_errors=True)
     results = time_steps(steps, windows, cfg, rt, ignore_index)
-    return report(cfg, rt, results, step_flops(model, windows[-1]) * rt.world_size, source, log)
+    costs = flop_costs(model)
+    flops = [step_flops(costs, w, ignore_index) for w in windows[cfg.benchmark_warmup:]]  # (total, padding)
+    flops_per_step = sum(f for f, _ in flops) / len(flops) * rt.world_size
+    padding_share = sum(p for _, p in flops) / max(sum(f for f, _ in flops), 1)
+    return report(cfg, rt, results, flops_per_step, padding_share, source, log)

@@ -5,6 +5,7 @@ sys.path here. Fixtures are hermetic: no network, nothing outside a tmp dir is w
 """
 
 import hashlib
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -13,6 +14,15 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+
+def pytest_configure(config):
+    """The suite runs on the CPU on every machine, GPU or not: its comparisons are exact (fp32, one process
+    per device) and must not depend on which GPU a machine has. Hiding the GPUs here, before anything asks
+    CUDA, covers the subprocesses too. The GPU's own tests (tests/test_gpu.py) run with `pytest -m gpu`."""
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU; run with pytest -m gpu (skipped without one)")
+    if "gpu" not in (config.getoption("markexpr") or "").replace("not gpu", ""):
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 # sha256 of GPT-2's official BPE files (the hashes tiktoken checks when it downloads them)
 GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"

@@ -337,7 +337,7 @@ def test_init_scales_residual_projections_and_norms_start_at_one():
     assert not any(n.endswith(".bias") for n, _ in m.named_parameters())  # Llama has no biases
 
 
-def test_smollm2_preset_size_and_flops():
+def test_smollm2_preset_size():
     with torch.device("meta"):
         m = GPT(PRESETS["smollm2-135m"])
     assert m.num_params() == m.num_params(non_embedding=False) == 134_515_008  # no position table to exclude
@@ -345,12 +345,10 @@ def test_smollm2_preset_size_and_flops():
     attn = c.n_embd * c.n_embd * 2 + c.n_embd * 192 * 2  # q, o: 576 x 576; k, v: 576 x 192 under GQA 9:3
     per_layer = attn + 3 * c.n_embd * 1536 + 2 * c.n_embd  # + SwiGLU's three matrices + two RMSNorms
     assert m.num_params() == c.n_layer * per_layer + c.vocab_size * c.n_embd + c.n_embd
-    assert m.flops_per_token(2048) == 6 * m.num_params() + 12 * 30 * 576 * 2048
-    # untied: the input table is a lookup, not a matmul, and is not counted in the FLOPs
+    # untied: the input table is a separate matrix from the head
     with torch.device("meta"):
         u = GPT(GPTConfig(**{**PRESETS["smollm2-135m"].__dict__, "tie_embeddings": False}))
     assert u.num_params() == m.num_params() + c.vocab_size * c.n_embd
-    assert u.flops_per_token(2048) == m.flops_per_token(2048)
 
 
 def test_smollm2_preset_downloads_its_files(tmp_path, monkeypatch):

@@ -77,10 +77,11 @@ def adapter_weights(out):
 
 
 def base_args(model_dir, chats, out, **over):
-    """A fast LoRA run: batch 2, 2 micro-batches per step (so epochs and windows cross), dropout > 0."""
+    """A fast LoRA run: batch 2, 2 micro-batches per step (so epochs and windows cross), dropout > 0; fp32,
+    since the comparisons are exact (auto would pick bf16 on a CPU that multiplies it natively)."""
     opts = {"--model": model_dir, "--data": chats, "--out": out, "--max-steps": 8, "--batch-size": 2,
             "--grad-accum": 2, "--log-every": 1, "--eval-every": 3, "--lora-dropout": 0.2, "--lr": 1e-2,
-            "--warmup": 2, **over}
+            "--warmup": 2, "--dtype": "float32", **over}
     args = []
     for k, v in opts.items():
         if v is True:
@@ -499,6 +500,31 @@ def test_benchmark_on_the_real_data_path(tiny_model_dir, chats, tmp_path, capsys
     out = capsys.readouterr().out
     assert f"--data {chats}" in out and "ms/step" in out and "peak memory" in out and "MFU          n/a" in out
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_benchmark_flops_per_step_agree_with_flop_counter_mode(full, tiny_model_dir, tmp_path, capsys):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import lora
+    from plumbing.benchmark import synthetic_windows
+
+    args = ["--model", tiny_model_dir, "--out", tmp_path / "b", "--benchmark", "--benchmark-seq-len", 24,
+            "--batch-size", 2, "--grad-accum", 2, "--benchmark-steps", 1, "--benchmark-warmup", 0]
+    assert run_main(args + (["--full"] if full else [])) == 0
+    line = next(s for s in capsys.readouterr().out.splitlines() if s.startswith("flops per step: "))
+    printed = int(line.split()[3])
+    m = GPT.from_pretrained(tiny_model_dir)
+    if full:
+        m.requires_grad_(True)
+    else:
+        lora.apply_lora(m, 16, 32.0, 0.05)  # train.py's defaults
+    window = synthetic_windows(1, 2, 2, 24, TINY.vocab_size, 0, "cpu", IGNORE_INDEX)[0]
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:  # the math path is counted
+        for x, y in window:
+            m(x, y, reduction="sum")[1].backward()
+    assert abs(printed / fc.get_total_flops() - 1) < 0.10
 
 
 def test_tokens_per_s_leaves_out_evaluation_time(tiny_model_dir, chats, tmp_path, monkeypatch):

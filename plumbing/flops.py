@@ -1,0 +1,79 @@
+"""plumbing/flops.py: the FLOPs one training step computes, counted from what it runs (for MFU).
+
+The usual 6N per token (forward 2, backward 4 per weight) is right for pretraining and about 2x too high for
+a LoRA step. Each matmul y = x W costs 2 FLOPs per weight and row forward; backward it costs 2 more for the
+input's gradient only if x needs one, and 2 more for W's gradient only if W is trained. A frozen weight
+thus costs 4, not 6; the first layer's projections (whose input, frozen embeddings, needs no gradient) cost 2.
+The output head runs only at the trained positions (model.forward selects them). Attention's QK^T and AV
+cost 4 T hs per query position per head forward, twice that backward. Padding positions are computed too,
+so they are counted, and reported apart. tests/test_train.py checks the count against torch's
+FlopCounterMode.
+"""
+
+import torch
+from torch import nn
+
+
+def matmul_flops(model):
+    """[(name, in_features x out_features, input needs a gradient, weight is trained)] for every matmul with a
+    weight, seen by running one token through the model with hooks (autograd knows which inputs need a
+    gradient), in eval mode so that no dropout draws a random number. LoRA's A and B are listed as
+    name.lora_A and name.lora_B."""
+    seen, hooks = [], []
+
+    def hook(name):
+        def record(module, inputs, output):
+            x = inputs[0]
+            if isinstance(module, nn.Linear):
+                seen.append((name, module.in_features * module.out_features, x.requires_grad,
+                             module.weight.requires_grad))
+            else:  # LoRALinear: x @ A.T (in -> r), then @ B.T (r -> out); B's input comes from trained A
+                r = module.lora_A.size(0)
+                seen.append((name + ".lora_A", r * module.lora_A.size(1), x.requires_grad, True))
+                seen.append((name + ".lora_B", r * module.lora_B.size(0), True, True))
+        return record
+
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) or hasattr(module, "lora_A"):
+            hooks.append(module.register_forward_hook(hook(name)))
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.enable_grad():
+            idx = torch.zeros(1, 1, dtype=torch.long, device=next(model.parameters()).device)
+            model.lm_head(model.trunk(idx))
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def flop_costs(model):
+    """(FLOPs per position in the blocks' matmuls, per trained position in the head, attention's forward
+    FLOPs per query position per key): forward + backward, measured once per model."""
+    per_position, head = 0, 0
+    for name, weights, input_grad, trained in matmul_flops(model):
+        flops = 2 * weights * (1 + input_grad + trained)
+        if name == "lm_head":
+            head += flops
+        else:
+            per_position += flops
+    cfg = model.config
+    return per_position, head, 4 * cfg.n_layer * cfg.n_head * cfg.head_size
+
+
+def step_flops(costs, micro_batches, ignore_index):
+    """(FLOPs of one optimizer step on this process, the part of them spent on padding positions).
+    costs: flop_costs(model); micro_batches: [(x (B, T), targets (B, T))]."""
+    per_position, head, attention = costs
+    total = padding = 0
+    for x, y in micro_batches:
+        B, T = x.size()  # batch, time
+        trained = y != ignore_index  # (B, T)
+        block = per_position + 3 * attention * T  # every position, forward + backward (2x) of attention
+        total += block * B * T + head * int(trained.sum())
+        # padding: the positions after a row's last trained one (collate pads on the right)
+        upto_last = (trained * torch.arange(1, T + 1, device=y.device)).amax(1)  # (B,) 0 if nothing trained
+        padding += block * int((T - upto_last).sum())
+    return total, padding
