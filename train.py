@@ -370,7 +370,12 @@ def setup_training(cfg, rt, model_dir, log):
     seed_everything(cfg.seed)  # LoRA's A init: identical on every process (DDP also broadcasts rank 0's)
     raw_model, summary = build_model(cfg, model_dir, rt.device)
     log(f"model: {cfg.model}: {summary}")  # the summary counts parameters (LoRA adds its own)
-    model = torch.compile(raw_model) if cfg.compile else raw_model
+    model = raw_model
+    if cfg.compile:
+        # Trace x[keep] (a data-dependent shape: the trained positions) into the graph instead of breaking it
+        # there, and compile for any batch length at once instead of recompiling as lengths vary.
+        torch._dynamo.config.capture_dynamic_output_shape_ops = True
+        model = torch.compile(raw_model, dynamic=True)
     if rt.ddp:
         model = DDP(model, device_ids=[rt.device] if rt.device.startswith("cuda") else None)
     optimizer = make_optimizer(raw_model, cfg, rt.device)

@@ -415,10 +415,10 @@ def test_impossible_flags_fail_fast_with_one_line(flags, message, tiny_model_dir
     assert captured.out == ""  # nothing ran: the check comes before loading anything
 
 
-def run_script(args, **kw):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+def run_script(args, env=None, timeout=120):
+    env = dict(env or os.environ, OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, str(ROOT / "train.py"), *map(str, args)], capture_output=True,
-                          text=True, env=env, cwd=ROOT, timeout=120, **kw)
+                          text=True, env=env, cwd=ROOT, timeout=timeout)
 
 
 def test_script_errors_are_one_line_with_nonzero_exit(tiny_model_dir, tmp_path):
@@ -454,6 +454,20 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tiny_model_dir, chats, tmp_
     assert "interrupted: checkpoint saved at step" in stdout
     tensors, state = checkpoint.load_checkpoint(out / "ckpt")
     assert state["step"] >= 1 and json.loads((out / "run.json").read_text())["status"] == "interrupted"
+
+
+def test_compile_traces_once_for_variable_length_batches(tiny_model_dir, chats, tmp_path):
+    """--compile: 8 steps of batches whose lengths and trained positions vary (chats' replies differ in
+    length), one graph, at most one recompile.
+    (Without the two settings in setup_training: 4 graph breaks at x[keep] and 3 recompiles in 8 steps.)"""
+    env = dict(os.environ, TORCH_LOGS="recompiles,graph_breaks")
+    r = run_script(base_args(tiny_model_dir, chats, tmp_path / "c", **{"--compile": True, "--eval-every": 0,
+                                                                        "--save-every": 0}), env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [rec["step"] for rec in metrics(tmp_path / "c")] == list(range(1, 9))
+    log = r.stdout + r.stderr
+    assert "Graph break" not in log and "graph break" not in log
+    assert log.count("Recompiling function") <= 1
 
 
 def test_torchrun_two_processes_match_one_process_with_twice_the_batch(tiny_model_dir, chats, tmp_path):
