@@ -357,6 +357,16 @@ def test_batches_deterministic_and_complete():
         data.batches(ex, 8, seed=0, epoch=0, rank=2, world_size=2)
 
 
+def test_the_largest_batch_comes_first_so_out_of_memory_shows_at_step_1():
+    ex = fake_examples(103)
+    for seed, epoch in ((0, 0), (1, 0), (1, 3)):
+        b = data.batches(ex, 8, seed=seed, epoch=epoch)
+        longest = max(len(ex[i][0]) for batch in b for i in batch)  # of this epoch (drop_last drops a few)
+        cost = [max(len(ex[i][0]) for i in batch) * len(batch) for batch in b]
+        assert cost[0] == max(cost) and max(len(ex[i][0]) for i in b[0]) == longest
+        assert sorted(cost[1:]) != cost[1:]  # the rest stays shuffled
+
+
 @pytest.mark.parametrize("world_size,batch_size,shuffle", [(2, 3, True), (4, 2, True), (3, 5, False)])
 def test_n_processes_see_what_one_process_sees(world_size, batch_size, shuffle):
     ex = fake_examples(200)
