@@ -27,16 +27,16 @@ def fsync_dir(path):
             os.close(fd)
 
 
-def atomic_write_bytes(path, data):
-    """Write to a temporary file in the same directory, fsync it, then rename over path (atomic on POSIX
-    and Windows): readers see the old file or the new one, never a mix."""
+def atomic_write(path, write):
+    """Call write(f) on a temporary file in the same directory, fsync it, then rename over path (atomic on
+    POSIX and Windows): readers see the old file or the new one, never a mix. write may stream many chunks."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
     try:
         os.chmod(tmp, creation_mode(0o666))  # mkstemp makes it private (0600); open() would not
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -45,6 +45,10 @@ def atomic_write_bytes(path, data):
             os.remove(tmp)
         raise
     fsync_dir(directory)  # make the rename itself durable
+
+
+def atomic_write_bytes(path, data):
+    atomic_write(path, lambda f: f.write(data))
 
 
 def atomic_write_text(path, text):

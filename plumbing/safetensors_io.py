@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from plumbing.files import atomic_write_bytes
+from plumbing.files import atomic_write
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -74,18 +74,24 @@ def load_safetensors(path):
 
 
 def save_safetensors(tensors, path, metadata=None):
-    """Write {name: tensor} as a .safetensors file, atomically (see atomic_write_bytes)."""
+    """Write {name: tensor} as a .safetensors file, atomically (see atomic_write). Streamed: the header is
+    computed from shapes alone, then each tensor is copied to host memory and written in turn, so at most one
+    tensor's bytes are in host memory at a time (a gpt2-xl checkpoint is 19 GB; tests/test_model.py checks)."""
     names = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
-    header, blobs, offset = {}, [], 0
+    header, offset = {}, 0
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     for name, t in tensors.items():
-        t = t.detach().cpu().contiguous()
-        data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape),
-                        "data_offsets": [offset, offset + len(data)]}
-        blobs.append(data)
-        offset += len(data)
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
     h = json.dumps(header, separators=(",", ":")).encode("utf-8")
     h += b" " * (-len(h) % 8)  # pad so tensor data starts 8-byte aligned (the format allows trailing spaces)
-    atomic_write_bytes(path, len(h).to_bytes(8, "little") + h + b"".join(blobs))
+
+    def write(f):
+        f.write(len(h).to_bytes(8, "little") + h)
+        for t in tensors.values():
+            if t.numel():  # the bytes of a CPU tensor are written straight from its memory, without a copy
+                f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+    atomic_write(path, write)

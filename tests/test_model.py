@@ -295,6 +295,22 @@ def test_safetensors_round_trip_all_dtypes(tmp_path):
     assert header_len % 8 == 0  # the padding comment
 
 
+def test_save_safetensors_streams_one_tensor_at_a_time(tmp_path, monkeypatch):
+    """The writer never joins the payload into one blob: each write is the header or one tensor's bytes."""
+    import plumbing.safetensors_io as st
+
+    tensors = {f"w{i}": torch.randn(64, 32) for i in range(5)}
+    chunks = []
+
+    class Recorder:
+        def write(self, b):
+            chunks.append(memoryview(b).nbytes)
+
+    monkeypatch.setattr(st, "atomic_write", lambda path, write: write(Recorder()))
+    st.save_safetensors(tensors, tmp_path / "x.safetensors")
+    assert chunks[1:] == [64 * 32 * 4] * 5 and chunks[0] < 1000
+
+
 def test_safetensors_compatible_with_the_reference_library(tmp_path):
     st = pytest.importorskip("safetensors.torch")
     tensors = {"a": torch.randn(3, 4), "b": torch.arange(5), "c": torch.randn(2).bfloat16()}
