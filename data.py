@@ -286,8 +286,8 @@ def batches(examples, batch_size, seed, epoch, rank=0, world_size=1, shuffle=Tru
     """One epoch as lists of example indices for process `rank` of `world_size`. Global batches of
     batch_size * world_size come first and rank r takes slice r of each: N processes x batch b see what one
     process x batch N*b sees. shuffle: order by (seed, epoch), sort each window of GROUP_CHUNK global batches
-    by length (little padding), shuffle the batches, the largest first; else sort all by length (evaluation). drop_last drops a
-    short final global batch, so every rank takes the same number of equal steps."""
+    by length (little padding), shuffle the batches, the largest first; else sort all by length (evaluation).
+    drop_last drops a short final global batch, so every rank takes the same number of equal steps."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
     lengths = [len(ids) for ids, _ in examples]

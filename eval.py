@@ -66,7 +66,7 @@ class EvalConfig:
     shots_data: str | None = cli.opt(None, "where few-shot examples come from (default: the training data)")
     samples: int = cli.opt(3, "test prompts shown side by side", min=0)
     max_new_tokens: int | None = cli.opt(None, "generation cap (default: longest reference + 16; chat 256)", min=1)
-    batch_size: int = cli.opt(8, "examples per forward pass for losses", min=1)
+    batch_size: int = cli.opt(8, "examples per forward pass (losses) and per batched generation", min=1)
     general_text: str | None = cli.opt(None, "plain text for forgetting (default: data/general.txt)")
     general_tokens: int = cli.opt(8192, "at most this many tokens of it", min=1)
     report: str | None = cli.opt(None, "JSON report path (default: OUT/eval.json)")
@@ -162,27 +162,35 @@ def fit_prompt(messages, shots, tok, room):
 
 
 @torch.no_grad()
-def greedy_reply(model, prompt_ids, max_new_tokens, device, tok):
-    """The model's greedy reply to a prompt (KV-cached; stops at the end-of-turn token). The reply is cut at
-    the first of the family's stop ids (SmolLM2 may also end with <|endoftext|>), which is not returned."""
+def greedy_replies(model, prompts, max_new_tokens, device, tok):
+    """The model's greedy replies to a batch of prompts (lists of ids) in one KV-cached generate: padded on
+    the left, with a mask, so that every row's next token comes from the last column; done when every row
+    has ended its turn. A reply is cut at the first of the family's stop ids (SmolLM2 may also end with
+    <|endoftext|>), which is not returned. Equal to one prompt at a time (tests/test_model.py)."""
     fmt = chat_format(tok)
-    idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T)
-    out = model.generate(idx, max_new_tokens, temperature=0.0, stop_token=fmt.end_of_turn_id)
-    out = out[0, len(prompt_ids):].tolist()
-    stops = [i for i, t in enumerate(out) if t in fmt.stop_ids]
-    return tok.decode(out[:stops[0]] if stops else out)
+    T = max(map(len, prompts))
+    idx = torch.tensor([[fmt.pad_id] * (T - len(p)) + p for p in prompts], device=device)  # (B, T)
+    mask = torch.tensor([[False] * (T - len(p)) + [True] * len(p) for p in prompts], device=device)  # (B, T)
+    out = model.generate(idx, max_new_tokens, temperature=0.0, stop_token=fmt.end_of_turn_id, mask=mask)
+    replies = []
+    for row in out[:, T:].tolist():
+        stops = [i for i, t in enumerate(row) if t in fmt.stop_ids]
+        replies.append(tok.decode(row[:stops[0]] if stops else row))
+    return replies
 
 
-def run_rung(name, model, prompts, references, task, max_new_tokens, device, tok, dtype="float32"):
-    """(replies, scores): one model's greedy replies to the prompts, scored by the task's scorer."""
+def run_rung(name, model, prompts, references, task, max_new_tokens, device, tok, dtype="float32", batch_size=8):
+    """(replies, scores): one model's greedy replies to the prompts, batch_size at a time (prompts of similar
+    length together: little padding), scored by the task's scorer."""
     score = score_triage if task == "triage" else score_exact
-    replies, scores = [], []
-    for ids, ref in tqdm(list(zip(prompts, references)), desc=name, leave=False):
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    replies = [None] * len(prompts)
+    for start in tqdm(range(0, len(order), batch_size), desc=name, leave=False):
+        batch = order[start:start + batch_size]
         with autocast(device, dtype):
-            reply = greedy_reply(model, ids, max_new_tokens, device, tok)
-        replies.append(reply)
-        scores.append(score(reply, ref))
-    return replies, scores
+            for i, reply in zip(batch, greedy_replies(model, [prompts[i] for i in batch], max_new_tokens, device, tok)):
+                replies[i] = reply
+    return replies, [score(reply, ref) for reply, ref in zip(replies, references)]
 
 
 # -----------------------------------------------------------------------------
@@ -331,7 +339,7 @@ def run_eval(cfg):
     room = block - max_new  # prompt tokens that still leave room for a whole reply
     families = [r.get("family", "") for r in records]
     held_out = set(HELD_OUT_FAMILIES) if task == "instruct" else set()
-    gen = (references, task, max_new, device, tok, dtype)  # the same for every rung
+    gen = (references, task, max_new, device, tok, dtype, cfg.batch_size)  # the same for every rung
     zero_ids = [fit_prompt(p, [], tok, room)[0] for p in prompts]
     base_replies, scores = run_rung("base zero-shot", base, zero_ids, *gen)
     ladder = {"base_zero_shot": summarize(task, scores, families, held_out)}

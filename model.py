@@ -160,16 +160,16 @@ def make_norm(config):
     return nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
 
 
-def rope_cos_sin(start, T, head_size, theta, device=None):
-    """RoPE's cos and sin, each (T, hs) in fp32, for the positions start .. start + T - 1.
+def rope_cos_sin(pos, head_size, theta):
+    """RoPE's cos and sin, each (..., T, hs) in fp32, for the positions pos: (T,), or (B, T) when each row of
+    a left-padded batch counts its own positions.
 
     Channel pair (i, i + hs/2) of every query and key head is turned by the angle position * theta^(-2i/hs):
     Hugging Face's "rotate_half" layout. The RoPE paper and llama.cpp pair neighbours (2i, 2i + 1) instead,
     which is why GGUF files store the rows of q_proj/k_proj permuted (see plumbing/gguf_io.py)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_size, 2, dtype=torch.float32, device=device) / head_size)
-    pos = torch.arange(start, start + T, dtype=torch.float32, device=device)  # (T,)
-    angles = torch.outer(pos, inv_freq)  # (T, hs/2)
-    angles = torch.cat([angles, angles], dim=-1)  # (T, hs): channel i and i + hs/2 share an angle
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_size, 2, dtype=torch.float32, device=pos.device) / head_size)
+    angles = pos.float().unsqueeze(-1) * inv_freq  # (..., T, hs/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (..., T, hs): channel i and i + hs/2 share an angle
     return angles.cos(), angles.sin()
 
 
@@ -204,7 +204,7 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.dropout = config.dropout
 
-    def forward(self, x, cache=None, layer=0, rope=None):
+    def forward(self, x, cache=None, layer=0, rope=None, mask=None):
         B, T, C = x.size()  # batch, time, channels (n_embd)
         nh, nkv, hs = self.n_head, self.n_kv_head, self.head_size  # query heads, key/value heads, head size
         if self.fused:
@@ -226,13 +226,16 @@ class CausalSelfAttention(nn.Module):
             v = v.repeat_interleave(nh // nkv, dim=1)  # (B, nh, S, hs)
         S = k.size(2)
         dropout_p = self.dropout if self.training else 0.0
-        if S == T:  # no earlier tokens: the usual lower-triangular mask, with the fused kernel's shortcut
+        if S == T and mask is None:  # no earlier tokens, no padding: the fused kernel's causal shortcut
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         else:
             # Footgun: is_causal=True aligns the triangle to the top-left, which is wrong once T < S. Query i
             # is the token at position S - T + i and may see keys 0 .. S - T + i: shift the diagonal.
-            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+            allowed = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)  # (T, S)
+            if mask is not None:  # never attend to padding; a padding query sees itself (no all -inf row: NaN)
+                itself = torch.eye(S, dtype=torch.bool, device=x.device)[S - T:]  # (T, S)
+                allowed = allowed & (mask[:, None, None, :] | itself)  # (B, 1, T, S)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p)
         y = y.transpose(1, 2).contiguous().view(B, T, nh * hs)  # (B, T, nh, hs) -> (B, T, C): heads side by side
         return self.resid_dropout(self.c_proj(y) if self.fused else self.o_proj(y))
 
@@ -278,8 +281,8 @@ class Block(nn.Module):
         self.ln_2 = make_norm(config)
         self.mlp = MLP(config) if config.mlp == "gelu" else SwiGLU(config)
 
-    def forward(self, x, cache=None, layer=0, rope=None):
-        x = x + self.attn(self.ln_1(x), cache, layer, rope)
+    def forward(self, x, cache=None, layer=0, rope=None, mask=None):
+        x = x + self.attn(self.ln_1(x), cache, layer, rope, mask)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -325,23 +328,30 @@ class GPT(nn.Module):
             n -= self.transformer.wpe.weight.numel()
         return n
 
-    def trunk(self, idx, cache=None):
-        """Token ids (B, T) -> final hidden states (B, T, C), before the output head."""
+    def trunk(self, idx, cache=None, mask=None):
+        """Token ids (B, T) -> final hidden states (B, T, C), before the output head. mask (B, cached + T):
+        False at the left padding of prompts of different lengths batched together (left, so that every
+        row's next token comes from the last column): never attended to, and not counted in positions."""
         B, T = idx.size()  # batch, time
         cfg = self.config
         start = 0 if cache is None else cache.length()  # position of idx[:, 0]: after the cached tokens
         if start + T > cfg.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size {cfg.block_size}")
+        if mask is None:
+            pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
+        else:
+            pos = (mask.long().cumsum(dim=1) - 1).clamp(min=0)[:, start:]  # (B, T): own tokens before, per row
         x = self.transformer.wte(idx)  # (B, T, C)
         rope = None
         if cfg.pos_emb == "learned":
-            pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
             x = x + self.transformer.wpe(pos)  # (B, T, C)
         else:
-            rope = rope_cos_sin(start, T, cfg.head_size, cfg.rope_theta, idx.device)  # each (T, hs)
+            rope = rope_cos_sin(pos, cfg.head_size, cfg.rope_theta)  # each (T, hs) or (B, T, hs)
+            if mask is not None:
+                rope = tuple(r.unsqueeze(1) for r in rope)  # (B, 1, T, hs): the same angles for every head
         x = self.transformer.drop(x)
         for layer, block in enumerate(self.transformer.h):
-            x = block(x, cache, layer, rope)
+            x = block(x, cache, layer, rope, mask)
         return self.transformer.ln_f(x)
 
     def forward(self, idx, targets=None, reduction="mean"):
@@ -370,7 +380,7 @@ class GPT(nn.Module):
     # Generation
 
     @torch.no_grad()
-    def _next_tokens(self, idx, max_new_tokens, temperature, top_k, top_p, seed):
+    def _next_tokens(self, idx, max_new_tokens, temperature, top_k, top_p, seed, mask=None):
         """Yield (B, 1) next-token tensors, one per step, feeding only the newest token through a KV cache."""
         generator = None
         if seed is not None:
@@ -383,24 +393,26 @@ class GPT(nn.Module):
                 # From here on recompute the last block_size tokens each step (what nanoGPT always does).
                 cache = None
             if cache is None:
-                h = self.trunk(seq[:, -block:])
+                h = self.trunk(seq[:, -block:], mask=None if mask is None else mask[:, -block:])
             else:
-                h = self.trunk(fresh, cache)
+                h = self.trunk(fresh, cache, mask)
             logits = self.lm_head(h[:, -1, :]).float()  # (B, vocab_size): only the last position is needed
             nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B, 1)
             seq, fresh = torch.cat([seq, nxt], dim=1), nxt
+            if mask is not None:
+                mask = torch.cat([mask, torch.ones_like(nxt, dtype=torch.bool)], dim=1)  # (B, S + 1)
             yield nxt
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_token=None,
-                 seed=None):
+                 seed=None, mask=None):
         """Continue idx (B, T); returns (B, T + n): the prompt followed by n <= max_new_tokens new tokens.
         temperature=0 is greedy. A row that emits stop_token keeps it and is padded with it afterwards;
-        generation ends when every row has stopped."""
+        generation ends when every row has stopped. mask (B, T): False at left padding (see trunk)."""
         was_training = self.training
         self.eval()
         out, done = [idx], torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
-        for nxt in self._next_tokens(idx, max_new_tokens, temperature, top_k, top_p, seed):
+        for nxt in self._next_tokens(idx, max_new_tokens, temperature, top_k, top_p, seed, mask):
             if stop_token is not None:
                 nxt = torch.where(done.unsqueeze(1), torch.full_like(nxt, stop_token), nxt)
                 done |= nxt.squeeze(1) == stop_token

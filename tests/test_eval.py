@@ -278,14 +278,15 @@ def test_few_shot_examples_are_never_the_evaluated_items(tmp_path):
     assert shots == [] and "--shots-data" in why
 
 
-def test_greedy_reply_stops_at_end_of_turn(gpt2_tokenizer):
+def test_greedy_replies_stop_at_end_of_turn_and_left_pad_with_a_mask(gpt2_tokenizer):
     class Scripted:  # a "model" whose generate emits two tokens, EOT, then padding EOTs
-        def generate(self, idx, max_new_tokens, temperature, stop_token):
+        def generate(self, idx, max_new_tokens, temperature, stop_token, mask):
             assert temperature == 0.0 and stop_token == EOT_ID
+            assert idx.tolist() == [[1, 2, 3], [EOT_ID, 4, 5]] and mask.tolist() == [[1, 1, 1], [0, 1, 1]]
             new = gpt2_tokenizer.encode_ordinary(" ok") + [EOT_ID, EOT_ID]
-            return torch.cat([idx, torch.tensor([new])], dim=1)
+            return torch.cat([idx, torch.tensor([new, new[::-1]])], dim=1)
 
-    assert ev.greedy_reply(Scripted(), [1, 2, 3], 8, "cpu", gpt2_tokenizer) == " ok"
+    assert ev.greedy_replies(Scripted(), [[1, 2, 3], [4, 5]], 8, "cpu", gpt2_tokenizer) == [" ok", ""]
 
 
 # -----------------------------------------------------------------------------
@@ -459,13 +460,13 @@ def test_greedy_reply_cuts_at_any_stop_id_of_the_family(smollm2_tokenizer):
     document_end = fmt.stop_ids[1]  # <|endoftext|>: SmolLM2 may end a reply with it instead of <|im_end|>
 
     class Scripted:
-        def generate(self, idx, max_new_tokens, temperature, stop_token):
+        def generate(self, idx, max_new_tokens, temperature, stop_token, mask):
             assert stop_token == fmt.end_of_turn_id == smollm2_tokenizer.encode_single_token("<|im_end|>")
             new = smollm2_tokenizer.encode_ordinary(" ok") + [document_end, fmt.end_of_turn_id]
             return torch.cat([idx, torch.tensor([new])], dim=1)
 
     assert document_end == smollm2_tokenizer.encode_single_token("<|endoftext|>")
-    assert ev.greedy_reply(Scripted(), [1, 2, 3], 8, "cpu", smollm2_tokenizer) == " ok"
+    assert ev.greedy_replies(Scripted(), [[1, 2, 3]], 8, "cpu", smollm2_tokenizer) == [" ok"]
 
 
 def test_general_text_starts_with_the_familys_document_separator(smollm2_tokenizer, tmp_path):

@@ -173,7 +173,7 @@ def test_rope_equals_transformers(start):
     q, k = torch.randn(2, 9, 7, 64), torch.randn(2, 3, 7, 64)
     positions = torch.arange(start, start + 7).unsqueeze(0)  # (1, T)
     cos, sin = LlamaRotaryEmbedding(cfg)(q, positions)  # (1, T, hs)
-    ours_cos, ours_sin = rope_cos_sin(start, 7, 64, 100000.0)
+    ours_cos, ours_sin = rope_cos_sin(torch.arange(start, start + 7), 64, 100000.0)
     assert torch.equal(ours_cos, cos[0]) and torch.equal(ours_sin, sin[0])
     want_q, want_k = apply_rotary_pos_emb(q, k, cos, sin)
     assert torch.equal(apply_rope(q, ours_cos, ours_sin), want_q)
@@ -186,7 +186,7 @@ def test_rope_scores_depend_only_on_distance():
     q, k = torch.randn(64, dtype=torch.float64), torch.randn(64, dtype=torch.float64)
 
     def score(m, n):
-        cos, sin = (t.double() for t in rope_cos_sin(0, max(m, n) + 1, 64, 10000.0))
+        cos, sin = (t.double() for t in rope_cos_sin(torch.arange(max(m, n) + 1), 64, 10000.0))
         return (apply_rope(q, cos[m], sin[m]) * apply_rope(k, cos[n], sin[n])).sum()
 
     torch.testing.assert_close(score(3, 10), score(103, 110), atol=1e-5, rtol=0)  # angles are fp32
@@ -379,7 +379,7 @@ def permute_like_llama_cpp(w, n_head):
 def interleaved_rope(x, theta):
     """RoPE as llama.cpp computes it for Llama: neighbours (2i, 2i + 1) turn together. x (T, hs)."""
     T, hs = x.shape
-    cos, sin = rope_cos_sin(0, T, hs, theta)
+    cos, sin = rope_cos_sin(torch.arange(T), hs, theta)
     cos, sin = cos[:, : hs // 2].double(), sin[:, : hs // 2].double()  # (T, hs/2): one angle per pair
     even, odd = x[:, 0::2], x[:, 1::2]
     return torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1).reshape(T, hs)
@@ -393,7 +393,7 @@ def test_gguf_permutation_turns_rotate_half_into_interleaved_pairs():
     n_head, hs, C, T, theta = 3, 16, 24, 9, 10000.0
     wq, wk = torch.randn(n_head * hs, C, dtype=torch.float64), torch.randn(n_head * hs, C, dtype=torch.float64)
     x = torch.randn(T, C, dtype=torch.float64)
-    cos, sin = (t.double() for t in rope_cos_sin(0, T, hs, theta))
+    cos, sin = (t.double() for t in rope_cos_sin(torch.arange(T), hs, theta))
 
     def hf_scores(wq, wk):  # (nh, T, T)
         q = apply_rope((x @ wq.T).view(T, n_head, hs).transpose(0, 1), cos, sin)

@@ -147,6 +147,34 @@ def test_kv_cache_equals_recompute_including_past_block_size():
     assert torch.equal(m.generate(idx, 40, temperature=0.0), no_cache_greedy(m, idx, 40))
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_batched_generation_with_left_padding_equals_one_prompt_at_a_time(family):
+    """Prompts of 3, 9 and 6 tokens, left-padded into one batch: every row's greedy tokens equal its own
+    run alone, also after the window slides past block_size (9 + 40 > 32)."""
+    from model import LLAMA_SWITCHES
+
+    torch.manual_seed(0)
+    switches = LLAMA_SWITCHES if family == "llama" else {}
+    m = GPT(GPTConfig(**switches, block_size=32, vocab_size=64, n_layer=2, n_head=4, n_embd=32,
+                      n_kv_head=2 if family == "llama" else None)).eval()
+    prompts = [torch.randint(1, 64, (n,)).tolist() for n in (3, 9, 6)]
+    T = max(map(len, prompts))
+    idx = torch.tensor([[0] * (T - len(p)) + p for p in prompts])  # (3, 9), pad id 0 on the left
+    mask = idx != 0
+    out = m.generate(idx, 40, temperature=0.0, mask=mask)
+    for row, p in zip(out, prompts):
+        alone = m.generate(torch.tensor([p]), 40, temperature=0.0)
+        assert row[T:].tolist() == alone[0, len(p):].tolist()
+    with torch.no_grad():  # the next-token logits too (a random model's greedy tokens may repeat one id)
+        batched = m.lm_head(m.trunk(idx, mask=mask))[:, -1]  # (3, vocab)
+        unmasked = m.lm_head(m.trunk(idx))[:, -1]
+        for i, p in enumerate(prompts):
+            alone = m.lm_head(m.trunk(torch.tensor([p])))[0, -1]
+            torch.testing.assert_close(batched[i], alone, atol=1e-5, rtol=0)
+            if len(p) < T:  # without the mask, padding is attended to and positions are shifted
+                assert (unmasked[i] - alone).abs().max() > 1e-3
+
+
 def test_chunked_prefill_with_cache_equals_one_forward():
     """The comment on is_causal: feeding T > 1 tokens after a cached prefix needs the shifted mask."""
     torch.manual_seed(0)
