@@ -19,8 +19,10 @@ import copy
 import json
 import math
 import os
+import re
 import sys
 import time
+from collections import Counter
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
@@ -159,6 +161,39 @@ def fit_prompt(messages, shots, tok, room):
         if len(ids) <= room or k == 0:
             return ids, k
         k -= 1
+
+
+# -----------------------------------------------------------------------------
+# Retrieval: BM25 over a small document store, by hand
+
+
+def words(text):
+    """BM25's tokens: lower-cased runs of letters and digits (retrieval matches words, not BPE pieces)."""
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+class BM25:
+    """Okapi BM25. A document d scores, for each distinct query word w it contains f(w, d) times,
+        idf(w) * f(w, d) * (k1 + 1) / (f(w, d) + k1 * (1 - b + b * |d| / avgdl)),
+        idf(w) = ln(1 + (N - n(w) + 0.5) / (n(w) + 0.5)),
+    N documents, n(w) of them containing w, avgdl their mean length in words: rare words weigh more, repeats
+    saturate (k1), long documents are discounted (b). tests/test_eval.py checks it by hand."""
+
+    def __init__(self, documents, k1=1.5, b=0.75):
+        self.k1, self.b = k1, b
+        self.tf = [Counter(words(d)) for d in documents]  # word counts per document
+        self.length = [sum(tf.values()) for tf in self.tf]
+        self.avgdl = sum(self.length) / len(self.length)
+        df = Counter(w for tf in self.tf for w in tf)  # documents containing each word
+        self.idf = {w: math.log(1 + (len(documents) - n + 0.5) / (n + 0.5)) for w, n in df.items()}
+
+    def scores(self, query):
+        return [sum(self.idf[w] * tf[w] * (self.k1 + 1) / (tf[w] + self.k1 * (1 - self.b + self.b * n / self.avgdl))
+                    for w in set(words(query)) if w in tf) for tf, n in zip(self.tf, self.length)]
+
+    def top_k(self, query, k):
+        s = self.scores(query)  # the indices of the k best documents, best first (ties: the earlier one)
+        return sorted(range(len(s)), key=lambda i: -s[i])[:k]
 
 
 @torch.no_grad()
@@ -318,15 +353,14 @@ def run_eval(cfg):
                                        dedup=False)
     if not examples:
         raise ValueError(f"{data_path}: no example fits {max_len} tokens with a trained token")
-    fmt = chat_format(tok)  # pad_id is in this model's vocabulary (GPT-2's 50256 is not in SmolLM2's)
-    pad_id = fmt.pad_id
-    loss, n_tok = response_loss(tuned, examples, cfg.batch_size, device, pad_id=pad_id)
-    base_loss, _ = response_loss(base, examples, cfg.batch_size, device, pad_id=pad_id)
+    fmt = chat_format(tok)  # fmt.pad_id is in this model's vocabulary (GPT-2's 50256 is not in SmolLM2's)
+    loss, n_tok = response_loss(tuned, examples, cfg.batch_size, device, pad_id=fmt.pad_id)
+    base_loss, _ = response_loss(base, examples, cfg.batch_size, device, pad_id=fmt.pad_id)
     if split is not None and split != "train":
         train_records, _, _ = load_items(data, "train", len(records))
         train_examples, _ = tokenize_dataset([r["messages"] for r in train_records], tok, max_len,
                                              train_on=train_on, overflow=overflow, dedup=False)
-        train_loss, _ = response_loss(tuned, train_examples, cfg.batch_size, device, pad_id=pad_id)
+        train_loss, _ = response_loss(tuned, train_examples, cfg.batch_size, device, pad_id=fmt.pad_id)
         overfit = {"train_loss": train_loss, "test_loss": loss, "gap": loss - train_loss,
                    "n_train_items": len(train_records)}
     else:

@@ -39,8 +39,9 @@ from data import IGNORE_INDEX
 from model import GPT, load_config
 from plumbing import benchmark as bench
 from plumbing import cli
-from plumbing.checkpoint import (LATEST, Progress, StopFlag, check_resume, load_checkpoint, read_latest, restore,
+from plumbing.checkpoint import (Progress, StopFlag, check_resume, load_checkpoint, read_latest, restore,
                                  save_run_checkpoint)
+from plumbing.config_checks import check_config, has_val
 from plumbing.device import all_reduce_sum, any_process, autocast, seed_everything, setup_runtime
 from plumbing.flops import flop_costs, step_flops
 from plumbing.hub import resolve_pretrained
@@ -98,34 +99,6 @@ class TrainConfig:
     benchmark_warmup: int = cli.opt(3, "untimed steps first", min=0)
     benchmark_seq_len: int | None = cli.opt(None, "synthetic rows of this length, second half trained", min=1)
     benchmark_vs_hf: bool = cli.opt(False, "also time transformers + PEFT on the same batches")
-
-
-def check_config(cfg, flags_given):
-    """Refuse impossible settings before anything is loaded. flags_given: the option strings on the
-    command line (to tell "--lora-rank 8 given" from "default 8")."""
-    cli.check_ranges(cfg)
-    lora_flags = sorted(f for f in flags_given if f.startswith("--lora-"))
-    if cfg.full and lora_flags:
-        raise ValueError(f"--full trains every weight; {', '.join(lora_flags)} only apply to LoRA (drop one)")
-    if cfg.max_steps is not None and cfg.epochs is not None:
-        raise ValueError("--max-steps and --epochs both given; the schedule needs exactly one")
-    if not cfg.lora_dropout < 1 or not cfg.val_fraction < 1 or not cfg.min_lr_ratio <= 1:
-        raise ValueError("--lora-dropout and --val-fraction must be in [0, 1), --min-lr-ratio in [0, 1]")
-    if cfg.early_stop_patience and not has_val(cfg):
-        raise ValueError("--early-stop-patience needs a validation set (--val-data or --val-fraction > 0)")
-    if cfg.benchmark_vs_hf and not cfg.benchmark:
-        raise ValueError("--benchmark-vs-hf is a benchmark option: add --benchmark")
-    if cfg.benchmark_vs_hf and cfg.full:
-        raise ValueError("--benchmark-vs-hf compares LoRA against PEFT: drop --full")
-    if cfg.benchmark and cfg.resume:
-        raise ValueError("--benchmark does not train: drop --resume")
-    if not cfg.benchmark and not cfg.resume and os.path.isfile(os.path.join(cfg.out, "ckpt", LATEST)):
-        raise ValueError(f"{cfg.out} already holds a run with checkpoints: add --resume to continue it, or "
-                         f"choose another --out (or delete {cfg.out})")
-
-
-def has_val(cfg):
-    return cfg.data in data.BUILTIN_DATASETS or cfg.val_data is not None or cfg.val_fraction > 0
 
 
 def default_lr(cfg):

@@ -7,6 +7,7 @@ chat's multi-turn template, and an offline end-to-end run: tiny random GPT-2 -> 
 
 import copy
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -276,6 +277,21 @@ def test_few_shot_examples_are_never_the_evaluated_items(tmp_path):
     # a file evaluated as given, with the run's training data being that same file: no shots to take
     shots, why = ev.pick_shots(ev.EvalConfig(shots=3), str(f), str(f), str(f), evaluated=convs[:1])
     assert shots == [] and "--shots-data" in why
+
+
+def test_bm25_scores_equal_a_hand_computed_example():
+    docs = ["the cat sat", "The dog sat on the mat.", "cat cat dog"]  # 3, 6 and 3 words: avgdl 4
+    # idf(cat) = ln(1 + (3 - 2 + 0.5) / (2 + 0.5)) = ln 1.6; idf(mat) = ln(1 + 2.5 / 1.5) = ln(8/3)
+    # length factor k1 (1 - b + b |d| / avgdl): 3 words -> 1.5 * 0.8125 = 1.21875; 6 words -> 1.5 * 1.375 = 2.0625
+    want = [math.log(1.6) * 1 * 2.5 / (1 + 1.21875),  # "cat" once in a short document
+            math.log(8 / 3) * 1 * 2.5 / (1 + 2.0625),  # "mat" once in a long one (rare word: higher idf)
+            math.log(1.6) * 2 * 2.5 / (2 + 1.21875)]  # "cat" twice: more, but not twice as much
+    bm25 = ev.BM25(docs)
+    assert bm25.scores("cat mat") == pytest.approx(want, rel=1e-12)
+    assert [round(x, 6) for x in want] == [0.529582, 0.800677, 0.730103]
+    assert bm25.top_k("Cat? MAT!", 2) == [1, 2]  # case and punctuation do not matter
+    assert bm25.scores("cat cat") == bm25.scores("cat")  # a repeated query word counts once
+    assert bm25.scores("unicorn") == [0, 0, 0] and bm25.top_k("unicorn", 2) == [0, 1]  # ties: earlier first
 
 
 def test_greedy_replies_stop_at_end_of_turn_and_left_pad_with_a_mask(gpt2_tokenizer):
