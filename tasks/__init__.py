@@ -3,6 +3,7 @@ reference), offline and reproducible: the same code writes the same bytes (a tes
 
     triage    task tuning: a support message -> one line of strict JSON (tasks/triage.py)
     instruct  instruction tuning: 27 small families, 4 held out of training (tasks/instruct.py)
+    knowledge facts about Nimbus from a document store that changes: fine-tuning vs retrieval (tasks/knowledge.py)
 
 resolve_dataset turns a built-in name into data/NAME/SPLIT.jsonl (writing it first if missing); any other
 name is a file path, used as given.
@@ -15,12 +16,14 @@ from pathlib import Path
 
 from plumbing.files import atomic_write_text
 from plumbing.records import load_records
-from tasks import instruct, triage
+from tasks import instruct, knowledge, triage
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 SPLITS = ("train", "val", "test")
-BUILTIN_DATASETS = ("triage", "instruct")  # the first is the default
-BUILDERS = {"triage": triage.build_triage, "instruct": instruct.build_instruct}
+BUILTIN_DATASETS = ("triage", "instruct", "knowledge")  # the first is the default
+BUILDERS = {"triage": triage.build_triage, "instruct": instruct.build_instruct,
+            "knowledge": knowledge.build_knowledge}
+EXTRA_SPLITS = {"knowledge": ("test_v2", "docs_v1", "docs_v2")}  # the changed store's questions, the stores
 
 
 def write_dataset(name, data_dir=DATA_DIR):
@@ -38,8 +41,9 @@ def resolve_dataset(name_or_path, split="train", data_dir=DATA_DIR):
     """A built-in name -> data_dir/NAME/SPLIT.jsonl (generated first if missing); anything else is a file
     path used as given (split is then ignored). Raises ValueError for an unknown name or a missing file."""
     if name_or_path in BUILTIN_DATASETS:
-        if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r}: expected one of {', '.join(SPLITS)}")
+        splits = SPLITS + EXTRA_SPLITS.get(name_or_path, ())
+        if split not in splits:
+            raise ValueError(f"unknown split {split!r} of {name_or_path}: expected one of {', '.join(splits)}")
         path = Path(data_dir) / name_or_path / f"{split}.jsonl"
         if not path.is_file():
             write_dataset(name_or_path, data_dir)
@@ -62,13 +66,15 @@ def load_items(data, split, limit):
 
 def detect_task(records, data):
     """The scorer for these records: the built-in name, else triage if every reference is a triage label,
-    instruct if every record names its family, else exact match."""
+    instruct if every record names its family, knowledge if every record names its fact, else exact match."""
     if data in BUILTIN_DATASETS:
         return data
     if all(triage.parse_triage(r["messages"][-1]["content"]) is not None for r in records):
         return "triage"
     if all("family" in r for r in records):
         return "instruct"
+    if all("fact" in r and "version" in r for r in records):
+        return "knowledge"
     return "exact"
 
 

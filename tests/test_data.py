@@ -653,3 +653,42 @@ def test_save_tokenizer_files_errors(tmp_path, monkeypatch):
     monkeypatch.setattr(tiktoken.load, "read_file_cached", offline)
     with pytest.raises(RuntimeError, match="--tokenizer-dir"):
         tokfiles.save_tokenizer_files(tmp_path / "out")
+
+
+# -----------------------------------------------------------------------------
+# The knowledge task: held-out phrasings, a store that changes, a scorer that tells right from stale
+
+
+def test_knowledge_test_questions_are_never_training_questions_and_a_third_of_the_facts_change():
+    from tasks import knowledge
+
+    d = knowledge.build_knowledge()
+    asked = {split: {r["messages"][1]["content"] for r in d[split]} for split in ("train", "test", "test_v2")}
+    assert not asked["train"] & asked["test"] and not asked["train"] & asked["test_v2"]
+    assert {r["fact"] for r in d["test"]} == {r["fact"] for r in d["train"]} == set(range(len(knowledge.FACTS)))
+    changed = sum(f[5] is not None for f in knowledge.FACTS)
+    assert 55 <= len(knowledge.FACTS) <= 100 and 0.3 < changed / len(knowledge.FACTS) < 0.4
+    docs1, docs2 = (" ".join(doc["text"] for doc in d[f"docs_v{v}"]) for v in (1, 2))
+    for r in d["test_v2"]:  # every answer is stated in its version's store, and the reply says it
+        reply = r["messages"][2]["content"]
+        assert reply in docs2 and knowledge.score_knowledge(reply, r) == "right"
+    assert docs1 != docs2 and len(d["docs_v1"]) == len(d["docs_v2"]) == 13
+
+
+def test_knowledge_scorer_on_right_wrong_stale_and_malformed_replies():
+    from tasks.knowledge import FACTS, score_knowledge
+
+    price = next(i for i, f in enumerate(FACTS) if f[2] == "Thermo X2" and f[1] == "price")  # $129 -> $149
+    fee = next(i for i, f in enumerate(FACTS) if f[2] == "restocking fee for opened items")  # 10% -> 0%
+    coverage = next(i for i, f in enumerate(FACTS) if f[2].startswith("coverage"))  # 2,500 sq ft, unchanged
+    v1, v2 = {"fact": price, "version": 1}, {"fact": price, "version": 2}
+    assert score_knowledge("The Thermo X2 costs $129.", v1) == "right"
+    assert score_knowledge("The Thermo X2 costs $149.", v2) == "right"
+    assert score_knowledge("It is $129.", v2) == "stale"  # the old price: what a model tuned on v1 says
+    assert score_knowledge("It costs $12 or so.", v1) == "wrong"
+    assert score_knowledge("It costs $1290.", v1) == "wrong"  # a value counts only as a whole
+    assert score_knowledge("Either $129 or $149.", v2) == "wrong"  # hedging with both is not knowing
+    assert score_knowledge("", v1) == "wrong" and score_knowledge("}{ ]]", v1) == "wrong"
+    assert score_knowledge("A 10% fee.", {"fact": fee, "version": 2}) == "stale"  # "0%" is not inside "10%"
+    assert score_knowledge("No fee: 0%.", {"fact": fee, "version": 2}) == "right"
+    assert score_knowledge("It covers 2500 SQ  FT.", {"fact": coverage, "version": 2}) == "right"
