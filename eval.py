@@ -14,7 +14,6 @@ perplexity and KL divergence from the base model on general English text it was 
 Nothing here is specific to one model family: templates, stop and pad ids come from data.chat_format.
 """
 
-import codecs
 import copy
 import json
 import math
@@ -34,16 +33,21 @@ from data import chat_format, check_vocab, collate, get_tokenizer, render_prompt
 from lora import load_adapter, merge_lora
 from model import GPT
 from plumbing import cli
+from plumbing.chat import repl
 from plumbing.device import autocast, choose_device, choose_dtype
 from plumbing.files import atomic_write_text
 from plumbing.hub import resolve_pretrained
 from plumbing.peft_format import read_adapter_config
 from plumbing.records import general_tokens, text_windows
-from plumbing.report import dir_bytes, format_table, one_line
+from plumbing.report import dir_bytes, format_table
 from plumbing.runs import locate_tuned, read_run
-from tasks import detect_task, load_items, pick_shots, summarize
+from tasks import detect_task, load_items, load_store, pick_shots, shot_pool, summarize
 from tasks.instruct import HELD_OUT_FAMILIES, score_exact
+from tasks.knowledge import score_knowledge
 from tasks.triage import score_triage
+
+RUNGS = ("base_zero_shot", "base_few_shot", "base_retrieval", "fine_tuned", "fine_tuned_retrieval")
+SCORERS = {"triage": score_triage, "instruct": score_exact, "exact": score_exact}
 from train import summed_loss
 
 # -----------------------------------------------------------------------------
@@ -196,6 +200,27 @@ class BM25:
         return sorted(range(len(s)), key=lambda i: -s[i])[:k]
 
 
+def with_documents(prompt, documents):
+    """The prompt with retrieved documents appended to its system message (one is added if it has none):
+    what the model knows at answer time changes, its weights do not."""
+    context = "Use these documents:\n\n" + "\n\n".join(documents)
+    if prompt and prompt[0]["role"] == "system":
+        return [{"role": "system", "content": prompt[0]["content"] + "\n\n" + context}] + prompt[1:]
+    return [{"role": "system", "content": context}] + prompt
+
+
+def retrieved(prompts, texts, k, tok, room, as_shots):
+    """(prompt ids, seconds to build the index): each prompt with the k texts BM25 ranks highest for its
+    last message, as documents in its system message, or (as_shots: texts are conversations) as its shots."""
+    t0 = time.time()
+    index = BM25([" ".join(m["content"] for m in t) if as_shots else t for t in texts])
+    seconds = time.time() - t0  # an update of the knowledge = rebuilding this index
+    best = [[texts[i] for i in index.top_k(p[-1]["content"], k)] for p in prompts]
+    if as_shots:  # the most similar first in the list = nearest the question in the prompt
+        return [fit_prompt(p, b[::-1], tok, room)[0] for p, b in zip(prompts, best)], seconds
+    return [fit_prompt(with_documents(p, b), [], tok, room)[0] for p, b in zip(prompts, best)], seconds
+
+
 @torch.no_grad()
 def greedy_replies(model, prompts, max_new_tokens, device, tok):
     """The model's greedy replies to a batch of prompts (lists of ids) in one KV-cached generate: padded on
@@ -214,10 +239,9 @@ def greedy_replies(model, prompts, max_new_tokens, device, tok):
     return replies
 
 
-def run_rung(name, model, prompts, references, task, max_new_tokens, device, tok, dtype="float32", batch_size=8):
-    """(replies, scores): one model's greedy replies to the prompts, batch_size at a time (prompts of similar
-    length together: little padding), scored by the task's scorer."""
-    score = score_triage if task == "triage" else score_exact
+def run_rung(name, model, prompts, max_new_tokens, device, tok, dtype="float32", batch_size=8):
+    """One model's greedy replies to the prompts, batch_size at a time (prompts of similar length together:
+    little padding)."""
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     replies = [None] * len(prompts)
     for start in tqdm(range(0, len(order), batch_size), desc=name, leave=False):
@@ -225,7 +249,7 @@ def run_rung(name, model, prompts, references, task, max_new_tokens, device, tok
         with autocast(device, dtype):
             for i, reply in zip(batch, greedy_replies(model, [prompts[i] for i in batch], max_new_tokens, device, tok)):
                 replies[i] = reply
-    return replies, [score(reply, ref) for reply, ref in zip(replies, references)]
+    return replies
 
 
 # -----------------------------------------------------------------------------
@@ -267,53 +291,10 @@ def forgetting(base, tuned, windows, device, dtype="float32"):
 
 
 def chat(model, tok, cfg, device, system):
-    """Read user turns from stdin, stream each reply token by token. The prompt is the whole conversation
-    (after the system prompt, if not empty) rendered by data.render_prompt, the function that built the
-    training prompts, so the model sees exactly the token layout it learned; a reply ends at end-of-turn."""
-    max_new = cfg.max_new_tokens or 256
-    block = model.config.block_size
-    fmt = chat_format(tok)
-    print("chat with the fine-tuned model: /reset starts over, /quit (or Ctrl-D) exits", flush=True)
-    if system or fmt.default_system:  # no system message: render_prompt inserts the family's default (SmolLM2)
-        print(f"system prompt: {one_line(system or fmt.default_system, 100)}", flush=True)
-    history, turn = [], 0
-    while True:
-        try:
-            line = input("you> ")
-        except EOFError:
-            print()
-            return
-        text = line.strip()
-        if text in ("/quit", "/exit"):
-            return
-        if text == "/reset":
-            history = []
-            print("(conversation cleared)", flush=True)
-            continue
-        if not text:
-            continue
-        history.append({"role": "user", "content": line})
-        head = [{"role": "system", "content": system}] if system else []  # never an empty system message
-        # Forget the oldest exchanges (never the system prompt) until the prompt leaves room to answer.
-        while True:
-            ids = render_prompt(head + history, tok)
-            if len(ids) + max_new <= block or len(history) <= 1:
-                break
-            history = history[2:]
-        print("assistant> ", end="", flush=True)
-        # Multi-byte characters can span tokens: an incremental decoder prints them once they are complete.
-        decoder, reply = codecs.getincrementaldecoder("utf-8")(errors="replace"), []
-        idx = torch.tensor([ids[-block:]], dtype=torch.long, device=device)  # (1, T)
-        for token in model.stream(idx, max_new, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                                  stop_token=fmt.end_of_turn_id, seed=cfg.seed + turn):
-            if token in fmt.stop_ids:
-                break
-            reply.append(token)
-            print(decoder.decode(tok.decode_single_token_bytes(token)), end="", flush=True)
-        print(decoder.decode(b"", final=True), flush=True)
-        # Kept as text and re-rendered next turn, as render_conversation renders a training reply.
-        history.append({"role": "assistant", "content": tok.decode(reply)})
-        turn += 1
+    """Read user turns from stdin and stream each reply (plumbing/chat.py runs the loop). The prompt is the
+    whole conversation rendered by data.render_prompt, the function that built the training prompts, so the
+    model sees exactly the token layout it learned; a reply ends at end-of-turn."""
+    repl(model, tok, cfg, device, system, render_prompt, chat_format(tok))
 
 
 # -----------------------------------------------------------------------------
@@ -366,27 +347,46 @@ def run_eval(cfg):
     else:
         overfit = {"skipped": "needs a built-in dataset's train split next to a held-out split"}
 
-    # The ladder: base zero-shot, base k-shot, tuned -- same items, same scorer, greedy.
-    prompts = [split_reply(r["messages"])[0] for r in records]
+    # The ladder: five rungs, the same items and scorer, greedy. Retrieval is BM25 over the knowledge task's
+    # document store (the top 2 documents in the system message), or for a behaviour task over the training
+    # conversations (the k most like the test message become its shots: nearest-neighbour few-shot).
     references = [split_reply(r["messages"])[1] for r in records]
     max_new = cfg.max_new_tokens or max(len(tok.encode_ordinary(ref)) for ref in references) + 16
     room = block - max_new  # prompt tokens that still leave room for a whole reply
     families = [r.get("family", "") for r in records]
     held_out = set(HELD_OUT_FAMILIES) if task == "instruct" else set()
-    gen = (references, task, max_new, device, tok, dtype, cfg.batch_size)  # the same for every rung
-    zero_ids = [fit_prompt(p, [], tok, room)[0] for p in prompts]
-    base_replies, scores = run_rung("base zero-shot", base, zero_ids, *gen)
-    ladder = {"base_zero_shot": summarize(task, scores, families, held_out)}
     shots, why_no_shots = pick_shots(cfg, data, data_path, args.get("data"), conversations)
-    if shots:
-        fitted = [fit_prompt(p, shots, tok, room) for p in prompts]  # [(ids, shots that fit)]
-        _, scores = run_rung(f"base {len(shots)}-shot", base, [ids for ids, _ in fitted], *gen)
-        ladder["base_few_shot"] = {"shots": len(shots), "mean_shots_used": sum(k for _, k in fitted) / len(fitted),
-                                   **summarize(task, scores, families, held_out)}
-    else:
-        ladder["base_few_shot"] = {"shots": cfg.shots, "skipped": why_no_shots}
-    tuned_replies, scores = run_rung("fine-tuned", tuned, zero_ids, *gen)
-    ladder["fine_tuned"] = summarize(task, scores, families, held_out)
+    pool, why_no_pool = shot_pool(cfg, data, data_path, args.get("data"), conversations)
+    tuned_cost = {"stored_bytes": dir_bytes(tuned_dir), "update_seconds": run.get("wall_time_s")}
+
+    def ladder_on(items, store):
+        """({rung: metrics and cost}, {rung: replies}); retrieval searches store, else the training examples."""
+        prompts = [split_reply(r["messages"])[0] for r in items]
+        zero = [fit_prompt(p, [], tok, room)[0] for p in prompts]
+        rungs = {"base_zero_shot": (base, zero, {}), "fine_tuned": (tuned, zero, tuned_cost)}
+        if shots:
+            rungs["base_few_shot"] = (base, [fit_prompt(p, shots, tok, room)[0] for p in prompts], {})
+        texts = store or pool
+        if texts:
+            found, index_s = retrieved(prompts, texts, 2 if store else max(cfg.shots, 1), tok, room, not store)
+            size = len(json.dumps(texts).encode())  # what retrieval stores: the documents or the examples
+            rungs["base_retrieval"] = (base, found, {"stored_bytes": size, "update_seconds": index_s})
+            rungs["fine_tuned_retrieval"] = (tuned, found, {"stored_bytes": tuned_cost["stored_bytes"] + size,
+                                                            "update_seconds": index_s})
+        out, replies = {name: {"skipped": why_no_shots if "few" in name else why_no_pool} for name in RUNGS}, {}
+        for name, (model, ids, cost) in sorted(rungs.items(), key=lambda kv: RUNGS.index(kv[0])):
+            replies[name] = run_rung(name, model, ids, max_new, device, tok, dtype, cfg.batch_size)
+            scores = [score_knowledge(x, r) if task == "knowledge" else SCORERS.get(task, score_exact)(
+                x, split_reply(r["messages"])[1]) for x, r in zip(replies[name], items)]
+            out[name] = {**summarize(task, scores, families, held_out), "shots": len(shots),
+                         "prompt_tokens": sum(map(len, ids)) / len(ids), **cost}
+        return out, replies
+
+    # the built-in store's two versions: as the model was tuned on it (1), and as it is now (2)
+    docs = [load_store(data, v) for v in (1, 2)] if data == "knowledge" else None
+    ladder, replies = ladder_on(records, docs[0] if docs else None)
+    ladder_v2 = ladder_on(load_items(data, "test_v2", cfg.limit)[0], docs[1])[0] if docs else None
+    prompts = [split_reply(r["messages"])[0] for r in records]
 
     # Forgetting: general English the fine-tuning data never contained.
     window = min(block, FORGET_WINDOW)
@@ -400,9 +400,9 @@ def run_eval(cfg):
         "loss": loss, "perplexity": perplexity(loss), "base_loss": base_loss,
         "base_perplexity": perplexity(base_loss), "n_response_tokens": n_tok, "n_loss_examples": len(examples),
         "n_loss_dropped": stats["n_dropped"],
-        "ladder": ladder, "overfitting": overfit, "forgetting": forget,
+        "ladder": ladder, "ladder_v2": ladder_v2, "overfitting": overfit, "forgetting": forget,
         "samples": [{"user": prompts[i][-1]["content"] if prompts[i] else "", "reference": references[i],
-                     "base": base_replies[i], "tuned": tuned_replies[i]}
+                     "base": replies["base_zero_shot"][i], "tuned": replies["fine_tuned"][i]}
                     for i in range(min(cfg.samples, len(records)))],
         "tuned_bytes": dir_bytes(tuned_dir),
         "train": {k: run.get(k) for k in ("status", "steps", "wall_time_s", "device", "dtype", "trainable_params",

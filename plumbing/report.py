@@ -113,7 +113,30 @@ def pct(x):
     return f"{100 * x:5.1f}%"
 
 
-RUNG_LABELS = {"base_zero_shot": "base, zero-shot", "base_few_shot": "base, {k}-shot", "fine_tuned": "fine-tuned"}
+RUNG_LABELS = {"base_zero_shot": "base, zero-shot", "base_few_shot": "base, {k}-shot",
+               "base_retrieval": "base + retrieval", "fine_tuned": "fine-tuned",
+               "fine_tuned_retrieval": "fine-tuned + retrieval"}
+
+
+def human_bytes(n):
+    return "-" if n is None else next(f"{n / 1000 ** i:,.1f} {u}" for i, u in enumerate(("B", "kB", "MB", "GB"))
+                                      if n < 1000 ** (i + 1) or u == "GB")
+
+
+def ladder_lines(ladder, title, cols, get):
+    """The rungs as rows: the task's metrics, then what each costs (prompt tokens per request, bytes stored,
+    seconds an update of the knowledge takes: re-index for retrieval, re-train for fine-tuning)."""
+    width = max(max(len(c) for c in cols) + 2, 8)
+    lines = [f"{title:34}" + "".join(f"{c:>{width}}" for c in cols) + f"{'prompt tok':>12}{'stored':>11}{'update':>11}"]
+    for rung, m in ladder.items():
+        label = RUNG_LABELS[rung].format(k=m.get("shots"))
+        if m.get("skipped"):
+            lines.append(f"  {label:32}skipped: {m['skipped']}")
+            continue
+        update = "-" if m.get("update_seconds") is None else f"{m['update_seconds']:,.3g} s"
+        lines.append(f"  {label:32}" + "".join(f"{pct(v):>{width}}" for v in get(m)) +
+                     f"{m['prompt_tokens']:>12,.0f}{human_bytes(m.get('stored_bytes')):>11}{update:>11}")
+    return lines
 
 
 def format_table(report):
@@ -129,17 +152,15 @@ def format_table(report):
     elif task == "instruct":
         cols = ["accuracy", "seen", "held-out"]
         get = lambda m: [m["accuracy"], m["seen"], m["held_out"]]
+    elif task == "knowledge":
+        cols = ["accuracy", "stale"]
+        get = lambda m: [m["accuracy"], m["stale"]]
     else:
         cols = ["accuracy"]
         get = lambda m: [m["accuracy"]]
-    width = max(len(c) for c in cols) + 2
-    lines.append(f"{'ladder (same items, same scorer)':34}" + "".join(f"{c:>{max(width, 8)}}" for c in cols))
-    for rung, m in report["ladder"].items():
-        label = RUNG_LABELS[rung].format(k=m.get("shots"))
-        if m.get("skipped"):
-            lines.append(f"  {label:32}skipped: {m['skipped']}")
-            continue
-        lines.append(f"  {label:32}" + "".join(f"{pct(v):>{max(width, 8)}}" for v in get(m)))
+    lines += ladder_lines(report["ladder"], "ladder (same items, same scorer)", cols, get)
+    if report.get("ladder_v2"):  # the knowledge task after its store changed: tuned on v1, retrieving v2
+        lines += ["", *ladder_lines(report["ladder_v2"], "after the store changed (version 2)", cols, get)]
     if task == "instruct":  # which families the tuned model gets right; * marks families never trained on
         fams = report["ladder"]["fine_tuned"]["families"]
         per = [f"{name}{'*' if v['held_out'] else ''} {round(v['accuracy'] * v['n'])}/{v['n']}"

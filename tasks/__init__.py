@@ -64,6 +64,12 @@ def load_items(data, split, limit):
     return (records[:limit] if limit > 0 else records), path, split
 
 
+def load_store(data, version):
+    """The knowledge task's document store, version 1 or 2: a list of texts (data/knowledge/docs_vN.jsonl)."""
+    with open(resolve_dataset(data, f"docs_v{version}"), encoding="utf-8") as f:
+        return [json.loads(line)["text"] for line in f if line.strip()]
+
+
 def detect_task(records, data):
     """The scorer for these records: the built-in name, else triage if every reference is a triage label,
     instruct if every record names its family, knowledge if every record names its fact, else exact match."""
@@ -78,11 +84,9 @@ def detect_task(records, data):
     return "exact"
 
 
-def pick_shots(cfg, data, data_path, train_data, evaluated):
-    """(list of k solved conversations, reason if none): a seeded random pick from a training split (the
-    same k for every test item), never one of the evaluated conversations themselves."""
-    if cfg.shots <= 0:
-        return [], "--shots 0"
+def shot_pool(cfg, data, data_path, train_data, evaluated):
+    """(solved training conversations a prompt may show, reason if none): a built-in's train split, else
+    --shots-data or the run's own training file; never one of the evaluated conversations themselves."""
     source = cfg.shots_data
     if source is None:
         if data in BUILTIN_DATASETS:
@@ -95,10 +99,18 @@ def pick_shots(cfg, data, data_path, train_data, evaluated):
     key = lambda conv: tuple((m["role"], m["content"]) for m in conv)
     taken = {key(c) for c in evaluated}
     pool = [r["messages"] for r in load_records(path) if key(r["messages"]) not in taken]
+    return pool, None if pool else f"{path} has no conversation that is not also evaluated"
+
+
+def pick_shots(cfg, data, data_path, train_data, evaluated):
+    """(list of k solved conversations, reason if none): a seeded random pick from shot_pool, the same k
+    for every test item."""
+    if cfg.shots <= 0:
+        return [], "--shots 0"
+    pool, why = shot_pool(cfg, data, data_path, train_data, evaluated)
     if not pool:
-        return [], f"{path} has no conversation that is not also evaluated"
-    rng = random.Random(cfg.seed)
-    return rng.sample(pool, min(cfg.shots, len(pool))), None
+        return [], why
+    return random.Random(cfg.seed).sample(pool, min(cfg.shots, len(pool))), None
 
 
 def summarize(task, scores, families, held_out):
@@ -107,4 +119,6 @@ def summarize(task, scores, families, held_out):
         return triage.summarize(scores)
     if task == "instruct":
         return instruct.summarize(scores, families, held_out)
+    if task == "knowledge":
+        return knowledge.summarize(scores)
     return {"n": len(scores), "accuracy": sum(s["exact"] for s in scores) / max(len(scores), 1)}

@@ -294,6 +294,20 @@ def test_bm25_scores_equal_a_hand_computed_example():
     assert bm25.scores("unicorn") == [0, 0, 0] and bm25.top_k("unicorn", 2) == [0, 1]  # ties: earlier first
 
 
+def test_retrieval_puts_the_best_documents_in_the_system_message_or_the_nearest_examples_as_shots(gpt2_tokenizer):
+    docs = ["The router costs $199.", "Support opens at 8 am.", "The thermostat costs $129."]
+    prompt = [{"role": "system", "content": "Answer."}, {"role": "user", "content": "When does support open?"}]
+    ids, _ = ev.retrieved([prompt], docs, 1, gpt2_tokenizer, 1000, as_shots=False)
+    want = [{"role": "system", "content": "Answer.\n\nUse these documents:\n\nSupport opens at 8 am."}, prompt[1]]
+    assert ids == [render_prompt(want, gpt2_tokenizer)]
+    convs = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+             for q, a in (("my router is slow", "bug"), ("refund my order", "refund"), ("router keeps dropping", "bug"))]
+    question = [{"role": "user", "content": "the router dropping again"}]
+    ids, _ = ev.retrieved([question], convs, 2, gpt2_tokenizer, 1000, as_shots=True)
+    # the two router conversations, the most similar ("router keeps dropping") last, next to the question
+    assert ids == [render_prompt(ev.few_shot(question, [convs[0], convs[2]]), gpt2_tokenizer)]
+
+
 def test_greedy_replies_stop_at_end_of_turn_and_left_pad_with_a_mask(gpt2_tokenizer):
     class Scripted:  # a "model" whose generate emits two tokens, EOT, then padding EOTs
         def generate(self, idx, max_new_tokens, temperature, stop_token, mask):
@@ -377,6 +391,25 @@ def lora_run(tiny_dir, tmp_path_factory):
     return out
 
 
+def test_knowledge_run_reports_five_rungs_before_and_after_the_store_changes(tiny_dir, tmp_path):
+    out = tmp_path / "k"
+    r = run(["train.py", "--model", str(tiny_dir), "--data", "knowledge", "--max-steps", "2", "--batch-size", "4",
+             "--warmup", "0", "--out", str(out)])
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = out / "report.json"
+    r = run(["eval.py", "--out", str(out), "--limit", "4", "--max-new-tokens", "3", "--shots", "1", "--samples", "0",
+             "--general-tokens", "256", "--report", str(report)])
+    assert r.returncode == 0, r.stderr[-2000:]
+    rep = json.loads(report.read_text())
+    assert rep["task"] == "knowledge" and set(rep["ladder"]) == set(rep["ladder_v2"]) == set(ev.RUNGS)
+    for ladder in (rep["ladder"], rep["ladder_v2"]):
+        assert all(m["n"] == 4 and 0 <= m["accuracy"] + m["stale"] <= 1 for m in ladder.values())
+        # two documents of the store in every retrieval prompt: more tokens than the question alone
+        assert ladder["base_retrieval"]["prompt_tokens"] > ladder["base_zero_shot"]["prompt_tokens"] + 40
+        assert ladder["fine_tuned_retrieval"]["update_seconds"] < ladder["fine_tuned"]["update_seconds"]
+    assert "after the store changed (version 2)" in r.stdout and "fine-tuned + retrieval" in r.stdout
+
+
 def test_end_to_end_lora_report_has_ladder_forgetting_and_losses(lora_run):
     report = lora_run / "report.json"
     r = run(["eval.py", "--out", str(lora_run), "--limit", "3", "--max-new-tokens", "4", "--shots", "2",
@@ -387,10 +420,15 @@ def test_end_to_end_lora_report_has_ladder_forgetting_and_losses(lora_run):
     assert rep["kind"] == "lora" and rep["model"] == json.loads((lora_run / "run.json").read_text())["args"]["model"]
     for key in ("loss", "perplexity", "base_loss", "base_perplexity"):
         assert rep[key] > 0
-    assert set(rep["ladder"]) == {"base_zero_shot", "base_few_shot", "fine_tuned"}
+    assert set(rep["ladder"]) == set(ev.RUNGS) and len(ev.RUNGS) == 5
     assert rep["ladder"]["base_few_shot"]["shots"] == 2
     for rung in rep["ladder"].values():
         assert rung["n"] == 3 and 0 <= rung["exact_match"] <= 1 and set(rung["fields"]) == set(TRIAGE_FIELDS)
+        assert rung["prompt_tokens"] > 0
+    lad = rep["ladder"]  # nearest-neighbour shots cost prompt tokens; the tuned rungs store the adapter
+    assert lad["base_retrieval"]["prompt_tokens"] > lad["base_zero_shot"]["prompt_tokens"]
+    assert lad["fine_tuned"]["stored_bytes"] == rep["tuned_bytes"] and lad["fine_tuned"]["update_seconds"] > 0
+    assert rep["ladder_v2"] is None
     f = rep["forgetting"]
     assert f["kl_base_tuned"] >= 0 and f["n_tokens"] == 1024 and f["general_text"].endswith("general.txt")
     assert {"base_perplexity", "tuned_perplexity", "perplexity_change"} <= set(f)
@@ -548,7 +586,7 @@ def test_smollm2_lora_train_then_eval_end_to_end(tiny_llama_dir, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     rep = json.loads(report.read_text())
     assert rep["kind"] == "lora" and rep["n_items"] == 2 and rep["task"] == "triage"
-    assert set(rep["ladder"]) == {"base_zero_shot", "base_few_shot", "fine_tuned"}
+    assert set(rep["ladder"]) == set(ev.RUNGS)
     assert all(rung["n"] == 2 for rung in rep["ladder"].values())
     f = rep["forgetting"]
     # 1500 tokens in windows of 1024 (FORGET_WINDOW), not of the model's 2048: every token predicted once
