@@ -1,9 +1,9 @@
 """eval.py: did fine-tuning work, and what did it cost? Numbers for each claim, and a chat to try the result.
 
-Fine-tuning is worth it only if it beats prompting: so the base model is scored zero-shot, then with k solved
-examples in the prompt, then the fine-tuned model -- same test items, same scorer, greedy decoding. The price
-is measured too: the response-token loss on train vs test data (overfitting), and the tuned model's
-perplexity and KL divergence from the base model on general English text it was not tuned on (forgetting).
+Fine-tuning is worth it only if it beats prompting and retrieval: the base model zero-shot, with k solved
+examples, with retrieved text (BM25), then the fine-tuned model without and with retrieval, each with its cost
+(same items, same scorer, greedy). And its price: response loss on train vs test data (overfitting), and the
+tuned model's perplexity and KL from the base model on general English it was not tuned on (forgetting).
 
     python eval.py                                   # after `python train.py`: reads out/, writes out/eval.json
     python eval.py --adapter out/adapter --limit 50  # a LoRA adapter (its base model comes from its config)

@@ -74,6 +74,9 @@ def test_every_script_has_help():
     import subprocess
     import sys
 
-    for name in ("model", "data", "train", "eval"):
-        r = subprocess.run([sys.executable, f"{name}.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    scripts = [f"{name}.py" for name in ("model", "data", "train", "eval")]
+    scripts += sorted(str(p.relative_to(ROOT)) for d in ("lab", "scripts") for p in (ROOT / d).glob("*.py"))
+    assert "lab/ladder_report.py" in scripts and "scripts/gpu_check.py" in scripts
+    for name in scripts:
+        r = subprocess.run([sys.executable, name, "--help"], cwd=ROOT, capture_output=True, text=True)
         assert r.returncode == 0 and r.stdout.startswith("usage:") and not r.stderr, name
