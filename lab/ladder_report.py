@@ -16,6 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from plumbing.files import atomic_write_bytes, atomic_write_text  # noqa: E402
 from plumbing.report import RUNG_LABELS, human_bytes  # noqa: E402
 
+QUESTIONS = {"v1": "store v1", "v2": "store v2 (changed)", "test": "test split"}
 RUNGS = ("base_zero_shot", "base_few_shot", "base_retrieval", "fine_tuned", "fine_tuned_retrieval")
 
 
@@ -26,7 +27,8 @@ def accuracy(m):
 def rows(name, report):
     """[(run, questions, rung, accuracy, stale, prompt tokens, stored bytes, update seconds)]."""
     out = []
-    for which, ladder in (("v1", report["ladder"]), ("v2", report.get("ladder_v2"))):
+    first = "v1" if report["task"] == "knowledge" else "test"  # a behaviour task has no store
+    for which, ladder in ((first, report["ladder"]), ("v2", report.get("ladder_v2"))):
         for rung in RUNGS if ladder else ():
             m = ladder[rung]
             out.append((name, which, rung, accuracy(m), m.get("stale"), m.get("prompt_tokens"),
@@ -40,7 +42,7 @@ def markdown(table, reports):
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for run, which, rung, acc, stale, tokens, stored, update in table:
         label = RUNG_LABELS[rung].format(k=reports[run]["ladder"]["base_few_shot"].get("shots"))
-        questions = "store v1" if which == "v1" else "store v2 (changed)"
+        questions = QUESTIONS[which]
         if tokens is None:
             lines.append(f"| {run} | {questions} | {label} | skipped | | | | |")
             continue
@@ -64,7 +66,7 @@ def plot(table, path):
         acc = {rung: a for r, w, rung, a, *_ in table if (r, w) == (run, which)}
         xs = [i + j * width for i in range(len(RUNGS))]
         ax.bar(xs, [100 * (acc.get(r) or 0) for r in RUNGS], width,
-               label=f"{run}, {'store v1' if which == 'v1' else 'store v2 (changed)'}")
+               label=f"{run}, {QUESTIONS[which]}")
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(RUNGS))])
     ax.set_xticklabels([RUNG_LABELS[r].format(k="k") for r in RUNGS], fontsize=8)
     ax.set_ylabel("accuracy (%)")
