@@ -72,7 +72,7 @@ class EvalConfig:
     shots_data: str | None = cli.opt(None, "where few-shot examples come from (default: the training data)")
     samples: int = cli.opt(3, "test prompts shown side by side", min=0)
     max_new_tokens: int | None = cli.opt(None, "generation cap (default: longest reference + 16; chat 256)", min=1)
-    batch_size: int = cli.opt(8, "examples per forward pass (losses) and per batched generation", min=1)
+    batch_size: int = cli.opt(16, "examples per forward pass (losses) and per batched generation", min=1)
     general_text: str | None = cli.opt(None, "plain text for forgetting (default: data/general.txt)")
     general_tokens: int = cli.opt(8192, "at most this many tokens of it", min=1)
     report: str | None = cli.opt(None, "JSON report path (default: OUT/eval.json)")
