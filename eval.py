@@ -41,14 +41,11 @@ from plumbing.peft_format import read_adapter_config
 from plumbing.records import general_tokens, text_windows
 from plumbing.report import dir_bytes, format_table
 from plumbing.runs import locate_tuned, read_run
-from tasks import detect_task, load_items, load_store, pick_shots, shot_pool, summarize
-from tasks.instruct import HELD_OUT_FAMILIES, score_exact
-from tasks.knowledge import score_knowledge
-from tasks.triage import score_triage
+from tasks import detect_task, load_items, load_store, sample_shots, score, shot_pool, summarize
+from tasks.instruct import HELD_OUT_FAMILIES
+from train import summed_loss
 
 RUNGS = ("base_zero_shot", "base_few_shot", "base_retrieval", "fine_tuned", "fine_tuned_retrieval")
-SCORERS = {"triage": score_triage, "instruct": score_exact, "exact": score_exact}
-from train import summed_loss
 
 # -----------------------------------------------------------------------------
 # CLI
@@ -355,8 +352,8 @@ def run_eval(cfg):
     room = block - max_new  # prompt tokens that still leave room for a whole reply
     families = [r.get("family", "") for r in records]
     held_out = set(HELD_OUT_FAMILIES) if task == "instruct" else set()
-    shots, why_no_shots = pick_shots(cfg, data, data_path, args.get("data"), conversations)
-    pool, why_no_pool = shot_pool(cfg, data, data_path, args.get("data"), conversations)
+    pool, why_no_pool = shot_pool(cfg, data, data_path, args.get("data"), conversations)  # read once, used twice
+    shots, why_no_shots = sample_shots(cfg, pool, why_no_pool)
     tuned_cost = {"stored_bytes": dir_bytes(tuned_dir), "update_seconds": run.get("wall_time_s")}
 
     def ladder_on(items, store):
@@ -376,8 +373,7 @@ def run_eval(cfg):
         out, replies = {name: {"skipped": why_no_shots if "few" in name else why_no_pool} for name in RUNGS}, {}
         for name, (model, ids, cost) in sorted(rungs.items(), key=lambda kv: RUNGS.index(kv[0])):
             replies[name] = run_rung(name, model, ids, max_new, device, tok, dtype, cfg.batch_size)
-            scores = [score_knowledge(x, r) if task == "knowledge" else SCORERS.get(task, score_exact)(
-                x, split_reply(r["messages"])[1]) for x, r in zip(replies[name], items)]
+            scores = [score(task, x, r) for x, r in zip(replies[name], items)]
             out[name] = {**summarize(task, scores, families, held_out), "shots": len(shots),
                          "prompt_tokens": sum(map(len, ids)) / len(ids), **cost}
         return out, replies

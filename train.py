@@ -435,7 +435,7 @@ def run_training(cfg, flags_given=()):
             step = progress.step
             bar.update(1)
             tokens_since += counts[1].item()
-            flops_since += step_flops(costs, micro, IGNORE_INDEX)[0] * rt.world_size
+            flops_since += step_flops(costs, micro, IGNORE_INDEX) * rt.world_size
 
             # evaluation (every process takes part), then logging and checkpoints (rank 0 writes)
             record = {"step": step, "loss": loss, "lr": lr, "grad_norm": norm}

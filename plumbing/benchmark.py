@@ -17,7 +17,7 @@ import time
 import torch
 
 from plumbing.device import autocast
-from plumbing.flops import flop_costs, step_flops
+from plumbing.flops import flop_costs, padding_flops, step_flops
 
 
 def synthetic_windows(n, grad_accum, batch_size, seq_len, vocab_size, seed, device, ignore_index):
@@ -257,7 +257,8 @@ def run(cfg, rt, model_dir, model, stream, our_step, make_optimizer, optimizer_s
             shutil.rmtree(adapter_dir, ignore_errors=True)
     results = time_steps(steps, windows, cfg, rt, ignore_index)
     costs = flop_costs(model)
-    flops = [step_flops(costs, w, ignore_index) for w in windows[cfg.benchmark_warmup:]]  # (total, padding)
-    flops_per_step = sum(f for f, _ in flops) / len(flops) * rt.world_size
-    padding_share = sum(p for _, p in flops) / max(sum(f for f, _ in flops), 1)
+    timed = windows[cfg.benchmark_warmup:]
+    flops = sum(step_flops(costs, w, ignore_index) for w in timed)
+    flops_per_step = flops / len(timed) * rt.world_size
+    padding_share = sum(padding_flops(costs, w, ignore_index) for w in timed) / max(flops, 1)
     return report(cfg, rt, results, flops_per_step, padding_share, source, log)

@@ -64,16 +64,25 @@ def flop_costs(model):
 
 
 def step_flops(costs, micro_batches, ignore_index):
-    """(FLOPs of one optimizer step on this process, the part of them spent on padding positions).
-    costs: flop_costs(model); micro_batches: [(x (B, T), targets (B, T))]."""
+    """FLOPs of one optimizer step on this process. costs: flop_costs(model); micro_batches: [(x (B, T),
+    targets (B, T))]."""
     per_position, head, attention = costs
-    total = padding = 0
+    total = 0
     for x, y in micro_batches:
         B, T = x.size()  # batch, time
-        trained = y != ignore_index  # (B, T)
         block = per_position + 3 * attention * T  # every position, forward + backward (2x) of attention
-        total += block * B * T + head * int(trained.sum())
-        # padding: the positions after a row's last trained one (collate pads on the right)
+        total += block * B * T + head * int((y != ignore_index).sum())
+    return total
+
+
+def padding_flops(costs, micro_batches, ignore_index):
+    """The part of step_flops spent on padding: the positions after a row's last trained one (collate pads
+    on the right). Reported by --benchmark, not computed in the training loop."""
+    per_position, _, attention = costs
+    padding = 0
+    for x, y in micro_batches:
+        T = x.size(1)
+        trained = y != ignore_index  # (B, T)
         upto_last = (trained * torch.arange(1, T + 1, device=y.device)).amax(1)  # (B,) 0 if nothing trained
-        padding += block * int((T - upto_last).sum())
-    return total, padding
+        padding += (per_position + 3 * attention * T) * int((T - upto_last).sum())
+    return padding

@@ -119,8 +119,14 @@ RUNG_LABELS = {"base_zero_shot": "base, zero-shot", "base_few_shot": "base, {k}-
 
 
 def human_bytes(n):
-    return "-" if n is None else next(f"{n / 1000 ** i:,.1f} {u}" for i, u in enumerate(("B", "kB", "MB", "GB"))
-                                      if n < 1000 ** (i + 1) or u == "GB")
+    """2500 -> "2.5 kB"; None -> "-"."""
+    if n is None:
+        return "-"
+    for unit in ("B", "kB", "MB"):
+        if n < 1000:
+            return f"{n:,.1f} {unit}"
+        n /= 1000
+    return f"{n:,.1f} GB"
 
 
 def ladder_lines(ladder, title, cols, get):

@@ -73,11 +73,11 @@ def default_step(model_dir, full):
     windows = [[stream.next()] for _ in range(13)]
     seconds = timed(step, windows, rt)
     costs = flop_costs(raw)
-    flops = sum(step_flops(costs, w, IGNORE_INDEX)[0] for w in windows[3:]) / 10
+    flops = sum(step_flops(costs, w, IGNORE_INDEX) for w in windows[3:]) / 10
     with FlopCounterMode(display=False) as fc:
         step(windows[3])
     counted = fc.get_total_flops()
-    ours_same = step_flops(costs, windows[3], IGNORE_INDEX)[0]
+    ours_same = step_flops(costs, windows[3], IGNORE_INDEX)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         t0 = time.perf_counter()
         for w in windows[3:8]:

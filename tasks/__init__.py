@@ -102,15 +102,24 @@ def shot_pool(cfg, data, data_path, train_data, evaluated):
     return pool, None if pool else f"{path} has no conversation that is not also evaluated"
 
 
-def pick_shots(cfg, data, data_path, train_data, evaluated):
-    """(list of k solved conversations, reason if none): a seeded random pick from shot_pool, the same k
-    for every test item."""
+def sample_shots(cfg, pool, why):
+    """(list of k solved conversations, reason if none): a seeded random pick from shot_pool's (pool, why),
+    the same k for every test item."""
     if cfg.shots <= 0:
         return [], "--shots 0"
-    pool, why = shot_pool(cfg, data, data_path, train_data, evaluated)
     if not pool:
         return [], why
     return random.Random(cfg.seed).sample(pool, min(cfg.shots, len(pool))), None
+
+
+
+def score(task, reply, record):
+    """One reply against its record by the task's own rules: knowledge reads the record's fact and version,
+    the others compare with the reference reply (the record's last message)."""
+    if task == "knowledge":
+        return knowledge.score_knowledge(reply, record)
+    reference = record["messages"][-1]["content"]
+    return triage.score_triage(reply, reference) if task == "triage" else instruct.score_exact(reply, reference)
 
 
 def summarize(task, scores, families, held_out):

@@ -15,7 +15,7 @@ from data import IGNORE_INDEX
 from model import GPT, LLAMA_SWITCHES, GPTConfig
 from plumbing import device
 from plumbing.benchmark import peak_for_name
-from plumbing.flops import flop_costs, step_flops
+from plumbing.flops import flop_costs, padding_flops, step_flops
 
 # -----------------------------------------------------------------------------
 # dtype: by compute capability on CUDA, by the instruction set on the CPU
@@ -101,7 +101,8 @@ def test_step_flops_agree_with_flop_counter_mode(arch, full):
         y[:, :prompt] = IGNORE_INDEX
         y[0, T - 6:] = IGNORE_INDEX  # row 0 ends in 6 padding positions
         batches.append((x, y))
-    ours, padding = step_flops(flop_costs(m), batches, IGNORE_INDEX)
+    costs = flop_costs(m)
+    ours, padding = step_flops(costs, batches, IGNORE_INDEX), padding_flops(costs, batches, IGNORE_INDEX)
     assert abs(ours / counted(m, batches) - 1) < 0.01
     assert 0 < padding < ours / 10
 

@@ -18,8 +18,8 @@ from torch.nn import functional as F
 
 import eval as ev
 from data import EOT_ID, load_records, render_conversation, render_prompt, resolve_dataset, tokenize_dataset
-from tasks.instruct import HELD_OUT_FAMILIES
-from tasks.triage import TRIAGE_FIELDS
+from tasks.instruct import HELD_OUT_FAMILIES, score_exact
+from tasks.triage import TRIAGE_FIELDS, score_triage
 from model import GPT, GPTConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,17 +48,17 @@ def perturbed(model, seed=1, std=0.02):
 
 
 def test_triage_exact_match_scores_every_field():
-    s = ev.score_triage(GOLD_TEXT, GOLD_TEXT)
+    s = score_triage(GOLD_TEXT, GOLD_TEXT)
     assert s == {"valid": 1, "exact": 1, "category": 1, "priority": 1, "product": 1, "sentiment": 1}
 
 
 def test_triage_key_order_and_surrounding_whitespace_do_not_matter():
     reordered = json.dumps({k: GOLD[k] for k in reversed(TRIAGE_FIELDS)}, indent=None, separators=(",", ":"))
-    assert ev.score_triage("  \n" + reordered + " \n", GOLD_TEXT)["exact"] == 1
+    assert score_triage("  \n" + reordered + " \n", GOLD_TEXT)["exact"] == 1
 
 
 def test_triage_one_wrong_field_costs_exact_match_and_that_field_only():
-    s = ev.score_triage(json.dumps({**GOLD, "priority": "low"}), GOLD_TEXT)
+    s = score_triage(json.dumps({**GOLD, "priority": "low"}), GOLD_TEXT)
     assert s == {"valid": 1, "exact": 0, "category": 1, "priority": 0, "product": 1, "sentiment": 1}
 
 
@@ -75,14 +75,14 @@ def test_triage_one_wrong_field_costs_exact_match_and_that_field_only():
     "[" * 10000,  # pathological nesting
 ])
 def test_triage_malformed_reply_scores_zero_without_crashing(reply):
-    s = ev.score_triage(reply, GOLD_TEXT)
+    s = score_triage(reply, GOLD_TEXT)
     assert s == {"valid": 0, "exact": 0, **{f: 0 for f in TRIAGE_FIELDS}}
 
 
 def test_triage_summary_averages_per_field():
     replies = [GOLD_TEXT, json.dumps({**GOLD, "product": "thermostat"}), "oops",
                json.dumps({**GOLD, "product": "earbuds", "sentiment": "neutral"})]
-    scores = [ev.score_triage(r, GOLD_TEXT) for r in replies]
+    scores = [score_triage(r, GOLD_TEXT) for r in replies]
     m = ev.summarize("triage", scores, [""] * 4, set())
     assert m["n"] == 4
     assert m["exact_match"] == 0.25
@@ -91,9 +91,9 @@ def test_triage_summary_averages_per_field():
 
 
 def test_exact_scorer_strips_surrounding_whitespace_only():
-    assert ev.score_exact(" 42\n", "42") == {"exact": 1}
-    assert ev.score_exact("42.", "42") == {"exact": 0}
-    assert ev.score_exact("Yes", "yes") == {"exact": 0}  # case matters: every family has one exact answer
+    assert score_exact(" 42\n", "42") == {"exact": 1}
+    assert score_exact("42.", "42") == {"exact": 0}
+    assert score_exact("Yes", "yes") == {"exact": 0}  # case matters: every family has one exact answer
 
 
 def test_instruct_summary_groups_seen_and_held_out_families():
@@ -270,12 +270,12 @@ def test_few_shot_examples_are_never_the_evaluated_items(tmp_path):
     f = tmp_path / "pool.jsonl"
     f.write_text("".join(json.dumps({"messages": c}) + "\n" for c in convs))
     cfg = ev.EvalConfig(shots=3, shots_data=str(f))
-    shots, why = ev.pick_shots(cfg, str(f), str(f), None, evaluated=convs[:2])
+    shots, why = pick_shots(cfg, str(f), str(f), None, evaluated=convs[:2])
     assert why is None and len(shots) == 3 and all(s in convs[2:] for s in shots)
-    assert ev.pick_shots(cfg, str(f), str(f), None, evaluated=convs)[0] == []  # nothing left: rung skipped
-    assert ev.pick_shots(ev.EvalConfig(shots=0), "triage", "x", None, [])[0] == []
+    assert pick_shots(cfg, str(f), str(f), None, evaluated=convs)[0] == []  # nothing left: rung skipped
+    assert pick_shots(ev.EvalConfig(shots=0), "triage", "x", None, [])[0] == []
     # a file evaluated as given, with the run's training data being that same file: no shots to take
-    shots, why = ev.pick_shots(ev.EvalConfig(shots=3), str(f), str(f), str(f), evaluated=convs[:1])
+    shots, why = pick_shots(ev.EvalConfig(shots=3), str(f), str(f), str(f), evaluated=convs[:1])
     assert shots == [] and "--shots-data" in why
 
 
@@ -306,6 +306,11 @@ def test_retrieval_puts_the_best_documents_in_the_system_message_or_the_nearest_
     ids, _ = ev.retrieved([question], convs, 2, gpt2_tokenizer, 1000, as_shots=True)
     # the two router conversations, the most similar ("router keeps dropping") last, next to the question
     assert ids == [render_prompt(ev.few_shot(question, [convs[0], convs[2]]), gpt2_tokenizer)]
+
+
+def pick_shots(cfg, data, data_path, train_data, evaluated):
+    """What eval.py does: the pool of shots read once, then the seeded sample from it."""
+    return ev.sample_shots(cfg, *ev.shot_pool(cfg, data, data_path, train_data, evaluated))
 
 
 def test_greedy_replies_stop_at_end_of_turn_and_left_pad_with_a_mask(gpt2_tokenizer):
