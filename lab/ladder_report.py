@@ -87,8 +87,15 @@ def main():
     reports = {}
     for item in args.report:
         name, _, path = item.partition("=")
-        with open(path, encoding="utf-8") as f:
-            reports[name] = json.load(f)
+        if not name or not path:
+            sys.exit(f"error: --report {item}: expected NAME=PATH, e.g. lora=out/know-lora/eval.json")
+        try:
+            with open(path, encoding="utf-8") as f:
+                reports[name] = json.load(f)
+        except (OSError, ValueError) as e:
+            sys.exit(f"error: --report {path}: cannot read it as JSON ({e}); run python eval.py first")
+        if not isinstance(reports[name], dict) or "ladder" not in reports[name]:
+            sys.exit(f"error: --report {path}: not an eval.py report (no ladder); run python eval.py first")
     table = [row for name, rep in reports.items() for row in rows(name, rep)]
     os.makedirs(args.out, exist_ok=True)
     atomic_write_text(os.path.join(args.out, "ladder.json"), json.dumps(

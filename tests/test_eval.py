@@ -413,6 +413,16 @@ def test_knowledge_run_reports_five_rungs_before_and_after_the_store_changes(tin
         assert ladder["base_retrieval"]["prompt_tokens"] > ladder["base_zero_shot"]["prompt_tokens"] + 40
         assert ladder["fine_tuned_retrieval"]["update_seconds"] < ladder["fine_tuned"]["update_seconds"]
     assert "after the store changed (version 2)" in r.stdout and "fine-tuned + retrieval" in r.stdout
+    # lab/ladder_report.py turns the report into results (json, md, png); a wrong argument is one line
+    r = run(["lab/ladder_report.py", "--report", f"tiny={report}", "--out", str(tmp_path / "results")])
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads((tmp_path / "results" / "ladder.json").read_text())["rows"]
+    assert len(rows) == 10 and {r["questions"] for r in rows} == {"v1", "v2"}
+    assert (tmp_path / "results" / "ladder.png").stat().st_size > 0
+    assert "| tiny | store v2 (changed) | fine-tuned + retrieval |" in (tmp_path / "results" / "README.md").read_text()
+    for bad in (str(report), f"tiny={tmp_path / 'missing.json'}", f"tiny={out / 'run.json'}"):
+        r = run(["lab/ladder_report.py", "--report", bad, "--out", str(tmp_path / "bad")])
+        assert r.returncode == 1 and r.stderr.startswith("error: --report") and r.stderr.count("\n") == 1
 
 
 def test_end_to_end_lora_report_has_ladder_forgetting_and_losses(lora_run):
