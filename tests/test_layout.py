@@ -80,3 +80,12 @@ def test_every_script_has_help():
     for name in scripts:
         r = subprocess.run([sys.executable, name, "--help"], cwd=ROOT, capture_output=True, text=True)
         assert r.returncode == 0 and r.stdout.startswith("usage:") and not r.stderr, name
+
+
+def test_requirements_torch_floor_has_torch_amp_grad_scaler():
+    """torch.amp.GradScaler(device), which train.py uses for fp16, exists from torch 2.3: the floor says so."""
+    import re
+
+    line = next(ln for ln in (ROOT / "requirements.txt").read_text().splitlines() if ln.startswith("torch"))
+    floor = tuple(int(v) for v in re.match(r"torch>=(\d+)\.(\d+)", line).groups())
+    assert floor >= (2, 3), line
