@@ -305,7 +305,7 @@ def batches(examples, batch_size, seed, epoch, rank=0, world_size=1, shuffle=Tru
         groups = [order[j:j + G] for j in range(0, len(order), G)]
     if drop_last and groups and len(groups[-1]) < G:  # only the very last group can be short
         groups.pop()
-    if shuffle:
+    if shuffle and groups:  # (none: fewer examples than one global batch; the caller says so)
         groups = [groups[k] for k in rng.permutation(len(groups))]
         # The largest batch (longest row x rows) goes first, so that an out-of-memory shows at step 1.
         first = max(range(len(groups)), key=lambda k: max(lengths[i] for i in groups[k]) * len(groups[k]))

@@ -367,6 +367,13 @@ def test_the_largest_batch_comes_first_so_out_of_memory_shows_at_step_1():
         assert sorted(cost[1:]) != cost[1:]  # the rest stays shuffled
 
 
+def test_fewer_examples_than_a_batch_is_the_callers_clear_error_not_a_crash_in_batches():
+    assert data.batches(fake_examples(3), 8, seed=0, epoch=0) == []  # (was: max() of an empty sequence)
+    from train import BatchStream
+    with pytest.raises(ValueError, match="3 training examples are fewer than one global batch of 8"):
+        BatchStream(fake_examples(3), 8, seed=0, rank=0, world_size=1, device="cpu", pad_id=0)
+
+
 @pytest.mark.parametrize("world_size,batch_size,shuffle", [(2, 3, True), (4, 2, True), (3, 5, False)])
 def test_n_processes_see_what_one_process_sees(world_size, batch_size, shuffle):
     ex = fake_examples(200)
