@@ -142,19 +142,26 @@ def _typo(rng, text):
     return " ".join(words)
 
 
-def triage_example(rng):
-    """One (message, label) pair. The label is decided first; the message is then built to express it."""
+def triage_example(rng, templates=None, n_names=None, n_mentions=None, frame=True):
+    """One (message, label) pair. The label is decided first; the message is then built to express it.
+    The knobs narrow the variety (the defaults use all of it; lab/overfitting.py turns them): templates, the
+    indices of each category's PROBLEMS sentences to use; n_names, n_mentions, how many of NAMES and of each
+    product's PRODUCT_NAMES; frame=False drops the greeting, context, sign-off, typos and lowercasing."""
     category = rng.choice(TRIAGE_LABELS["category"])
-    template, products = rng.choice(PROBLEMS[category])
+    allowed = PROBLEMS[category] if templates is None else [t for i, t in enumerate(PROBLEMS[category])
+                                                            if i in templates]
+    if not allowed:
+        raise ValueError(f"templates {templates}: category {category} has no PROBLEMS sentence with these indices")
+    template, products = rng.choice(allowed)
     product = rng.choice(products)
     priority = rng.choices(TRIAGE_LABELS["priority"], weights=(2, 4, 2, 2))[0]
     sentiment = rng.choices(TRIAGE_LABELS["sentiment"], weights=(3, 4, 2))[0]
-    mention = rng.choice(PRODUCT_NAMES[product])
+    mention = rng.choice(PRODUCT_NAMES[product][:n_mentions])
     problem = template.format(
         p=mention, P=mention[0].upper() + mention[1:], action=rng.choice(ACTIONS),
         feature=rng.choice(FEATURES[product]), code=f"{rng.choice('EX')}-{rng.randint(100, 999)}",
         a=rng.randint(20, 300), b=rng.randint(5, 19) * 5, n=rng.randint(2, 14))
-    name = rng.choice(NAMES)
+    name = rng.choice(NAMES[:n_names])
 
     def filler(s):  # typos only in parts that carry no label
         return _typo(rng, s) if rng.random() < 0.2 else s
@@ -166,11 +173,13 @@ def triage_example(rng):
         body.insert(rng.choice((0, 1)), rng.choice(URGENCY[priority]))
     if TONE[sentiment]:
         body.insert(rng.randint(0, len(body)), rng.choice(TONE[sentiment]))
-    if rng.random() < 0.4:
+    if frame and rng.random() < 0.4:
         body.insert(0, filler(rng.choice(CONTEXT).format(
             n=rng.randint(2, 9), num=rng.randint(10000, 99999), rel=rng.choice(RELATIVES),
             email=f"{name.lower()}{rng.randint(1, 99)}@example.com")))
     text = prefix + " ".join(body)
+    if not frame:
+        return text, {"category": category, "priority": priority, "product": product, "sentiment": sentiment}
     if rng.random() < 0.8:
         text = filler(rng.choice(OPENERS)) + rng.choice((" ", "\n", "\n\n")) + text
     if rng.random() < 0.7:
@@ -203,13 +212,16 @@ def parse_triage(text):
     return {k: obj[k] for k in TRIAGE_FIELDS}
 
 
-def build_triage(seed=0, n_train=3000, n_val=250, n_test=250):
+def build_triage(seed=0, n_train=3000, n_val=250, n_test=250, **knobs):
     """The triage splits as lists of records {"messages": [system, user, assistant]}. Messages are unique
-    across all splits, so no test message was ever seen in training."""
+    across all splits, so no test message was ever seen in training. knobs: triage_example's."""
     rng = random.Random(seed)
-    seen, records = set(), []
+    seen, records, tries = set(), [], 0
     while len(records) < n_train + n_val + n_test:
-        text, label = triage_example(rng)
+        text, label = triage_example(rng, **knobs)
+        tries += 1
+        if tries > 100 * (n_train + n_val + n_test):
+            raise ValueError(f"triage knobs {knobs} allow too few distinct messages for {n_train + n_val + n_test}")
         if text in seen:
             continue
         seen.add(text)
