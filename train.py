@@ -177,9 +177,10 @@ def eval_batches(examples, batch_size, rank, world_size, device, pad_id):
 # Model: the pretrained GPT-2 or SmolLM2 with LoRA adapters (or all weights trainable)
 
 
-def build_model(cfg, model_dir, device):
-    """Load the base model; wrap the target layers with LoRA unless --full. Returns (model, summary line)."""
-    model = GPT.from_pretrained(model_dir)
+def build_model(cfg, base, device):
+    """Load the base model (a directory, or a GPT the lab passes in); wrap the target layers with LoRA unless
+    --full. Returns (model, summary line)."""
+    model = GPT.from_pretrained(base) if isinstance(base, str) else base
     if cfg.full:
         model.requires_grad_(True)
         n = sum(p.numel() for p in model.parameters())
@@ -337,11 +338,11 @@ def validation_loss(model, examples, batch_size, rt, pad_id):
 # The training loop
 
 
-def setup_training(cfg, rt, model_dir, log):
+def setup_training(cfg, rt, base, log):
     """(raw model, the model the step runs (compiled and/or DDP-wrapped), optimizer, gradient scaler,
-    trainable parameters): the same for a training run and for --benchmark."""
+    trainable parameters) for base (see build_model): the same for a run, --benchmark and the lab."""
     seed_everything(cfg.seed)  # LoRA's A init: identical on every process (DDP also broadcasts rank 0's)
-    raw_model, summary = build_model(cfg, model_dir, rt.device)
+    raw_model, summary = build_model(cfg, base, rt.device)
     log(f"model: {cfg.model}: {summary}")  # the summary counts parameters (LoRA adds its own)
     model = raw_model
     if cfg.compile:
@@ -497,9 +498,7 @@ def run_training(cfg, flags_given=()):
         else:
             out_dir = os.path.join(cfg.out, "adapter")
             lora.save_adapter(raw_model, out_dir, base_model_name_or_path=cfg.model)
-        note = save_plot(metrics_path, os.path.join(cfg.out, "loss.png"))
-        if note:
-            log(note)
+        save_plot(metrics_path, os.path.join(cfg.out, "loss.png"))
         run_info.update(final_val_loss=val_loss, best_val_loss=progress.best_val)
         write_run_json(cfg.out, rt.master, run_info, status=status, step=step, t_start=t_start)
         vl = f"{val_loss:.4f}" if val_loss is not None else "n/a (no validation set)"

@@ -14,8 +14,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from eval import RUNGS  # noqa: E402
-from plumbing.files import atomic_write_bytes, atomic_write_text  # noqa: E402
-from plumbing.report import RUNG_LABELS, human_bytes  # noqa: E402
+from plumbing.files import atomic_write_text  # noqa: E402
+from plumbing.report import RUNG_LABELS, human_bytes, pyplot, save_figure  # noqa: E402
 
 QUESTIONS = {"v1": "store v1", "v2": "store v2 (changed)", "test": "test split"}
 
@@ -53,12 +53,7 @@ def markdown(table, reports):
 
 
 def plot(table, path):
-    import io
-
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     groups = sorted({(run, which) for run, which, *_ in table}, key=lambda g: (g[0], g[1]))
     fig, ax = plt.subplots(figsize=(9, 4))
     width = 0.8 / len(groups)
@@ -73,9 +68,7 @@ def plot(table, path):
     ax.set_title("The ladder on SmolLM2-135M-Instruct: same items, same scorer")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    atomic_write_bytes(path, buf.getvalue())
+    save_figure(fig, path, dpi=120)
 
 
 def main():

@@ -69,14 +69,41 @@ def format_stats(stats):
     ])
 
 
-def save_plot(metrics_path, png_path):
-    """Train vs validation loss curve (the overfitting view). Returns a note if matplotlib is missing."""
+def pyplot():
+    """matplotlib.pyplot drawing to files only (no window, no display needed)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(fig, png_path, dpi=110):
+    """Write a matplotlib figure as a PNG atomically, and close it."""
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=dpi, bbox_inches="tight")
+    pyplot().close(fig)
+    atomic_write_bytes(png_path, png.getvalue())
+
+
+def hardware(device):
+    """What ran it, in words: the GPU's name, or the CPU's model and core count (for results files)."""
+    import platform
+
+    import torch
+    if device.startswith("cuda"):
+        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda}), PyTorch {torch.__version__}"
+    cpu = platform.processor() or "CPU"
     try:
-        import matplotlib
-        matplotlib.use("Agg")  # files only, no window
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "matplotlib is not installed: no loss.png (pip install matplotlib for the loss curve)"
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, no GPU used, PyTorch {torch.__version__}"
+
+
+def save_plot(metrics_path, png_path):
+    """Train vs validation loss curve (the overfitting view)."""
+    plt = pyplot()
     records = read_metrics(metrics_path)
     train = [(r["step"], r["loss"]) for r in records]
     val = [(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
@@ -89,11 +116,7 @@ def save_plot(metrics_path, png_path):
     ax.set_ylabel("loss (nats per trained token)")
     ax.legend()
     ax.grid(alpha=0.3)
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    atomic_write_bytes(png_path, png.getvalue())
-    return None
+    save_figure(fig, png_path, dpi=100)
 
 
 def keep_metrics(path, step):

@@ -5,6 +5,7 @@ sys.path here. Fixtures are hermetic: no network, nothing outside a tmp dir is w
 """
 
 import hashlib
+import json
 import os
 import shutil
 import sys
@@ -14,6 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from model import GPTConfig  # noqa: E402
 
 
 def pytest_configure(config):
@@ -139,3 +141,43 @@ def smollm2_tokenizer_dir(smollm2_gguf, tmp_path_factory):
 def chat_tokenizer(request):
     """Each model family's tokenizer in turn, for tests that must hold for every chat template."""
     return request.getfixturevalue(f"{request.param}_tokenizer")
+
+
+TINY = GPTConfig(block_size=128, n_layer=2, n_head=2, n_embd=32)  # tiny_model_dir's config
+WORDS = "alpha beta gamma delta apple river stone cloud green blue seven nine quick slow".split()
+
+
+# -----------------------------------------------------------------------------
+# A tiny random GPT-2 in Hugging Face layout and a handful of conversations (train, lab and GPU tests)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, gpt2_tokenizer_dir):
+    """A 2-layer, 32-wide random GPT-2 (full 50257-token vocabulary) with GPT-2's tokenizer files, made the
+    way README's offline command makes one (python model.py --save-random)."""
+    import model
+
+    d = str(tmp_path_factory.mktemp("tiny_gpt2"))
+    model.main(["--save-random", d, "--tokenizer-dir", str(gpt2_tokenizer_dir), "--n-layer", str(TINY.n_layer),
+                "--n-head", str(TINY.n_head), "--n-embd", str(TINY.n_embd), "--block-size", str(TINY.block_size)])
+    assert model.load_config(d) == TINY
+    return d
+
+
+def write_chats(path, n, seed=0):
+    import random
+
+    rng = random.Random(seed)
+    with open(path, "w", encoding="utf-8") as f:
+        for _ in range(n):
+            q = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 8)))
+            a = " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 12)))
+            f.write(json.dumps({"messages": [{"role": "user", "content": q},
+                                             {"role": "assistant", "content": a}]}) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def chats(tmp_path_factory):
+    """12 short conversations with replies of different lengths (so micro-batches differ in trained tokens)."""
+    return write_chats(tmp_path_factory.mktemp("chats") / "chats.jsonl", 12)

@@ -19,7 +19,7 @@ from model import GPT, GPTConfig
 from plumbing.device import choose_dtype
 from plumbing.flops import flop_costs, step_flops
 from test_model import no_cache_greedy
-from test_train import adapter_weights, base_args, chats, metrics, run_main, run_script, tiny_model_dir  # noqa: F401
+from test_train import adapter_weights, base_args, metrics, run_main, run_script
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 DEVICE = "cuda"

@@ -21,46 +21,13 @@ from data import IGNORE_INDEX
 from model import GPT, GPTConfig
 from plumbing.report import save_plot
 from plumbing.safetensors_io import load_safetensors
+from conftest import TINY, write_chats
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = GPTConfig(block_size=128, n_layer=2, n_head=2, n_embd=32)
-WORDS = "alpha beta gamma delta apple river stone cloud green blue seven nine quick slow".split()
 
 
 # -----------------------------------------------------------------------------
-# Fixtures: a tiny random GPT-2 in Hugging Face layout and a handful of conversations
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, gpt2_tokenizer_dir):
-    """A 2-layer, 32-wide random GPT-2 (full 50257-token vocabulary) with GPT-2's tokenizer files, made the
-    way README's offline command makes one (python model.py --save-random)."""
-    import model
-
-    d = str(tmp_path_factory.mktemp("tiny_gpt2"))
-    model.main(["--save-random", d, "--tokenizer-dir", str(gpt2_tokenizer_dir), "--n-layer", str(TINY.n_layer),
-                "--n-head", str(TINY.n_head), "--n-embd", str(TINY.n_embd), "--block-size", str(TINY.block_size)])
-    assert model.load_config(d) == TINY
-    return d
-
-
-def write_chats(path, n, seed=0):
-    import random
-
-    rng = random.Random(seed)
-    with open(path, "w", encoding="utf-8") as f:
-        for _ in range(n):
-            q = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 8)))
-            a = " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 12)))
-            f.write(json.dumps({"messages": [{"role": "user", "content": q},
-                                             {"role": "assistant", "content": a}]}) + "\n")
-    return str(path)
-
-
-@pytest.fixture(scope="session")
-def chats(tmp_path_factory):
-    """12 short conversations with replies of different lengths (so micro-batches differ in trained tokens)."""
-    return write_chats(tmp_path_factory.mktemp("chats") / "chats.jsonl", 12)
+# Helpers (the fixtures tiny_model_dir and chats live in conftest.py: test_lab and test_gpu use them too)
 
 
 def run_main(args):
@@ -602,11 +569,10 @@ def test_checkpoints_and_plot_get_ordinary_permissions(tmp_path):
     try:
         checkpoint.save_checkpoint(str(tmp_path / "ckpt"), 3, {"w": torch.zeros(2)}, {"step": 3})
         (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0, "val_loss": 2.5}\n')
-        note = save_plot(str(tmp_path / "metrics.jsonl"), str(tmp_path / "loss.png"))
+        save_plot(str(tmp_path / "metrics.jsonl"), str(tmp_path / "loss.png"))
     finally:
         os.umask(old)
     assert (os.stat(tmp_path / "ckpt" / "step_0000003").st_mode & 0o777) == 0o755
     assert (os.stat(tmp_path / "ckpt" / "step_0000003" / "tensors.safetensors").st_mode & 0o777) == 0o644
-    if note is None:  # matplotlib installed (CI installs it)
-        assert (os.stat(tmp_path / "loss.png").st_mode & 0o777) == 0o644
-        assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (os.stat(tmp_path / "loss.png").st_mode & 0o777) == 0o644
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
