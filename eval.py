@@ -219,16 +219,16 @@ def retrieved(prompts, texts, k, tok, room, as_shots):
 
 
 @torch.no_grad()
-def greedy_replies(model, prompts, max_new_tokens, device, tok):
-    """The model's greedy replies to a batch of prompts (lists of ids) in one KV-cached generate: padded on
-    the left, with a mask, so that every row's next token comes from the last column; done when every row
-    has ended its turn. A reply is cut at the first of the family's stop ids (SmolLM2 may also end with
-    <|endoftext|>), which is not returned. Equal to one prompt at a time (tests/test_model.py)."""
+def generate_replies(model, prompts, max_new_tokens, device, tok, temperature=0.0, seed=None):
+    """The model's replies (greedy; sampled if temperature > 0) to a batch of prompts (lists of ids) in one
+    KV-cached generate: padded on the left, with a mask, so every row's next token comes from the last column;
+    done when every row has ended its turn. A reply is cut at the first of the family's stop ids (SmolLM2 may
+    also end with <|endoftext|>), which is not returned. Equal to one prompt at a time (tests/test_model.py)."""
     fmt = chat_format(tok)
     T = max(map(len, prompts))
     idx = torch.tensor([[fmt.pad_id] * (T - len(p)) + p for p in prompts], device=device)  # (B, T)
     mask = torch.tensor([[False] * (T - len(p)) + [True] * len(p) for p in prompts], device=device)  # (B, T)
-    out = model.generate(idx, max_new_tokens, temperature=0.0, stop_token=fmt.end_of_turn_id, mask=mask)
+    out = model.generate(idx, max_new_tokens, temperature, stop_token=fmt.end_of_turn_id, seed=seed, mask=mask)
     replies = []
     for row in out[:, T:].tolist():
         stops = [i for i, t in enumerate(row) if t in fmt.stop_ids]
@@ -236,16 +236,19 @@ def greedy_replies(model, prompts, max_new_tokens, device, tok):
     return replies
 
 
-def run_rung(name, model, prompts, max_new_tokens, device, tok, dtype="float32", batch_size=8):
-    """One model's greedy replies to the prompts, batch_size at a time (prompts of similar length together:
-    little padding)."""
+def run_rung(name, model, prompts, max_new_tokens, device, tok, dtype="float32", batch_size=8, temperature=0.0,
+             seed=0):
+    """One model's replies (greedy unless temperature > 0) to the prompts, batch_size at a time (prompts of
+    similar length together: little padding)."""
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     replies = [None] * len(prompts)
     for start in tqdm(range(0, len(order), batch_size), desc=name, leave=False):
         batch = order[start:start + batch_size]
         with autocast(device, dtype):
-            for i, reply in zip(batch, greedy_replies(model, [prompts[i] for i in batch], max_new_tokens, device, tok)):
-                replies[i] = reply
+            out = generate_replies(model, [prompts[i] for i in batch], max_new_tokens, device, tok, temperature,
+                                   seed + start)
+        for i, reply in zip(batch, out):
+            replies[i] = reply
     return replies
 
 

@@ -313,15 +313,28 @@ def pick_shots(cfg, data, data_path, train_data, evaluated):
     return ev.sample_shots(cfg, *ev.shot_pool(cfg, data, data_path, train_data, evaluated))
 
 
-def test_greedy_replies_stop_at_end_of_turn_and_left_pad_with_a_mask(gpt2_tokenizer):
+def test_generate_replies_stop_at_end_of_turn_and_left_pad_with_a_mask(gpt2_tokenizer):
     class Scripted:  # a "model" whose generate emits two tokens, EOT, then padding EOTs
-        def generate(self, idx, max_new_tokens, temperature, stop_token, mask):
+        def generate(self, idx, max_new_tokens, temperature, stop_token, seed, mask):
             assert temperature == 0.0 and stop_token == EOT_ID
             assert idx.tolist() == [[1, 2, 3], [EOT_ID, 4, 5]] and mask.tolist() == [[1, 1, 1], [0, 1, 1]]
             new = gpt2_tokenizer.encode_ordinary(" ok") + [EOT_ID, EOT_ID]
             return torch.cat([idx, torch.tensor([new, new[::-1]])], dim=1)
 
-    assert ev.greedy_replies(Scripted(), [[1, 2, 3], [4, 5]], 8, "cpu", gpt2_tokenizer) == [" ok", ""]
+    assert ev.generate_replies(Scripted(), [[1, 2, 3], [4, 5]], 8, "cpu", gpt2_tokenizer) == [" ok", ""]
+
+
+def test_sampled_replies_are_seeded_and_greedy_is_the_default(gpt2_tokenizer):
+    """run_rung samples when temperature > 0 (the lab's model-generated data): the same seed, the same replies."""
+    from model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=64, n_layer=1, n_head=2, n_embd=16)).eval()
+    prompts = [[10, 11, 12], [13, 14], [15]]
+    rung = lambda **kw: ev.run_rung("t", model, prompts, 6, "cpu", gpt2_tokenizer, batch_size=2, **kw)  # noqa: E731
+    assert rung(temperature=1.0, seed=3) == rung(temperature=1.0, seed=3)
+    assert rung(temperature=1.0, seed=3) != rung(temperature=1.0, seed=4)
+    assert rung() == rung(seed=7) == [ev.generate_replies(model, [p], 6, "cpu", gpt2_tokenizer)[0] for p in prompts]
 
 
 # -----------------------------------------------------------------------------
@@ -529,13 +542,13 @@ def test_greedy_reply_cuts_at_any_stop_id_of_the_family(smollm2_tokenizer):
     document_end = fmt.stop_ids[1]  # <|endoftext|>: SmolLM2 may end a reply with it instead of <|im_end|>
 
     class Scripted:
-        def generate(self, idx, max_new_tokens, temperature, stop_token, mask):
+        def generate(self, idx, max_new_tokens, temperature, stop_token, seed, mask):
             assert stop_token == fmt.end_of_turn_id == smollm2_tokenizer.encode_single_token("<|im_end|>")
             new = smollm2_tokenizer.encode_ordinary(" ok") + [document_end, fmt.end_of_turn_id]
             return torch.cat([idx, torch.tensor([new])], dim=1)
 
     assert document_end == smollm2_tokenizer.encode_single_token("<|endoftext|>")
-    assert ev.greedy_replies(Scripted(), [[1, 2, 3]], 8, "cpu", smollm2_tokenizer) == [" ok"]
+    assert ev.generate_replies(Scripted(), [[1, 2, 3]], 8, "cpu", smollm2_tokenizer) == [" ok"]
 
 
 def test_general_text_starts_with_the_familys_document_separator(smollm2_tokenizer, tmp_path):
