@@ -1,0 +1,105 @@
+"""lab/quality.py: small and clean against large and messy, at equal compute.
+
+The claim: "small, clean, diverse datasets and conservative training beat large messy ones" (LIMA's 1,000
+curated examples; AlpaGasus' 9k filtered beating 52k). Four triage training sets, each trained for the same
+number of steps of the same batch (equal compute), then scored on the same held-out messages:
+
+    clean small   N_SMALL distinct conversations from the built-in train split
+    noisy large   N_LARGE conversations, NOISE of them with one label changed to another value at random
+    repetitive    N_LARGE conversations: N_SMALL messages from one problem sentence per category, two names,
+                  one way to name each product, no greeting or sign-off (tasks/triage.py's knobs), each 10 times
+    clean large   N_LARGE distinct conversations from the built-in train split
+
+Exact duplicates are kept as given (train.py would drop them: dedup): the experiment measures the data.
+
+    python lab/quality.py                            # SmolLM2-135M-Instruct, LoRA -> results/quality.*
+    python lab/quality.py --steps 60 --noise 0.5
+    python lab/quality.py --quick --out /tmp/lab     # a tiny random model, seconds (what CI runs)
+"""
+
+import json
+import random
+import time
+from dataclasses import dataclass
+
+from common import LabConfig, finetune, markdown_table, parse, run, save_results, scored, setup
+
+from plumbing import cli
+from plumbing.report import pyplot
+from tasks import load_items
+from tasks.triage import TRIAGE_FIELDS, TRIAGE_LABELS, build_triage, triage_reply
+
+
+@dataclass
+class Config(LabConfig):
+    n_small: int = cli.opt(300, "conversations in the small sets", group="experiment", min=1)
+    n_large: int = cli.opt(3000, "conversations in the large sets (at most the train split's 3000)", min=1)
+    noise: float = cli.opt(0.3, "share of the noisy set with a wrong label", min=0)
+    steps: int = cli.opt(40, "optimizer steps of every run (equal compute)", min=1)
+    full: bool = cli.opt(False, "full fine-tuning instead of LoRA")
+
+
+def with_wrong_label(conv, rng):
+    """The conversation with one field of its label changed to another value of that field."""
+    label = json.loads(conv[-1]["content"])
+    field = rng.choice(TRIAGE_FIELDS)
+    label[field] = rng.choice([v for v in TRIAGE_LABELS[field] if v != label[field]])
+    return conv[:-1] + [{"role": "assistant", "content": triage_reply(label)}]
+
+
+def datasets(cfg):
+    """{name: list of conversations}, all drawn with cfg.seed."""
+    rng = random.Random(cfg.seed)
+    pool = [r["messages"] for r in load_items("triage", "train", 0)[0]]
+    rng.shuffle(pool)
+    large = pool[:cfg.n_large]
+    wrong = set(rng.sample(range(len(large)), round(cfg.noise * len(large))))
+    few = build_triage(seed=cfg.seed, n_train=cfg.n_small, n_val=0, n_test=0, templates=(0,), n_names=2, n_mentions=1,
+                       frame=False)["train"]
+    return {"clean small": pool[:cfg.n_small],
+            "noisy large": [with_wrong_label(c, rng) if i in wrong else c for i, c in enumerate(large)],
+            "repetitive": [r["messages"] for r in few] * (cfg.n_large // cfg.n_small),
+            "clean large": large}
+
+
+def main(argv=None):
+    cfg = parse(Config, "Small and clean vs large and messy triage data, at equal compute.", argv)
+    if cfg.quick:
+        cfg.n_small, cfg.n_large, cfg.steps = 8, 32, 2
+    lab = setup(cfg)
+    test = load_items("triage", "test", cfg.eval_items)[0]
+    rows = []
+    for name, convs in datasets(cfg).items():
+        t0 = time.time()
+        model, losses = finetune(lab, convs, cfg.steps, desc=name, dedup=False, full=cfg.full)
+        s, _ = scored(lab, model, test, desc=name)
+        distinct = len({json.dumps(c) for c in convs})
+        rows.append({"data": name, "conversations": len(convs), "distinct": distinct, "exact_match": s["exact_match"],
+                     "valid": s["valid"], "fields": s["fields"], "final_loss": sum(losses[-4:]) / len(losses[-4:]),
+                     "train_s": time.time() - t0})
+        print(f"{name}: exact {s['exact_match']:.0%}, valid {s['valid']:.0%}")
+        del model
+
+    table = markdown_table(
+        ["data", "conversations", "distinct", "exact match", "valid JSON"] + list(TRIAGE_FIELDS) + ["train loss"],
+        [[r["data"], r["conversations"], r["distinct"], f"{r['exact_match']:.0%}", f"{r['valid']:.0%}"] +
+         [f"{r['fields'][f]:.0%}" for f in TRIAGE_FIELDS] + [f"{r['final_loss']:.3f}"] for r in rows])
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4))
+    xs = range(len(rows))
+    ax.bar([x - 0.2 for x in xs], [100 * r["exact_match"] for r in rows], 0.4, label="exact match")
+    ax.bar([x + 0.2 for x in xs], [100 * r["valid"] for r in rows], 0.4, label="valid JSON")
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels([f"{r['data']}\n{r['conversations']:,} ({r['distinct']:,} distinct)" for r in rows], fontsize=8)
+    ax.set_ylabel(f"% of {len(test)} test messages")
+    ax.set_title(f"Equal compute: {cfg.steps} steps x {cfg.batch_size} conversations each")
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    settings = {"n_small": cfg.n_small, "n_large": cfg.n_large, "noise": cfg.noise, "steps": cfg.steps,
+                "batch": cfg.batch_size, "method": "full, lr 5e-5" if cfg.full else "LoRA r=16, alpha 32, lr 5e-4",
+                "schedule": "warmup steps/8, cosine to 10%", "test items": len(test), "decoding": "greedy"}
+    save_results(lab, "quality", "small, clean, diverse data beats large, messy data", settings, rows, table, fig)
+
+
+if __name__ == "__main__":
+    run(main)

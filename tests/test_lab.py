@@ -1,0 +1,171 @@
+"""Tests for lab/: every experiment script runs end to end with --quick and writes finite numbers for every
+configuration it lists; the lab's in-process fine-tuning is train.py's, step for step; the triage knobs
+the experiments turn do what they say and leave the default dataset byte for byte unchanged.
+
+    python -m pytest -q tests/test_lab.py
+"""
+
+import copy
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_train import base_args, run_main
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "lab"))
+
+
+def run_lab(script, out, *args):
+    """A lab script as a user runs it; --quick uses a tiny random model of SmolLM2's family and tokenizer."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, str(ROOT / "lab" / script), "--quick", "--out", str(out), *map(str, args)],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+
+
+def numbers(x):
+    """Every number in a nested JSON value."""
+    if isinstance(x, dict):
+        return [n for v in x.values() for n in numbers(v)]
+    if isinstance(x, list):
+        return [n for v in x for n in numbers(v)]
+    return [x] if isinstance(x, (int, float)) and not isinstance(x, bool) else []
+
+
+def check_outputs(out, name):
+    """NAME.json/.md/.png exist; the json's results hold only finite numbers; returns the results."""
+    report = json.loads((out / f"{name}.json").read_text())
+    assert report["quick"] is True and report["hardware"] and report["command"].startswith("python lab/")
+    assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out / f"{name}.md").read_text()
+    assert report["claim"] in md and report["command"] in md and f"![{name}]({name}.png)" in md
+    nums = numbers(report["results"])
+    assert nums and all(math.isfinite(n) for n in nums)
+    return report["results"]
+
+
+# -----------------------------------------------------------------------------
+# Each script end to end (--quick: a tiny random model, two steps: what CI can afford)
+
+
+@pytest.fixture(scope="module")
+def quick_gguf(smollm2_gguf):
+    return smollm2_gguf  # the scripts' default --model; --quick reads only its config and tokenizer
+
+
+def test_data_size_quick(quick_gguf, tmp_path):
+    r = run_lab("data_size.py", tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = check_outputs(tmp_path, "data_size")
+    assert [(x["method"], x["n_train"]) for x in rows] == [("base (no tuning)", 0), ("lora", 4), ("lora", 16),
+                                                          ("full", 4), ("full", 16)]
+    assert all(0 <= x["exact_match"] <= x["valid"] <= 1 for x in rows)  # exact implies valid
+    assert rows[1]["epochs"] == 2 * 4 / 4 and rows[2]["epochs"] == 2 * 4 / 16  # equal steps: fewer, more epochs
+
+
+def test_overfitting_quick(quick_gguf, tmp_path):
+    r = run_lab("overfitting.py", tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    results = check_outputs(tmp_path, "overfitting")
+    assert set(results) == {"repetitive", "diverse"}
+    for res in results.values():
+        assert [c["epoch"] for c in res["curve"]] == [0, 1, 2]
+        assert res["curve"][0]["train_loss"] is None  # epoch 0: the base model, before any step
+        best = min(res["curve"][1:], key=lambda c: c["val_loss"])["epoch"]
+        assert res["early_stop_epoch"] == best
+
+
+def test_quality_quick(quick_gguf, tmp_path):
+    r = run_lab("quality.py", tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = {x["data"]: x for x in check_outputs(tmp_path, "quality")}
+    assert list(rows) == ["clean small", "noisy large", "repetitive", "clean large"]
+    assert (rows["clean small"]["conversations"], rows["clean large"]["conversations"]) == (8, 32)
+    assert rows["repetitive"]["distinct"] == 8 and rows["repetitive"]["conversations"] == 32  # 4 copies each
+    assert rows["noisy large"]["distinct"] == 32
+
+
+def test_self_generated_quick(quick_gguf, tmp_path):
+    r = run_lab("self_generated.py", tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = check_outputs(tmp_path, "self_generated")
+    assert [x["generation"] for x in rows] == [0, 1, 2, "human replies (control)"]
+    assert all(0 <= x[k] <= 1 for x in rows for k in ("distinct_1", "distinct_2", "quirk_share", "accuracy"))
+
+
+def test_lab_errors_are_one_line(tmp_path):
+    r = run_lab("quality.py", tmp_path, "--model", tmp_path / "missing")
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert r.stderr.strip().startswith("error:") and "missing" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+# -----------------------------------------------------------------------------
+# The lab trains with train.py's own pieces: same losses, same adapter as `python train.py`
+
+
+def test_lab_finetune_is_train_py_step_for_step(tiny_model_dir, chats, tmp_path):
+    import common
+    import lora
+    from model import GPT
+
+    out = str(tmp_path / "run")
+    assert run_main(base_args(tiny_model_dir, chats, out, **{"--grad-accum": 1, "--max-steps": 5, "--val-data": chats,
+                                                              "--eval-every": 0})) == 0
+    logged = [json.loads(line)["loss"] for line in open(os.path.join(out, "metrics.jsonl"))]
+
+    cfg = common.LabConfig(model=tiny_model_dir, batch_size=2, device="cpu", dtype="float32")
+    lab = common.setup(cfg)
+    convs = [json.loads(line)["messages"] for line in open(chats)]
+    model, losses = common.finetune(lab, convs, 5, lr=1e-2, warmup=2, lora_dropout=0.2)
+    assert losses == pytest.approx(logged, rel=1e-6, abs=0)
+    reference = copy.deepcopy(GPT.from_pretrained(tiny_model_dir))
+    lora.load_adapter(reference, os.path.join(out, "adapter"))
+    want, got = lora.lora_state_dict(reference), lora.lora_state_dict(model)
+    assert want.keys() == got.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)
+
+
+# -----------------------------------------------------------------------------
+# The triage generator's knobs
+
+
+def template_regex(template):
+    """A PROBLEMS sentence as a regex: its fixed words literally, each {slot} as anything."""
+    return re.compile("".join(".+?" if part.startswith("{") else re.escape(part)
+                              for part in re.split(r"(\{\w+\})", template)), re.IGNORECASE)
+
+
+def test_triage_knobs_narrow_the_variety():
+    """(That the default output is unchanged: tests/test_data.py regenerates the shipped files byte for byte.)"""
+    from tasks.triage import NAMES, OPENERS, PROBLEMS, PRODUCT_NAMES, build_triage
+
+    few = build_triage(seed=1, n_train=200, n_val=0, n_test=0, templates=(0,), n_names=2, n_mentions=1,
+                       frame=False)["train"]
+    for r in few:
+        text, label = r["messages"][1]["content"], json.loads(r["messages"][2]["content"])
+        assert template_regex(PROBLEMS[label["category"]][0][0]).search(text), text
+        assert not any(text.startswith(o) for o in OPENERS) and not any(n in text for n in NAMES[2:])
+        assert not any(m.lower() in text.lower() for m in PRODUCT_NAMES[label["product"]][1:]), text
+    unseen = build_triage(seed=2, n_train=200, n_val=0, n_test=0, templates=(3, 4, 5, 6, 7))["train"]
+    for r in unseen:
+        text, category = r["messages"][1]["content"], json.loads(r["messages"][2]["content"])["category"]
+        assert not any(template_regex(t).search(text) for t, _ in PROBLEMS[category][:3]), text
+    with pytest.raises(ValueError, match="category feature_request has no PROBLEMS sentence"):
+        build_triage(n_train=200, n_val=0, n_test=0, templates=(5,))  # feature_request has 5
+
+
+def test_triage_knobs_that_allow_too_few_messages_are_an_error_not_an_endless_loop(monkeypatch):
+    import tasks.triage as triage
+
+    label = {"category": "bug", "priority": "low", "product": "router", "sentiment": "neutral"}
+    monkeypatch.setattr(triage, "triage_example", lambda rng, **knobs: ("the same message", label))
+    with pytest.raises(ValueError, match="too few distinct messages for 2"):
+        triage.build_triage(n_train=2, n_val=0, n_test=0, frame=False)
