@@ -39,14 +39,15 @@ from data import IGNORE_INDEX
 from model import GPT, load_config
 from plumbing import benchmark as bench
 from plumbing import cli
-from plumbing.checkpoint import (Progress, StopFlag, check_resume, load_checkpoint, read_latest, restore,
+from plumbing.checkpoint import (Progress, StopFlag, check_resume, load_checkpoint, nonfinite_message, restore,
                                  save_run_checkpoint)
-from plumbing.config_checks import check_config, has_val
+from plumbing.config_checks import check_config, check_examples, has_val
 from plumbing.device import all_reduce_sum, any_process, autocast, seed_everything, setup_runtime
 from plumbing.flops import flop_costs, step_flops
 from plumbing.hub import resolve_pretrained
 from plumbing.records import holdout_split
 from plumbing.report import keep_metrics, save_plot, write_run_json
+from plumbing.runs import remove_stray_temps
 from plumbing.tokenizer_files import copy_tokenizer_files
 
 # -----------------------------------------------------------------------------
@@ -302,13 +303,6 @@ def train_step(model, micro_batches, optimizer, scaler, params, lr, cfg, rt, ste
     return loss, norm, counts
 
 
-def nonfinite_message(what, value, step, ckpt_dir):
-    latest = read_latest(ckpt_dir) if ckpt_dir else None
-    keep = f"the last good checkpoint is {ckpt_dir}/{latest}" if latest else "no checkpoint was written yet"
-    return (f"non-finite {what} ({value}) at step {step + 1}: stopped before updating the weights; {keep}. "
-            "Lower --lr, or use --dtype float32, then --resume")
-
-
 @torch.no_grad()
 def summed_loss(model, batches, autocast_ctx, device):
     """[summed loss, trained tokens] (float64) over (x, y) batches: the numerator and denominator of a
@@ -363,6 +357,7 @@ def run_training(cfg, flags_given=()):
     """The whole run. Returns the process exit code (0 done, 130 stopped by Ctrl-C)."""
     t_start = time.time()
     check_config(cfg, flags_given)
+    remove_stray_temps(cfg.out)  # what a killed write left (plumbing/files.atomic_write's *.tmp)
     # Everything that can be checked cheaply is checked before anything slow (or a process group) starts.
     ckpt_dir = os.path.join(cfg.out, "ckpt")
     saved_tensors, saved = load_checkpoint(ckpt_dir) if cfg.resume else (None, None)
@@ -385,6 +380,7 @@ def run_training(cfg, flags_given=()):
     val_examples, _ = load_split(cfg, "val", tokenizer, max_len) if has_val(cfg) else ([], None)
     log(f"data: {cfg.data}: {len(train_examples)} train / {len(val_examples)} val examples")
     log(data.format_stats(stats))
+    check_examples(stats, cfg, cfg.batch_size * rt.world_size, max_len, block_size)  # one line: why, what to do
     if cfg.benchmark:
         return benchmark(cfg, rt, model_dir, train_examples, fmt.pad_id)
     # Padding must be a token of this model's vocabulary: GPT-2's <|endoftext|> (50256) is past SmolLM2's 49152.
@@ -403,7 +399,7 @@ def run_training(cfg, flags_given=()):
     progress = Progress()
     if saved is not None:
         progress = restore(saved_tensors, saved, trainable_named(raw_model), optimizer, scaler, stream, rt)
-        log(f"resumed from {ckpt_dir}/{read_latest(ckpt_dir)} at step {progress.step} (epoch {stream.epoch}, "
+        log(f"resumed from {saved['loaded_from']} at step {progress.step} (epoch {stream.epoch}, "
             f"batch {stream.index})")
         del saved_tensors
     if rt.master:  # a new log, or the resumed one without the steps about to be redone

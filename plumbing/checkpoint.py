@@ -1,16 +1,22 @@
 """plumbing/checkpoint.py: training checkpoints that survive a kill at any moment, and the state they carry.
 
 A checkpoint is a directory ckpt/step_NNNNNNN holding tensors.safetensors (weights, optimizer moments,
-random generator states) and state.json (everything else); ckpt/latest names the newest complete one. Loading
-runs no code (safetensors + JSON, never pickle). save_run_checkpoint/restore hold a training run's state:
-trainable weights, optimizer, gradient scaler, data position, every process's random generators.
+random generator states) and state.json (everything else, written last, with the size and sha256 of
+tensors.safetensors); ckpt/latest names the newest complete one. Loading runs no code (safetensors + JSON,
+never pickle). Resuming heals: `latest` is only a hint, every checkpoint is verified against its state, and the
+newest one that verifies is used (a damaged newer one is said, in one line, and removed). save_run_checkpoint/
+restore hold a training run's state: trainable weights, optimizer, gradient scaler, data position, every
+process's random generators.
 """
 
+import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import signal
+import sys
 import tempfile
 from dataclasses import asdict, dataclass
 
@@ -22,6 +28,17 @@ from plumbing.files import atomic_write_text, creation_mode, fsync_dir
 from plumbing.safetensors_io import load_safetensors, save_safetensors
 
 LATEST = "latest"  # ckpt/latest names the newest complete checkpoint directory
+CHECKPOINT_NAME = re.compile(r"step_\d{7}")
+
+
+def file_digest(path):
+    """{"bytes", "sha256"} of a file, read in 16 MiB chunks (a full fine-tune's checkpoint is GBs)."""
+    h, n = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+            n += len(chunk)
+    return {"bytes": n, "sha256": h.hexdigest()}
 
 
 def save_checkpoint(ckpt_dir, step, tensors, state):
@@ -41,17 +58,20 @@ def save_checkpoint(ckpt_dir, step, tensors, state):
     os.chmod(tmp, creation_mode(0o777))  # mkdtemp makes it private; a checkpoint is an ordinary directory
     try:
         save_safetensors(tensors, os.path.join(tmp, "tensors.safetensors"))
-        atomic_write_text(os.path.join(tmp, "state.json"), json.dumps(state) + "\n")
+        files = {"tensors.safetensors": file_digest(os.path.join(tmp, "tensors.safetensors"))}
+        atomic_write_text(os.path.join(tmp, "state.json"), json.dumps({**state, "files": files}) + "\n")
         if os.path.isdir(final):  # left over from a run that crashed after (2): not referenced by latest
             shutil.rmtree(final)
         os.replace(tmp, final)
         fsync_dir(ckpt_dir)
-        previous = read_latest(ckpt_dir)
         atomic_write_text(os.path.join(ckpt_dir, LATEST), name + "\n")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for entry in os.listdir(ckpt_dir):  # prune: everything but the new and the previous checkpoint
+    # prune: everything but the new checkpoint and the one before it (a damaged one of a later step, from
+    # before a resume that skipped it, goes too)
+    previous = next((c for c in checkpoint_names(ckpt_dir) if c < name), None)
+    for entry in os.listdir(ckpt_dir):
         if entry not in (LATEST, name, previous):
             path = os.path.join(ckpt_dir, entry)
             shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
@@ -59,24 +79,89 @@ def save_checkpoint(ckpt_dir, step, tensors, state):
 
 
 def read_latest(ckpt_dir):
-    """Name of the newest complete checkpoint in ckpt_dir, or None."""
+    """The checkpoint directory ckpt_dir/latest names, or None if it is missing, empty, garbage or names no
+    directory: it is a hint (load_checkpoint verifies and falls back), never trusted blindly."""
     try:
-        with open(os.path.join(ckpt_dir, LATEST), encoding="utf-8") as f:
-            return f.read().strip() or None
-    except FileNotFoundError:
+        with open(os.path.join(ckpt_dir, LATEST), "rb") as f:
+            name = f.read(64).decode("ascii").strip()
+    except (OSError, UnicodeDecodeError):
         return None
+    return name if CHECKPOINT_NAME.fullmatch(name) and os.path.isdir(os.path.join(ckpt_dir, name)) else None
+
+
+def checkpoint_names(ckpt_dir):
+    """The step_NNNNNNN directories in ckpt_dir, newest (highest step) first."""
+    if not os.path.isdir(ckpt_dir):
+        return []
+    return sorted((e for e in os.listdir(ckpt_dir) if CHECKPOINT_NAME.fullmatch(e)
+                   and os.path.isdir(os.path.join(ckpt_dir, e))), reverse=True)
+
+
+def verified(path):
+    """(tensors, state) of the checkpoint directory path, after checking that state.json parses and that
+    tensors.safetensors has the size and sha256 state.json recorded. Raises ValueError naming the file."""
+    state_path = os.path.join(path, "state.json")
+    try:
+        with open(state_path, encoding="utf-8") as f:
+            state = json.load(f)
+        if not isinstance(state, dict) or "step" not in state:
+            raise ValueError("not a checkpoint state")
+    except FileNotFoundError:
+        raise ValueError(f"{state_path} is missing") from None
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{state_path} is damaged or cut short ({e})") from None
+    for name, want in state.get("files", {}).items():
+        file_path = os.path.join(path, name)
+        got = file_digest(file_path) if os.path.isfile(file_path) else None
+        if got != want:
+            why = "is missing" if got is None else (f"has {got['bytes']:,} bytes, {want['bytes']:,} were written"
+                                                   if got["bytes"] != want["bytes"] else "has changed (sha256)")
+            raise ValueError(f"{file_path} {why}")
+    try:
+        tensors = load_safetensors(os.path.join(path, "tensors.safetensors"))
+    except (OSError, ValueError) as e:  # a checkpoint from before the checksums, damaged
+        raise ValueError(f"{os.path.join(path, 'tensors.safetensors')}: {e}") from None
+    return tensors, state
 
 
 def load_checkpoint(ckpt_dir):
-    """(tensors, state) of the checkpoint `latest` names. Safetensors + JSON: loading runs no code."""
-    name = read_latest(ckpt_dir)
-    if name is None:
-        raise FileNotFoundError(f"{ckpt_dir}: no checkpoint to resume from (no {LATEST} file); "
-                                "start without --resume")
-    path = os.path.join(ckpt_dir, name)
-    with open(os.path.join(path, "state.json"), encoding="utf-8") as f:
-        state = json.load(f)
-    return load_safetensors(os.path.join(path, "tensors.safetensors")), state
+    """(tensors, state) of the newest checkpoint in ckpt_dir that verifies; state["loaded_from"] is its path.
+    Each damaged newer one is said in one line (stderr, first process) and removed, and `latest` is pointed
+    at the one loaded, so the resumed run saves and prunes as if nothing had happened. Loading runs no code."""
+    first = int(os.environ.get("RANK", "0")) == 0
+    latest = os.path.join(ckpt_dir, LATEST)
+    if first and os.path.isfile(latest) and read_latest(ckpt_dir) is None:
+        print(f"ignoring {latest}: it names no checkpoint directory (damaged); using the newest that verifies",
+              file=sys.stderr)
+    problems = []
+    for name in checkpoint_names(ckpt_dir):
+        path = os.path.join(ckpt_dir, name)
+        try:
+            tensors, state = verified(path)
+        except ValueError as e:
+            problems.append(str(e))
+            if first:
+                print(f"skipping checkpoint {path}: {e}", file=sys.stderr)
+            continue
+        if first:
+            for damaged in checkpoint_names(ckpt_dir):
+                if damaged > name:
+                    shutil.rmtree(os.path.join(ckpt_dir, damaged), ignore_errors=True)
+            if read_latest(ckpt_dir) != name:
+                atomic_write_text(latest, name + "\n")
+        return tensors, {**state, "loaded_from": path}
+    if problems:
+        raise ValueError(f"{ckpt_dir}: no intact checkpoint to resume from ({'; '.join(problems)}); start "
+                         f"again without --resume in a new --out (or delete {ckpt_dir})")
+    raise FileNotFoundError(f"{ckpt_dir}: no checkpoint to resume from; start without --resume")
+
+
+def nonfinite_message(what, value, step, ckpt_dir):
+    """train.py's error for a NaN/inf loss or gradient norm: where the last good state is, and what to try."""
+    latest = read_latest(ckpt_dir) if ckpt_dir else None
+    keep = f"the last good checkpoint is {ckpt_dir}/{latest}" if latest else "no checkpoint was written yet"
+    return (f"non-finite {what} ({value}) at step {step + 1}: stopped before updating the weights; {keep}. "
+            "Lower --lr, or use --dtype float32, then --resume")
 
 
 def rng_state():

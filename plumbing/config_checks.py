@@ -5,7 +5,7 @@ says which flags clash and what to do. Machinery beside the learning path: nothi
 import os
 
 from plumbing import cli
-from plumbing.checkpoint import LATEST
+from plumbing.checkpoint import LATEST, checkpoint_names
 from tasks import BUILTIN_DATASETS
 
 
@@ -28,7 +28,8 @@ def check_config(cfg, flags_given):
         raise ValueError("--benchmark-vs-hf compares LoRA against PEFT: drop --full")
     if cfg.benchmark and cfg.resume:
         raise ValueError("--benchmark does not train: drop --resume")
-    if not cfg.benchmark and not cfg.resume and os.path.isfile(os.path.join(cfg.out, "ckpt", LATEST)):
+    ckpt = os.path.join(cfg.out, "ckpt")
+    if not cfg.benchmark and not cfg.resume and (checkpoint_names(ckpt) or os.path.isfile(os.path.join(ckpt, LATEST))):
         raise ValueError(f"{cfg.out} already holds a run with checkpoints: add --resume to continue it, or "
                          f"choose another --out (or delete {cfg.out})")
 
@@ -36,3 +37,24 @@ def check_config(cfg, flags_given):
 def has_val(cfg):
     """Does the run have a validation set: a built-in dataset's val split, --val-data, or a held-out share?"""
     return cfg.data in BUILTIN_DATASETS or cfg.val_data is not None or cfg.val_fraction > 0
+
+
+def check_examples(stats, cfg, global_batch, max_len, block_size):
+    """Refuse a training set with less than one global batch left, saying why examples were dropped (with
+    data.tokenize_dataset's counts) and which flags bring them back."""
+    n, why = stats["n_examples"], []
+    if stats["n_too_long"]:
+        longer = (f"--max-len up to the context of {block_size}" if max_len < block_size
+                  else "a model with a longer context")
+        why.append(f"{stats['n_too_long']} longer than {max_len} tokens (--overflow truncate keeps their first "
+                   f"replies; or {longer})")
+    if stats["n_untrained"]:
+        why.append(f"{stats['n_untrained']} with no trained token (every reply has weight 0, or truncation cut "
+                   "off every trained reply)")
+    if stats["n_duplicates"]:
+        why.append(f"{stats['n_duplicates']} exact duplicates of another conversation")
+    if n < global_batch:
+        dropped = f": dropped {'; '.join(why)}" if why else ""
+        raise ValueError(f"--data {cfg.data}: {n} training examples left of {stats['n_conversations']} conversations"
+                         f"{dropped}. That is fewer than one global batch of {global_batch} (--batch-size x "
+                         "processes)" + ("; lower --batch-size" if n else ""))

@@ -1,10 +1,13 @@
 """plumbing/runs.py: what train.py left in its --out directory, found again: run.json, adapter/ or model/.
 
 eval.py evaluates "the run in out/" by default; this file locates its pieces and says what is missing.
+train.py clears what a killed write left in it (remove_stray_temps).
 """
 
 import json
 import os
+import re
+import shutil
 
 from plumbing.peft_format import ADAPTER_CONFIG
 
@@ -39,3 +42,25 @@ def locate_tuned(cfg):
         return d, "full"
     raise FileNotFoundError(f"{d}: neither a LoRA adapter ({ADAPTER_CONFIG}) nor a model directory "
                             "(config.json + model.safetensors)")
+
+
+# plumbing/files.atomic_write's temporary files and save_checkpoint's temporary directories are named
+# NAME.<8 random characters>.tmp (tempfile's mkstemp/mkdtemp); a kill before their rename leaves them behind.
+TEMP_NAME = re.compile(r".+\.[a-z0-9_]{8}\.tmp")
+
+
+def remove_stray_temps(out_dir, log=print):
+    """Delete the temporary files and directories interrupted writes left in a run's folders (out/, adapter/,
+    model/, ckpt/), so they are never taken for outputs; the first process only. Returns their paths."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return []
+    removed = []
+    for d in (out_dir, *(os.path.join(out_dir, sub) for sub in ("adapter", "model", "ckpt"))):
+        for entry in sorted(os.listdir(d)) if os.path.isdir(d) else ():
+            path = os.path.join(d, entry)
+            if TEMP_NAME.fullmatch(entry):
+                shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+                removed.append(path)
+    if removed:
+        log(f"removed {len(removed)} temporary file(s) an interrupted write left: {', '.join(removed)}")
+    return removed

@@ -175,12 +175,15 @@ def test_checkpoint_atomic_under_a_crash_at_every_rename(tmp_path, monkeypatch):
         with pytest.raises(OSError, match="simulated crash"):
             checkpoint.save_checkpoint(ckpt, 3, {"w": torch.full((3,), 3.0)}, {"step": 3})
         monkeypatch.setattr(os, "replace", real_replace)
-        tensors, state = checkpoint.load_checkpoint(ckpt)  # the previous checkpoint, intact
-        assert state == {"step": 2} and tensors["w"].tolist() == [2.0] * 3
+        tensors, state = checkpoint.load_checkpoint(ckpt)
+        # before the directory rename: the previous checkpoint; after it, the new one is complete and verifies
+        # (`latest` is only a hint), so resuming takes it
+        want = 2 if fail_at < 4 else 3
+        assert state["step"] == want and tensors["w"].tolist() == [float(want)] * 3
         assert not [e for e in os.listdir(ckpt) if e.endswith(".tmp")]  # no temp dirs left behind
-    checkpoint.save_checkpoint(ckpt, 3, {"w": torch.full((3,), 3.0)}, {"step": 3})  # and saving works again
-    assert checkpoint.load_checkpoint(ckpt)[1] == {"step": 3}
-    assert sorted(os.listdir(ckpt)) == ["latest", "step_0000002", "step_0000003"]  # latest + previous
+    checkpoint.save_checkpoint(ckpt, 4, {"w": torch.full((3,), 4.0)}, {"step": 4})  # and saving works again
+    assert checkpoint.load_checkpoint(ckpt)[1]["step"] == 4
+    assert sorted(os.listdir(ckpt)) == ["latest", "step_0000003", "step_0000004"]  # latest + previous
 
 
 def test_optimizer_and_rng_state_round_trip_through_files(tmp_path):
@@ -576,3 +579,148 @@ def test_checkpoints_and_plot_get_ordinary_permissions(tmp_path):
     assert (os.stat(tmp_path / "ckpt" / "step_0000003" / "tensors.safetensors").st_mode & 0o777) == 0o644
     assert (os.stat(tmp_path / "loss.png").st_mode & 0o777) == 0o644
     assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# -----------------------------------------------------------------------------
+# Resume heals itself: a damaged newest checkpoint, a bad `latest`, temporary files of a killed write
+
+HEAL_ARGS = {"--save-every": 2, "--max-steps": 6}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_model_dir, chats, tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted") / "run"
+    assert run_main(base_args(tiny_model_dir, chats, out, **HEAL_ARGS)) == 0
+    return adapter_weights(out)
+
+
+def assert_same_adapter(out, want):
+    got = adapter_weights(out)
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-5)
+
+
+def damage(ckpt, how):
+    newest = ckpt / "step_0000004"
+    if how == "weights truncated":
+        f = newest / "tensors.safetensors"
+        f.write_bytes(f.read_bytes()[:f.stat().st_size // 2])
+    elif how == "state truncated":
+        f = newest / "state.json"
+        f.write_bytes(f.read_bytes()[:len(f.read_bytes()) // 2])
+    elif how == "state deleted":
+        (newest / "state.json").unlink()
+    elif how == "latest deleted":
+        (ckpt / "latest").unlink()
+    else:
+        (ckpt / "latest").write_bytes({"latest garbage": b"hello, world\n", "latest binary": b"\xff\xfe\x00\x9c",
+                                       "latest empty": b""}[how])
+
+
+@pytest.mark.parametrize("how", ["weights truncated", "state truncated", "state deleted", "latest garbage",
+                                 "latest binary", "latest empty", "latest deleted"])
+def test_resume_heals_a_damaged_checkpoint_and_ends_equal_to_the_uninterrupted_run(
+        how, tiny_model_dir, chats, tmp_path, uninterrupted, capsys):
+    out = tmp_path / "run"
+    assert run_main(base_args(tiny_model_dir, chats, out, **HEAL_ARGS, **{"--stop-after": 4})) == 0
+    damage(out / "ckpt", how)
+    capsys.readouterr()
+    assert run_main(base_args(tiny_model_dir, chats, out, **HEAL_ARGS, **{"--resume": True})) == 0
+    captured = capsys.readouterr()
+    if how.startswith("latest"):  # the newest checkpoint is intact: `latest` was only a hint
+        assert "skipping" not in captured.err and f"resumed from {out / 'ckpt' / 'step_0000004'} " in captured.out
+        assert (f"ignoring {out / 'ckpt' / 'latest'}" in captured.err) == (how != "latest deleted")
+    else:
+        skipped = [line for line in captured.err.splitlines() if line.startswith("skipping checkpoint")]
+        assert len(skipped) == 1 and str(out / "ckpt" / "step_0000004") in skipped[0], captured.err
+        assert ("tensors.safetensors" if how.startswith("weights") else "state.json") in skipped[0]
+        assert f"resumed from {out / 'ckpt' / 'step_0000002'} " in captured.out
+    assert_same_adapter(out, uninterrupted)
+    assert checkpoint.load_checkpoint(out / "ckpt")[1]["step"] == 6  # the damaged one is gone, not preferred
+
+
+def test_resume_with_no_intact_checkpoint_is_one_line_naming_the_files(tiny_model_dir, chats, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_main(base_args(tiny_model_dir, chats, out, **HEAL_ARGS, **{"--stop-after": 4})) == 0
+    (out / "ckpt" / "step_0000004" / "state.json").write_text('{"step": 4, "da')
+    (out / "ckpt" / "step_0000002" / "tensors.safetensors").write_bytes(b"\0" * 10)
+    capsys.readouterr()
+    assert run_main(base_args(tiny_model_dir, chats, out, **HEAL_ARGS, **{"--resume": True})) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"error: {out / 'ckpt'}: no intact checkpoint to resume from")
+    assert str(out / "ckpt" / "step_0000004" / "state.json") in err
+    assert str(out / "ckpt" / "step_0000002" / "tensors.safetensors") in err
+
+
+KILL_AT_REPLACE = """import os, runpy, sys
+real = os.replace
+def replace(src, dst, *a, **k):  # a SIGKILL at the rename: the temporary file stays, nothing cleans up
+    if str(dst).endswith(os.environ["KILL_AT"]):
+        os._exit(137)
+    return real(src, dst, *a, **k)
+os.replace = replace
+sys.argv = ["train.py"] + sys.argv[1:]
+runpy.run_path("train.py", run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("kill_at", ["adapter_model.safetensors", "adapter_config.json", "loss.png"])
+def test_a_kill_during_the_final_writes_leaves_no_temporary_file_after_resume(
+        kill_at, tiny_model_dir, chats, tmp_path, uninterrupted):
+    out = tmp_path / "run"
+    args = base_args(tiny_model_dir, chats, out, **HEAL_ARGS)
+    r = subprocess.run([sys.executable, "-c", KILL_AT_REPLACE, *args], capture_output=True, text=True, cwd=ROOT,
+                       env=dict(os.environ, KILL_AT=kill_at, OMP_NUM_THREADS="1"), timeout=120)
+    assert r.returncode == 137, r.stderr[-2000:]
+    assert [p.name for p in out.rglob("*.tmp")], "the kill left no temporary file: the test would prove nothing"
+    assert run_main(base_args(tiny_model_dir, chats, out, **HEAL_ARGS, **{"--resume": True})) == 0
+    assert not list(out.rglob("*.tmp"))
+    assert_same_adapter(out, uninterrupted)
+
+
+# -----------------------------------------------------------------------------
+# Damaged model files and impossible data: one line naming the file, from every script
+
+
+def damaged_copy(src, dst, how):
+    import shutil
+
+    shutil.copytree(src, dst)
+    if how == "vocab.json truncated":
+        (dst / "vocab.json").write_bytes((dst / "vocab.json").read_bytes()[:5000])
+    elif how == "weights are a Git LFS pointer":
+        (dst / "model.safetensors").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:" + "0" * 64 +
+                                               "\nsize 548105171\n")
+    return {"vocab.json truncated": dst / "vocab.json", "weights are a Git LFS pointer": dst / "model.safetensors"}[how]
+
+
+@pytest.mark.parametrize("how", ["vocab.json truncated", "weights are a Git LFS pointer"])
+def test_damaged_model_files_are_one_line_naming_the_file_in_every_script(how, tiny_model_dir, chats, tmp_path,
+                                                                         capsys):
+    import eval as ev
+    import model
+
+    bad = damaged_copy(Path(tiny_model_dir), tmp_path / "m", how)
+    assert run_main(["--model", tmp_path / "m", "--data", chats, "--out", tmp_path / "o", "--max-steps", "1",
+                     "--batch-size", "2"]) == 1
+    lines = [capsys.readouterr().err.strip().splitlines()[-1]]
+    for main in (lambda: ev.main(["--adapter", str(tmp_path / "m"), "--model", str(tmp_path / "m")]),
+                 lambda: model.main(["--model", str(tmp_path / "m")])):
+        with pytest.raises(SystemExit) as e:
+            main()
+        lines.append(str(e.value.code))
+    for line in lines:
+        assert line.startswith(f"error: {bad}") and "\n" not in line, line
+    assert "git lfs pull" in lines[0] if "LFS" in how else "damaged or cut short" in lines[0]
+
+
+def test_nothing_left_to_train_is_one_line_with_the_cause(tiny_model_dir, tmp_path, capsys):
+    path = tmp_path / "long.jsonl"
+    path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"{i} " + "word " * 200},
+                                                     {"role": "assistant", "content": "ok"}]}) + "\n"
+                            for i in range(6)))
+    assert run_main(["--model", tiny_model_dir, "--data", path, "--out", tmp_path / "o", "--val-fraction", "0"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: --data {path}: 0 training examples left of 6")
+    assert "6 longer than 128 tokens" in err[0] and "--overflow truncate" in err[0]
