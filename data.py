@@ -128,7 +128,7 @@ def chat_format(tokenizer):
 def render_conversation(messages, tokenizer, train_on="all"):
     """Render a conversation into token ids and a loss mask of the same length: mask[i] = 1 where token i is
     part of a trained assistant reply or the end-of-turn token that ends it. train_on="all" trains every
-    assistant turn, "last" only the final one."""
+    assistant turn, "last" only the final one; a reply with "weight": 0 (OpenAI's format) is never trained."""
     ids, mask, _ = _render(messages, tokenizer, train_on)
     return ids, mask
 
@@ -150,8 +150,8 @@ def _render(messages, tokenizer, train_on):
     if fmt.family == "smollm2" and not (messages and messages[0]["role"] == "system"):
         messages = [{"role": "system", "content": fmt.default_system}] + list(messages)
     last_reply = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
-    trained = [int(m["role"] == "assistant" and (train_on == "all" or i == last_reply))
-               for i, m in enumerate(messages)]
+    trained = [int(m["role"] == "assistant" and m.get("weight", 1) == 1 and (train_on == "all" or i == last_reply))
+               for i, m in enumerate(messages)]  # OpenAI's "weight": 0 makes a reply context only
     return render(messages, trained, tokenizer, fmt)
 
 
@@ -223,7 +223,7 @@ def tokenize_dataset(conversations, tokenizer, block_size, train_on="all", overf
     seen, kept, examples = set(), [], []
     n_dup = n_long = n_untrained = n_trunc = 0
     for conv in conversations:
-        key = tuple((m["role"], m["content"]) for m in conv)
+        key = tuple((m["role"], m["content"], m.get("weight", 1)) for m in conv)
         if dedup and key in seen:
             n_dup += 1
             continue
@@ -355,7 +355,8 @@ def show(name_or_path, tokenizer, n=3, split="train", block_size=1024, train_on=
     conversations = load_conversations(path)
     legend = "bold green" if color else f"{PLAIN_ON}...{PLAIN_OFF}"
     specials = ", ".join(f"{name} = token {i}" for i, name in chat_format(tokenizer).special_names.items())
-    print(f"legend: {legend} = trained tokens (the loss falls here), the rest is context; {specials}")
+    print(f"legend: {legend} = trained tokens (the loss falls here), the rest is context (so is a reply with "
+          f'"weight": 0); {specials}')
     for k, conv in enumerate(conversations[:n], start=1):
         ids, mask = render_conversation(conv, tokenizer, train_on)
         print(f"=== {path} | example {k} of {len(conversations)} | {len(ids)} tokens, {sum(mask)} trained ===")

@@ -53,3 +53,15 @@ def atomic_write_bytes(path, data):
 
 def atomic_write_text(path, text):
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+LFS_POINTER = b"version https://git-lfs.github.com/spec/"  # how every Git LFS pointer file begins
+
+
+def refuse_lfs_pointer(path):
+    """Raise a one-line ValueError if path is a Git LFS pointer (a ~130-byte text stub that a clone without
+    git-lfs leaves in place of a large file) rather than the file itself."""
+    with open(path, "rb") as f:
+        if f.read(len(LFS_POINTER)) == LFS_POINTER:
+            raise ValueError(f"{path} is a Git LFS pointer ({os.path.getsize(path)} bytes), not the file itself: run "
+                             "`git lfs pull` in its repository, or download the real file")

@@ -11,6 +11,7 @@ import os
 import numpy as np
 import torch
 
+from plumbing.files import refuse_lfs_pointer
 from plumbing.hf_format import GGUF, HF, rename
 
 
@@ -21,6 +22,7 @@ def open_gguf(path):
         import gguf
     except ImportError:
         raise RuntimeError("reading .gguf files needs the gguf package: pip install gguf") from None
+    refuse_lfs_pointer(path)
     try:
         return gguf.GGUFReader(path)
     except Exception as e:  # the parser raises assorted errors on a damaged file

@@ -1,8 +1,9 @@
 """plumbing/records.py: reading and validating dataset files, so a bad line fails with its file and line.
 
-Two formats, detected from the first record: chat JSONL ({"messages": [{"role", "content"}, ...]} per line)
-and Alpaca ("instruction", optional "input", "output"; a JSON array or JSONL). Every malformed input raises
-ValueError naming the file, the line and the problem. data.load_conversations is the core's entry point.
+Two formats, detected from the first record: chat JSONL ({"messages": [{"role", "content"}, ...]} per line;
+OpenAI's "weight": 0 on an assistant message makes it context, not trained) and Alpaca ("instruction",
+optional "input", "output"; a JSON array or JSONL). Every malformed input raises ValueError naming the file,
+the line and the problem. data.load_conversations is the core's entry point.
 """
 
 import json
@@ -82,7 +83,14 @@ def _check_messages(messages, where):
             raise ValueError(f"{where}: message {k} content must be a string, got {type(m.get('content')).__name__}")
         if m["role"] == "system" and k != 1:
             raise ValueError(f"{where}: message {k} is a system message; only the first message may be one")
-        clean.append({"role": m["role"], "content": m["content"]})
+        extra = sorted(set(m) - {"role", "content", "weight"})
+        if extra:  # OpenAI's name, tool_calls, function_call...: refused, never silently half-used
+            raise ValueError(f"{where}: message {k} has {', '.join(map(repr, extra))}, which handtune does not use "
+                             "(a message is role, content and, on an assistant reply, weight 0 or 1); remove it")
+        if "weight" in m and (m["role"] != "assistant" or m["weight"] not in (0, 1) or isinstance(m["weight"], bool)):
+            raise ValueError(f"{where}: message {k}: weight {m['weight']!r} on a {m['role']} message; OpenAI's "
+                             "format allows weight 0 (context only, not trained) or 1 (trained) on assistant replies")
+        clean.append({"role": m["role"], "content": m["content"], **({"weight": m["weight"]} if "weight" in m else {})})
     if not any(m["role"] == "assistant" for m in clean):
         raise ValueError(f"{where}: no assistant turn, so nothing to train on")
     if clean[-1]["role"] != "assistant":
@@ -131,7 +139,7 @@ def load_records(path):
 def holdout_split(conversations, fraction, seed, split):
     """A file without a val split: after removing exact duplicates (so no validation conversation is
     also trained on), a fixed random fraction of the conversations is validation, the rest training."""
-    unique = list({tuple((m["role"], m["content"]) for m in c): c for c in conversations}.values())
+    unique = list({tuple((m["role"], m["content"], m.get("weight", 1)) for m in c): c for c in conversations}.values())
     order = np.random.default_rng(seed).permutation(len(unique)).tolist()
     n_val = round(fraction * len(unique))
     chosen = order[:n_val] if split == "val" else order[n_val:]

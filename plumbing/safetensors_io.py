@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from plumbing.files import atomic_write
+from plumbing.files import atomic_write, refuse_lfs_pointer
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -31,6 +31,7 @@ def load_safetensors(path):
     def bad(why):
         return ValueError(f"{path}: not a valid safetensors file ({why}); re-download or re-save it")
 
+    refuse_lfs_pointer(path)
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size < 8:

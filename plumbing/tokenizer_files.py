@@ -13,7 +13,7 @@ from pathlib import Path
 
 import tiktoken
 
-from plumbing.files import atomic_write_bytes, atomic_write_text
+from plumbing.files import atomic_write_bytes, atomic_write_text, refuse_lfs_pointer
 from plumbing.gguf_io import open_gguf
 
 EOT_ID = 50256  # GPT-2's <|endoftext|>: opens every message and ends every assistant reply
@@ -51,9 +51,17 @@ def load_bpe_files(vocab_json, merges_txt):
     tiktoken merges the adjacent pair whose result has the lowest rank, which equals GPT-2's "apply merges
     in file order" only if merge line i produces token id 256 + i. We check that instead of assuming it."""
     decode = _byte_decoder()
-    vocab = json.loads(Path(vocab_json).read_text(encoding="utf-8"))
-    ranks = {bytes(decode[c] for c in token): i for token, i in vocab.items() if token != EOT_TEXT}
-    lines = Path(merges_txt).read_text(encoding="utf-8").split("\n")
+    for path in (vocab_json, merges_txt):
+        refuse_lfs_pointer(path)
+    path = vocab_json
+    try:  # a damaged file is one line naming it (JSON and UTF-8 errors are ValueErrors)
+        vocab = json.loads(Path(vocab_json).read_text(encoding="utf-8"))
+        ranks = {bytes(decode[c] for c in token): i for token, i in vocab.items() if token != EOT_TEXT}
+        path = merges_txt
+        lines = Path(merges_txt).read_text(encoding="utf-8").split("\n")
+    except (ValueError, AttributeError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a GPT-2 tokenizer file ({type(e).__name__}: {e}); it is damaged or cut "
+                         "short: copy it again from the model") from None
     merges = [(n, ln.split()) for n, ln in enumerate(lines, start=1) if ln.strip() and not ln.startswith("#version")]
     for i, (n, (a, b)) in enumerate(merges):
         merged = bytes(decode[c] for c in a + b)

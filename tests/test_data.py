@@ -138,6 +138,68 @@ def test_render_exact_ids_hardcoded(gpt2_tokenizer):
     assert mask == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1]
 
 
+def test_openai_weight_0_reply_is_context_not_trained_exact_ids(gpt2_tokenizer, tmp_path):
+    """OpenAI's chat fine-tuning format: "weight": 0 on an assistant message excludes it from the loss."""
+    conv = [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello.", "weight": 0},
+            {"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello.", "weight": 1}]
+    path = write(tmp_path, json.dumps({"messages": conv}))
+    loaded = data.load_conversations(path)[0]
+    assert [m.get("weight") for m in loaded] == [None, 0, None, 1]  # kept as given, only where given
+    ids, mask = render_conversation(loaded, gpt2_tokenizer)
+    turn = [50256, 12982, 25, 198, 17250, 0, 50256, 48902, 25, 198, 15496, 13]  # <EOT>User:\nHi!<EOT>Assistant:\nHello.
+    assert ids == turn + turn + [50256]
+    assert mask == [0] * 12 + [0] * 10 + [1, 1, 1]  # the first reply and its end of turn: context only
+    ids_all, mask_all = render_conversation([{k: v for k, v in m.items() if k != "weight"} for m in conv],
+                                            gpt2_tokenizer)
+    assert ids_all == ids and mask_all == [0] * 10 + [1, 1, 1] + [0] * 9 + [1, 1, 1]
+    examples, stats = data.tokenize_dataset([conv[:2]], gpt2_tokenizer, 64)
+    assert examples == [] and stats["n_untrained"] == 1  # a conversation whose only reply has weight 0
+
+
+def test_show_marks_a_weight_0_reply_as_context(gpt2_tokenizer, tmp_path, capsys):
+    conv = [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "muted", "weight": 0},
+            {"role": "user", "content": "Again"}, {"role": "assistant", "content": "trained"}]
+    data.show(str(write(tmp_path, json.dumps({"messages": conv}))), gpt2_tokenizer, n=1)
+    out = capsys.readouterr().out
+    assert "\nmuted<EOT>" in out and "«trained<EOT>»" in out and "«muted" not in out
+
+
+@pytest.mark.parametrize("message, error", [
+    ({"role": "user", "content": "q", "weight": 0}, "weight 0 on a user message"),
+    ({"role": "assistant", "content": "a", "weight": 2}, "weight 2 on a assistant message"),
+    ({"role": "assistant", "content": "a", "weight": True}, "weight True"),
+    ({"role": "user", "content": "q", "name": "bob"}, "has 'name', which handtune does not use"),
+    ({"role": "assistant", "content": "a", "tool_calls": []}, "has 'tool_calls', which handtune does not use"),
+])
+def test_message_keys_other_than_role_content_weight_are_refused_with_file_and_line(message, error, tmp_path):
+    msgs = [message] if message["role"] == "assistant" else [message, {"role": "assistant", "content": "a"}]
+    path = write(tmp_path, GOOD + "\n" + json.dumps({"messages": msgs if msgs[0]["role"] == "user"
+                                                     else [{"role": "user", "content": "q"}] + msgs}))
+    with pytest.raises(ValueError, match=re.escape(f"{path}:2: message")) as e:
+        data.load_conversations(path)
+    assert error in str(e.value)
+
+
+def test_nothing_left_to_train_says_why_with_counts_and_the_flags_that_fix_it(gpt2_tokenizer):
+    from types import SimpleNamespace
+
+    from plumbing.config_checks import check_examples
+
+    long = [{"role": "user", "content": "word " * 100}, {"role": "assistant", "content": "ok"}]
+    muted = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok", "weight": 0}]
+    short = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
+    _, stats = data.tokenize_dataset([long, long, muted, short, short], gpt2_tokenizer, 64)
+    with pytest.raises(ValueError) as e:
+        check_examples(stats, SimpleNamespace(data="f.jsonl"), 4, 64, 1024)
+    msg = str(e.value)
+    assert msg.startswith("--data f.jsonl: 1 training examples left of 5 conversations: dropped ")
+    for part in ("1 longer than 64 tokens", "--overflow truncate", "--max-len up to the context of 1024",
+                 "1 with no trained token", "weight 0", "2 exact duplicates",
+                 "fewer than one global batch of 4", "lower --batch-size"):
+        assert part in msg, part
+    check_examples(stats, SimpleNamespace(data="f.jsonl"), 1, 64, 1024)  # one batch of 1 fits: no error
+
+
 def test_render_exact_ids_multi_turn(gpt2_tokenizer):
     t = gpt2_tokenizer
     ids, mask = render_conversation(CHAT, t)

@@ -513,3 +513,23 @@ def test_atomic_write_gives_ordinary_file_permissions(tmp_path):
     finally:
         os.umask(old)
     assert (os.stat(tmp_path / "f.bin").st_mode & 0o777) == 0o644
+
+
+def test_config_json_fields_left_out_default_as_transformers_defaults_them():
+    """plumbing/hf_format.py's GPT2_DEFAULTS / LLAMA_DEFAULTS are GPT2Config()'s and LlamaConfig()'s: a
+    config.json that transformers opens without n_positions (or rope_theta, ...) opens here the same way."""
+    transformers = pytest.importorskip("transformers")
+    from model import GPTConfig
+    from plumbing.hf_format import GPT2_DEFAULTS, LLAMA_DEFAULTS
+
+    gpt2, llama = transformers.GPT2Config(), transformers.LlamaConfig()
+    for k, v in GPT2_DEFAULTS.items():
+        assert getattr(gpt2, k) == v, k
+    for k, v in LLAMA_DEFAULTS.items():  # transformers 5 keeps rope_theta in rope_parameters
+        got = getattr(llama, k, None) if k != "rope_theta" or hasattr(llama, k) else llama.rope_parameters[k]
+        assert got == v, k
+    c = GPTConfig.from_hf_dict({"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 2})
+    assert c.block_size == 1024 == transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2).n_positions
+    c = GPTConfig.from_hf_dict({"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+                                "num_hidden_layers": 2, "num_attention_heads": 4})
+    assert (c.block_size, c.rope_theta, c.layer_norm_epsilon, c.vocab_size) == (2048, 10000.0, 1e-6, 32000)
