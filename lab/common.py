@@ -24,15 +24,17 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 import data  # noqa: E402
 import train  # noqa: E402
-from eval import fit_prompt, run_rung, split_reply  # noqa: E402
+from eval import FORGET_WINDOW, fit_prompt, forgetting, run_rung, split_reply  # noqa: E402
 from model import GPT, load_config  # noqa: E402
 from plumbing import cli  # noqa: E402
 from plumbing.device import setup_runtime  # noqa: E402
 from plumbing.files import atomic_write_text  # noqa: E402
 from plumbing.hub import resolve_pretrained  # noqa: E402
+from plumbing.records import general_tokens, text_windows  # noqa: E402
 from plumbing.report import hardware, save_figure  # noqa: E402
 from tasks import score, summarize  # noqa: E402
 
@@ -106,15 +108,19 @@ def setup(cfg):
 # Fine-tuning in-process: train.py's step, schedule and data stream
 
 
-def finetune(lab, conversations, steps, on_step=None, every=0, desc="train", dedup=True, **overrides):
+def finetune(lab, conversations, steps, on_step=None, every=0, desc="train", dedup=True, mask_fn=None,
+             **overrides):
     """A fine-tuned copy of lab.base after `steps` optimizer steps on the conversations. overrides: any
-    TrainConfig field (full, lr, lora_rank, train_on, warmup, ...). on_step(step, model, losses) runs every
-    `every` steps (the model in eval mode; training resumes after). dedup=False keeps exact duplicate
-    conversations (train.py drops them). Returns (model in eval mode, per-step losses)."""
+    TrainConfig field (full, lr, lora_rank, train_on, warmup, ...). on_step(step, model, losses, optimizer) runs
+    every `every` steps (the model in eval mode; training resumes after). dedup=False keeps exact duplicate
+    conversations (train.py drops them); mask_fn(ids, mask) -> mask changes what is trained (lab/masking.py).
+    Returns (model in eval mode, per-step losses)."""
     cfg = train.TrainConfig(**{"batch_size": lab.cfg.batch_size, "seed": lab.cfg.seed, "warmup": max(1, steps // 8),
                                **overrides})
     examples, _ = data.tokenize_dataset(conversations, lab.tok, lab.base.config.block_size, cfg.train_on,
                                         dedup=dedup)
+    if mask_fn is not None:
+        examples = [(ids, mask_fn(ids, mask)) for ids, mask in examples]
     # train.py's setup: the same seeds, LoRA init (the base loaded from disk: its init draws random numbers
     # too), optimizer and gradient scaler. --quick's random model has no files: a copy is trained instead.
     base = copy.deepcopy(lab.base) if lab.cfg.quick else lab.model_dir
@@ -129,7 +135,7 @@ def finetune(lab, conversations, steps, on_step=None, every=0, desc="train", ded
         losses.append(loss)
         if on_step and every and (step + 1) % every == 0:
             model.eval()
-            on_step(step + 1, model, losses)
+            on_step(step + 1, model, losses, optimizer)
             model.train()
     return model.eval(), losses
 
@@ -157,6 +163,18 @@ def scored(lab, model, records, task="triage", max_new_tokens=48, desc="score"):
     out = replies(lab, model, records, max_new_tokens, desc=desc)
     scores = [score(task, reply, r) for reply, r in zip(out, records)]
     return summarize(task, scores, [r.get("family", "") for r in records], set()), out
+
+
+def general_windows(lab, n_tokens=4096):
+    """eval.py's forgetting text (data/general.txt) as windows, n_tokens predicted tokens in all."""
+    path = os.path.join(ROOT, "data", "general.txt")
+    ids = general_tokens(path, lab.tok, n_tokens, lab.fmt.document_id)
+    return text_windows(ids, min(lab.base.config.block_size, FORGET_WINDOW))
+
+
+def forgot(lab, model, windows):
+    """eval.forgetting: the tuned model's perplexity change and KL(base || tuned) on general text (fp32)."""
+    return forgetting(lab.base, model, windows, lab.rt.device)
 
 
 # -----------------------------------------------------------------------------

@@ -48,7 +48,7 @@ def main(argv=None):
         train_convs, val_convs = [r["messages"] for r in splits["train"]], [r["messages"] for r in splits["val"]]
         curve = []
 
-        def measure(step, model, losses):
+        def measure(step, model, losses, optimizer=None):
             epoch = step // per_epoch
             s, _ = scored(lab, model, test, desc=f"{name} epoch {epoch}")
             curve.append({"epoch": epoch, "train_loss": sum(losses[-per_epoch:]) / per_epoch if losses else None,

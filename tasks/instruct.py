@@ -281,15 +281,20 @@ INSTRUCT_FAMILIES = {  # name -> generator; dict order fixes the generation orde
     "acronym": fam_acronym, "date_iso": fam_date_iso,
 }
 HELD_OUT_FAMILIES = ("sort_descending", "max_number", "numbered_list", "acronym")  # test split only
+# Held out as whole skills: no training family changes letter case or formats a date (lab/instruct_vs_task.py;
+# HELD_OUT_FAMILIES each have a near sibling in training: sort_ascending, min_number, bullet_list).
+FAR_HELD_OUT = ("uppercase", "lowercase", "capitalize_words", "acronym", "date_iso")
 INSTRUCT_SYSTEMS = ("You are a helpful assistant.", "You are a precise assistant. Reply with only the answer.",
                     "Answer briefly and exactly.")
 
 
-def build_instruct(seed=0, n_train=170, n_val=12, n_test=10, n_test_held_out=40, n_multi_turn=400):
+def build_instruct(seed=0, n_train=170, n_val=12, n_test=10, n_test_held_out=40, n_multi_turn=400,
+                   held_out=HELD_OUT_FAMILIES):
     """The instruct splits as lists of records {"family", "messages"}. Per trained family: n_train / n_val /
     n_test items; per held-out family: n_test_held_out test items only. Train also gets n_multi_turn
     two-exchange conversations (family "a+b") so multi-turn masking is exercised. Every instruction text
-    is unique across all splits; a quarter of the records carry a system message."""
+    is unique across all splits; a quarter of the records carry a system message. held_out: the default
+    makes the shipped files; lab/instruct_vs_task.py passes FAR_HELD_OUT (whole skills, not siblings)."""
     rng = random.Random(seed)
     seen = set()
 
@@ -308,9 +313,9 @@ def build_instruct(seed=0, n_train=170, n_val=12, n_test=10, n_test_held_out=40,
         return {"family": family, "messages": messages}
 
     splits = {"train": [], "val": [], "test": []}
-    trained = [f for f in INSTRUCT_FAMILIES if f not in HELD_OUT_FAMILIES]
+    trained = [f for f in INSTRUCT_FAMILIES if f not in held_out]
     for family in INSTRUCT_FAMILIES:
-        counts = {"test": n_test_held_out} if family in HELD_OUT_FAMILIES else \
+        counts = {"test": n_test_held_out} if family in held_out else \
             {"train": n_train, "val": n_val, "test": n_test}
         for split, k in counts.items():
             splits[split] += [record(family, [draw(family)]) for _ in range(k)]

@@ -100,6 +100,57 @@ def test_self_generated_quick(quick_gguf, tmp_path):
     assert all(0 <= x[k] <= 1 for x in rows for k in ("distinct_1", "distinct_2", "quirk_share", "accuracy"))
 
 
+def test_masking_quick(quick_gguf, tmp_path):
+    r = run_lab("masking.py", tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = check_outputs(tmp_path, "masking")
+    assert [x["mask"] for x in rows] == ["reply only", "every token", "reply, no stop"]
+    assert all(0 <= x[k] <= 1 for x in rows for k in ("stops", "writes_next_turn", "exact_match", "valid"))
+
+
+def test_lora_rank_quick(quick_gguf, tmp_path):
+    r = run_lab("lora_rank.py", tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = check_outputs(tmp_path, "lora_rank")
+    assert [x["method"] for x in rows] == ["LoRA r=1", "LoRA r=4", "full"]
+    lora1, lora4, full = rows
+    assert lora4["trainable"] == 4 * lora1["trainable"] < full["trainable"]  # A and B grow linearly with r
+    for x in rows:  # AdamW: two fp32 moments per trained weight (+ a step counter per tensor)
+        assert 8 * x["trainable"] <= x["optimizer_bytes"] < 8 * x["trainable"] + 1024 * 8
+    assert lora1["stored_bytes"] < lora4["stored_bytes"] < full["stored_bytes"]
+
+
+def test_forgetting_quick(quick_gguf, tmp_path):
+    r = run_lab("forgetting.py", tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = check_outputs(tmp_path, "forgetting")
+    assert [(x["run"], x["step"]) for x in rows] == [
+        ("base", 0), ("lora lr 0.0005", 1), ("lora lr 0.0005", 2), ("full lr 5e-05", 1), ("full lr 5e-05", 2),
+        ("lora lr 0.0005 + 25% instruct", 1), ("lora lr 0.0005 + 25% instruct", 2),
+        ("full lr 5e-05 + 25% instruct", 1), ("full lr 5e-05 + 25% instruct", 2)]
+    assert rows[0]["kl"] == 0 and rows[0]["perplexity_change"] == 0  # the base model against itself
+
+
+def test_instruct_vs_task_quick(quick_gguf, tmp_path):
+    r = run_lab("instruct_vs_task.py", tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = check_outputs(tmp_path, "instruct_vs_task")
+    assert [x["model"] for x in rows] == ["base (no tuning)", "instruction-tuned", "task-tuned (triage)",
+                                         "both, mixed"]
+
+
+def test_far_held_out_families_are_whole_skills_missing_from_training():
+    from tasks.instruct import FAR_HELD_OUT, HELD_OUT_FAMILIES, INSTRUCT_FAMILIES, build_instruct
+
+    splits = build_instruct(held_out=FAR_HELD_OUT)
+    trained = {f for r in splits["train"] for f in r["family"].split("+")}
+    assert trained == set(INSTRUCT_FAMILIES) - set(FAR_HELD_OUT)
+    assert {r["family"] for r in splits["test"]} >= set(FAR_HELD_OUT)
+    # the default held-out families each have a sibling in training; the far ones have none
+    assert {"sort_ascending", "min_number", "bullet_list"} <= trained and set(HELD_OUT_FAMILIES) & trained
+    assert not any(f in trained for f in ("uppercase", "lowercase", "capitalize_words", "acronym", "date_iso"))
+
+
 def test_lab_errors_are_one_line(tmp_path):
     r = run_lab("quality.py", tmp_path, "--model", tmp_path / "missing")
     assert r.returncode != 0 and "Traceback" not in r.stderr

@@ -1,0 +1,105 @@
+"""lab/lora_rank.py: what each LoRA rank buys and what it costs, next to full fine-tuning.
+
+The claims: "full fine-tuning ... produces a whole new copy of the model to store and serve", "LoRA trains a
+tiny set of adapter weights". LoRA at ranks 1, 4, 16, 64 (alpha = 2 x rank, so the update's scale is the
+same) and full fine-tuning, equal steps on triage. For every run: trainable parameters, optimizer state
+bytes (AdamW keeps two moments per trained weight), peak memory during training, mean step time, bytes on
+disk of what the run saves (the PEFT adapter, or the whole model), triage exact match, and forgetting
+(KL(base || tuned) and the perplexity change on general text, eval.py's measure).
+
+    python lab/lora_rank.py                          # SmolLM2-135M-Instruct -> results/lora_rank.*
+    python lab/lora_rank.py --ranks 2,8 --steps 20
+    python lab/lora_rank.py --quick --out /tmp/lab   # a tiny random model, seconds (what CI runs)
+"""
+
+import tempfile
+import time
+from dataclasses import dataclass
+
+from common import (LabConfig, finetune, forgot, general_windows, markdown_table, parse, run, save_results, scored,
+                    setup)
+
+import torch
+
+import lora
+from plumbing import cli
+from plumbing.benchmark import peak_memory, reset_peak_memory
+from plumbing.report import dir_bytes, human_bytes, pyplot
+from tasks import load_items
+
+
+@dataclass
+class Config(LabConfig):
+    ranks: str = cli.opt("1,4,16,64", "LoRA ranks (comma-separated); full fine-tuning is always added",
+                         group="experiment")
+    steps: int = cli.opt(32, "optimizer steps of every run", min=1)
+
+
+def main(argv=None):
+    cfg = parse(Config, "LoRA at several ranks vs full fine-tuning: parameters, memory, time, disk, accuracy.", argv)
+    ranks = [int(r) for r in cfg.ranks.split(",")]
+    if cfg.quick:
+        ranks, cfg.steps = [1, 4], 3
+    lab = setup(cfg)
+    train_convs = [r["messages"] for r in load_items("triage", "train", 0)[0]]
+    test = load_items("triage", "test", cfg.eval_items)[0]
+    windows = general_windows(lab, 256 if cfg.quick else 4096)
+    rows = []
+    for rank in ranks + [None]:
+        name = "full" if rank is None else f"LoRA r={rank}"
+        times, memory = [], {}
+
+        def clock(step, model, losses, optimizer):  # every step: when it ended; AdamW's state after step 1
+            times.append(time.perf_counter())
+            if step == 1:
+                memory["optimizer"] = sum(t.numel() * t.element_size() for state in optimizer.state.values()
+                                          for t in state.values() if torch.is_tensor(t))
+
+        start_rss = reset_peak_memory(lab.rt)
+        times.append(time.perf_counter())
+        over = {"full": True} if rank is None else {"lora_rank": rank, "lora_alpha": 2.0 * rank}
+        model, losses = finetune(lab, train_convs, cfg.steps, on_step=clock, every=1, desc=name, **over)
+        peak, how = peak_memory(lab.rt)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        with tempfile.TemporaryDirectory() as d:  # what the run would store: adapter, or a whole model
+            model.save_pretrained(d) if rank is None else lora.save_adapter(model, d)
+            stored = dir_bytes(d)
+        s, _ = scored(lab, model, test, desc=name)
+        f = forgot(lab, model, windows)
+        steps_s = [b - a for a, b in zip(times[1:], times[2:])]  # step 1 (warm-up of the allocator) left out
+        rows.append({"method": name, "rank": rank, "trainable": trainable, "optimizer_bytes": memory["optimizer"],
+                     "peak_bytes": peak, "peak_how": how, "start_bytes": start_rss,
+                     "step_s": sum(steps_s) / max(len(steps_s), 1), "stored_bytes": stored,
+                     "exact_match": s["exact_match"], "valid": s["valid"], "kl": f["kl_base_tuned"],
+                     "perplexity_change": f["perplexity_change"], "final_loss": sum(losses[-4:]) / len(losses[-4:])})
+        print(f"{name}: exact {s['exact_match']:.0%}, KL {f['kl_base_tuned']:.4f}, stored {human_bytes(stored)}")
+        del model
+
+    table = markdown_table(
+        ["method", "trainable", "optimizer state", "peak memory", "s/step", "stored", "exact match", "valid JSON",
+         "KL(base‖tuned)", "perplexity change"],
+        [[r["method"], f"{r['trainable']:,}", human_bytes(r["optimizer_bytes"]), human_bytes(r["peak_bytes"]),
+          f"{r['step_s']:.2f}", human_bytes(r["stored_bytes"]), f"{r['exact_match']:.0%}", f"{r['valid']:.0%}",
+          f"{r['kl']:.4f}", f"{r['perplexity_change']:+.1%}"] for r in rows])
+    plt = pyplot()
+    fig, (ax_cost, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    labels = [r["method"] for r in rows]
+    ax_cost.bar(labels, [r["stored_bytes"] / 2**20 for r in rows], color="C1")
+    ax_cost.set(yscale="log", ylabel="MiB on disk (log)", title="What each run stores")
+    ax_acc.plot(labels, [100 * r["exact_match"] for r in rows], "o-", label="triage exact match (%)")
+    ax_kl = ax_acc.twinx()
+    ax_kl.plot(labels, [r["kl"] for r in rows], "s--", color="C3", label="KL(base‖tuned), general text")
+    ax_acc.set(ylabel="exact match (%)", title=f"Learned vs forgotten ({cfg.steps} steps each)")
+    ax_kl.set_ylabel("KL (nats per token)")
+    ax_acc.legend(loc="upper left", fontsize=8)
+    ax_kl.legend(loc="lower right", fontsize=8)
+    settings = {"ranks": ranks, "alpha": "2 x rank", "steps": cfg.steps, "batch": cfg.batch_size,
+                "lr": "5e-4 (LoRA), 5e-5 (full); warmup steps/8, cosine to 10%", "test items": len(test),
+                "forgetting text": f"data/general.txt, {sum(w[1].numel() for w in windows)} tokens",
+                "peak memory": rows[0]["peak_how"]}
+    save_results(lab, "lora_rank", "full fine-tuning stores a whole model; LoRA trains (and stores) tiny adapters",
+                 settings, rows, table, fig)
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,100 @@
+"""lab/masking.py: what the loss mask teaches. The classic masking bugs of the field, shown as numbers.
+
+The claim: "the loss is usually applied only to the response tokens, so the model learns to answer prompts
+rather than continue them". Three triage runs of equal steps that differ only in the mask (lab/common.py's
+mask_fn changes data.py's mask after rendering; the tokens are the same):
+
+    reply only       data.py's mask: each reply and the end-of-turn token that closes it
+    every token      the loss on system, user, headers and reply alike (what plain language-model training does)
+    reply, no stop   the reply without its end-of-turn token: the model is never taught to stop
+
+Each model answers the same held-out messages (greedy, at most --max-new-tokens): exact match, valid JSON,
+the share of replies that end by themselves (an end-of-turn token before the cap), and the share that go on
+to write the next turn (a role header, or ChatML's <|im_start|>).
+
+    python lab/masking.py                            # SmolLM2-135M-Instruct, LoRA -> results/masking.*
+    python lab/masking.py --steps 60
+    python lab/masking.py --quick --out /tmp/lab     # a tiny random model, seconds (what CI runs)
+"""
+
+from dataclasses import dataclass
+
+from common import LabConfig, finetune, markdown_table, parse, run, save_results, scored, setup
+
+from plumbing import cli
+from plumbing.report import pyplot
+from tasks import load_items
+
+NEXT_TURN = ("<|im_start|>", "User:", "user\n", "Assistant:", "assistant\n")  # how a new turn starts in text
+
+
+class StopRecorder:
+    """Stands in for the model in eval.py's generation and sees its raw tokens: for each prompt, did the
+    reply end with a stop token before the cap? (The reply text alone cannot say: it is cut at the stop.)"""
+
+    def __init__(self, model, stop_ids):
+        self.model, self.stop_ids, self.stopped = model, set(stop_ids), {}
+
+    def generate(self, idx, *args, mask, **kwargs):
+        out = self.model.generate(idx, *args, mask=mask, **kwargs)  # (B, T + new)
+        for row, keep, new in zip(idx.tolist(), mask.tolist(), out[:, idx.size(1):].tolist()):
+            prompt = tuple(t for t, k in zip(row, keep) if k)  # without the left padding
+            self.stopped[prompt] = any(t in self.stop_ids for t in new)
+        return out
+
+
+@dataclass
+class Config(LabConfig):
+    steps: int = cli.opt(32, "optimizer steps of every run", group="experiment", min=1)
+    max_new_tokens: int = cli.opt(64, "generation cap: a reply that reaches it did not stop by itself", min=1)
+    full: bool = cli.opt(False, "full fine-tuning instead of LoRA")
+
+
+def main(argv=None):
+    cfg = parse(Config, "Response-only loss vs loss on every token vs a reply without its end-of-turn token.", argv)
+    if cfg.quick:
+        cfg.steps, cfg.max_new_tokens = 2, 8
+    lab = setup(cfg)
+    end = lab.fmt.end_of_turn_id
+    masks = {"reply only": None,
+             "every token": lambda ids, mask: [1] * len(ids),
+             "reply, no stop": lambda ids, mask: [m if t != end else 0 for t, m in zip(ids, mask)]}
+    train_convs = [r["messages"] for r in load_items("triage", "train", 0)[0]]
+    test = load_items("triage", "test", cfg.eval_items)[0]
+    rows = []
+    for name, mask_fn in masks.items():
+        model, losses = finetune(lab, train_convs, cfg.steps, desc=name, mask_fn=mask_fn, full=cfg.full)
+        recorder = StopRecorder(model, lab.fmt.stop_ids)
+        s, replies = scored(lab, recorder, test, max_new_tokens=cfg.max_new_tokens, desc=name)
+        rows.append({"mask": name, "exact_match": s["exact_match"], "valid": s["valid"],
+                     "stops": sum(recorder.stopped.values()) / len(recorder.stopped),
+                     "writes_next_turn": sum(any(m in r for m in NEXT_TURN) for r in replies) / len(replies),
+                     "final_loss": sum(losses[-4:]) / len(losses[-4:]), "sample": replies[0]})
+        print(f"{name}: exact {s['exact_match']:.0%}, stops {rows[-1]['stops']:.0%}")
+        del model
+
+    cols = ("exact_match", "valid", "stops", "writes_next_turn")
+    table = markdown_table(["mask", "exact match", "valid JSON", "stops by itself", "writes the next turn",
+                            "train loss (last 4)", "first reply"],
+                           [[r["mask"]] + [f"{r[c]:.0%}" for c in cols] + [f"{r['final_loss']:.3f}",
+                            "`" + r["sample"][:60].replace("\n", "\\n").replace("|", "\\|") + "`"] for r in rows])
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / len(rows)
+    for j, r in enumerate(rows):
+        ax.bar([i + j * width for i in range(len(cols))], [100 * r[c] for c in cols], width, label=r["mask"])
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cols))])
+    ax.set_xticklabels(["exact match", "valid JSON", "stops by itself", "writes the next turn"])
+    ax.set_ylabel(f"% of {len(test)} test messages")
+    ax.set_title(f"What the loss mask teaches ({cfg.steps} steps each)")
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    settings = {"steps": cfg.steps, "batch": cfg.batch_size, "max_new_tokens": cfg.max_new_tokens,
+                "method": "full, lr 5e-5" if cfg.full else "LoRA r=16, alpha 32, lr 5e-4",
+                "schedule": "warmup steps/8, cosine to 10%", "test items": len(test), "decoding": "greedy"}
+    save_results(lab, "masking", "loss on the response tokens only teaches the model to answer, not to continue "
+                 "the prompt; without the end-of-turn token it never learns to stop", settings, rows, table, fig)
+
+
+if __name__ == "__main__":
+    run(main)
