@@ -212,6 +212,16 @@ def save_results(lab, name, claim, settings, results, table, fig, notes=""):
     print(f"\nresults: {cfg.out}/{name}.json, .md, .png ({wall:.0f} s)")
 
 
+def grouped_bars(ax, rows, cols, labels, name):
+    """One group of bars per metric (cols, shown as labels), one bar per row (a run, named by row[name]), in %."""
+    width = 0.8 / len(rows)
+    for j, r in enumerate(rows):
+        ax.bar([i + j * width for i in range(len(cols))], [100 * r[c] for c in cols], width, label=r[name])
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cols))])
+    ax.set_xticklabels(labels, fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+
+
 def markdown_table(header, rows):
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])

@@ -16,7 +16,7 @@ and the base model, is scored on the instruct families seen in training, the hel
 import random
 from dataclasses import dataclass
 
-from common import LabConfig, finetune, markdown_table, parse, run, save_results, scored, setup
+from common import LabConfig, finetune, grouped_bars, markdown_table, parse, run, save_results, scored, setup
 
 from plumbing import cli
 from plumbing.report import pyplot
@@ -64,15 +64,10 @@ def main(argv=None):
     table = markdown_table(["model"] + list(labels), [[r["model"]] + [f"{r[c]:.0%}" for c in cols] for r in rows])
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(9, 4))
-    width = 0.8 / len(rows)
-    for j, r in enumerate(rows):
-        ax.bar([i + j * width for i in range(len(cols))], [100 * r[c] for c in cols], width, label=r["model"])
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cols))])
-    ax.set_xticklabels(labels, fontsize=8)
+    grouped_bars(ax, rows, cols, labels, "model")
     ax.set_ylabel("% correct")
     ax.set_title(f"Instruction tuning vs task tuning ({cfg.steps} steps each)")
     ax.legend(fontsize=8)
-    ax.grid(axis="y", alpha=0.3)
     settings = {"steps": cfg.steps, "batch": cfg.batch_size, "held-out skills": list(FAR_HELD_OUT),
                 "method": "full, lr 5e-5" if cfg.full else "LoRA r=16, alpha 32, lr 5e-4",
                 "schedule": "warmup steps/8, cosine to 10%", "items": f"{len(seen)} seen, {len(held)} held out, "

@@ -19,7 +19,7 @@ to write the next turn (a role header, or ChatML's <|im_start|>).
 
 from dataclasses import dataclass
 
-from common import LabConfig, finetune, markdown_table, parse, run, save_results, scored, setup
+from common import LabConfig, finetune, grouped_bars, markdown_table, parse, run, save_results, scored, setup
 
 from plumbing import cli
 from plumbing.report import pyplot
@@ -80,15 +80,10 @@ def main(argv=None):
                             "`" + r["sample"][:60].replace("\n", "\\n").replace("|", "\\|") + "`"] for r in rows])
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4))
-    width = 0.8 / len(rows)
-    for j, r in enumerate(rows):
-        ax.bar([i + j * width for i in range(len(cols))], [100 * r[c] for c in cols], width, label=r["mask"])
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cols))])
-    ax.set_xticklabels(["exact match", "valid JSON", "stops by itself", "writes the next turn"])
+    grouped_bars(ax, rows, cols, ["exact match", "valid JSON", "stops by itself", "writes the next turn"], "mask")
     ax.set_ylabel(f"% of {len(test)} test messages")
     ax.set_title(f"What the loss mask teaches ({cfg.steps} steps each)")
     ax.legend()
-    ax.grid(axis="y", alpha=0.3)
     settings = {"steps": cfg.steps, "batch": cfg.batch_size, "max_new_tokens": cfg.max_new_tokens,
                 "method": "full, lr 5e-5" if cfg.full else "LoRA r=16, alpha 32, lr 5e-4",
                 "schedule": "warmup steps/8, cosine to 10%", "test items": len(test), "decoding": "greedy"}
