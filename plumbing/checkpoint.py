@@ -104,8 +104,8 @@ def verified(path):
     try:
         with open(state_path, encoding="utf-8") as f:
             state = json.load(f)
-        if not isinstance(state, dict) or "step" not in state:
-            raise ValueError("not a checkpoint state")
+        if not isinstance(state, dict):
+            raise ValueError("not a JSON object")
     except FileNotFoundError:
         raise ValueError(f"{state_path} is missing") from None
     except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors

@@ -323,6 +323,6 @@ def test_show_renders_chatml(smollm2_gguf, flag):
                        env={**os.environ, "PYTHONIOENCODING": "utf-8"})
     assert r.returncode == 0, r.stderr
     out = r.stdout
-    assert out.startswith("legend: «...» = trained tokens (the loss falls here), the rest is context; "
-                          "<im_start> = token 1, <im_end> = token 2, <EOT> = token 0\n")
+    assert out.startswith("legend: «...» = trained tokens (the loss falls here), the rest is context (so is a "
+                          'reply with "weight": 0); <im_start> = token 1, <im_end> = token 2, <EOT> = token 0\n')
     assert out.count("<im_start>") == 1 + 3 and out.count("<im_end>»\n") == 1 and "\nexamples   3000 kept" in out

@@ -518,8 +518,9 @@ def test_odd_but_valid_files_load(tmp_path):
     recs = data.load_records(write(tmp_path, chat, "chat.jsonl"))
     assert [r["messages"] for r in recs] == [
         [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
-        [{"role": "system", "content": "s"}, {"role": "user", "content": ls}, {"role": "assistant", "content": "é ✓"}]]
-    assert recs[1]["id"] == 7  # extra record keys are kept (eval groups by them); extra message keys dropped
+        [{"role": "system", "content": "s"}, {"role": "user", "content": ls},
+         {"role": "assistant", "content": "é ✓", "weight": 1}]]  # OpenAI's weight is kept (other keys: refused)
+    assert recs[1]["id"] == 7  # extra record keys are kept (eval groups by them)
 
     alpaca = [{"instruction": "Add.", "input": "2 and 3", "output": "5"}, {"instruction": "Say hi.", "input": "", "output": "hi"},
               {"instruction": "No input key.", "output": "ok", "source": "x"}]
