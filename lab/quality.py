@@ -51,6 +51,8 @@ def datasets(cfg):
     """{name: list of conversations}, all drawn with cfg.seed."""
     rng = random.Random(cfg.seed)
     pool = [r["messages"] for r in load_items("triage", "train", 0)[0]]
+    if not (cfg.n_small <= cfg.n_large <= len(pool) and 0 <= cfg.noise <= 1):
+        raise ValueError(f"need --n-small <= --n-large <= {len(pool)} (the train split) and --noise in [0, 1]")
     rng.shuffle(pool)
     large = pool[:cfg.n_large]
     wrong = set(rng.sample(range(len(large)), round(cfg.noise * len(large))))
