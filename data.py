@@ -47,7 +47,7 @@ import torch
 
 from plumbing import cli
 from plumbing.hub import resolve_pretrained
-from plumbing.records import load_records
+from plumbing.records import conversation_key, load_records
 from plumbing.report import diversity, format_stats, padding_fraction, percentile
 from plumbing.tokenizer_files import (EOT_ID, EOT_TEXT, IM_END, IM_START, SMOLLM2_DEFAULT_SYSTEM, gpt2_tokenizer,
                                       smollm2_tokenizer_from_dir, smollm2_tokenizer_from_gguf)
@@ -223,7 +223,7 @@ def tokenize_dataset(conversations, tokenizer, block_size, train_on="all", overf
     seen, kept, examples = set(), [], []
     n_dup = n_long = n_untrained = n_trunc = 0
     for conv in conversations:
-        key = tuple((m["role"], m["content"], m.get("weight", 1)) for m in conv)
+        key = conversation_key(conv)
         if dedup and key in seen:
             n_dup += 1
             continue

@@ -15,7 +15,6 @@ for each, and a results file. The pieces are train.py's and eval.py's own, calle
 import copy
 import dataclasses
 import json
-import math
 import os
 import sys
 import time
@@ -81,7 +80,7 @@ class Lab:
     rt: object  # plumbing.device.Runtime: device, dtype
     tok: object  # the base model's tokenizer
     fmt: data.ChatFormat
-    base: GPT  # never trained: finetune() loads its own
+    base: GPT  # never trained: finetune() loads its own (with --quick: trains a copy)
     model_dir: str
     t0: float
 
@@ -179,15 +178,6 @@ def forgot(lab, model, windows):
 
 # -----------------------------------------------------------------------------
 # Results: NAME.json, NAME.md, NAME.png
-
-
-def finite(x):
-    """True if every number in a nested dict/list is finite (the lab's tests check results with it)."""
-    if isinstance(x, dict):
-        return all(finite(v) for v in x.values())
-    if isinstance(x, (list, tuple)):
-        return all(finite(v) for v in x)
-    return not isinstance(x, float) or math.isfinite(x)
 
 
 def save_results(lab, name, claim, settings, results, table, fig, notes=""):

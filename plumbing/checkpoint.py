@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from plumbing.files import atomic_write_text, creation_mode, fsync_dir
+from plumbing.files import atomic_write_text, creation_mode, fsync_dir, remove
 from plumbing.safetensors_io import load_safetensors, save_safetensors
 
 LATEST = "latest"  # ckpt/latest names the newest complete checkpoint directory
@@ -73,8 +73,7 @@ def save_checkpoint(ckpt_dir, step, tensors, state):
     previous = next((c for c in checkpoint_names(ckpt_dir) if c < name), None)
     for entry in os.listdir(ckpt_dir):
         if entry not in (LATEST, name, previous):
-            path = os.path.join(ckpt_dir, entry)
-            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+            remove(os.path.join(ckpt_dir, entry))
     return final
 
 
@@ -133,8 +132,8 @@ def load_checkpoint(ckpt_dir):
     if first and os.path.isfile(latest) and read_latest(ckpt_dir) is None:
         print(f"ignoring {latest}: it names no checkpoint directory (damaged); using the newest that verifies",
               file=sys.stderr)
-    problems = []
-    for name in checkpoint_names(ckpt_dir):
+    problems, names = [], checkpoint_names(ckpt_dir)
+    for k, name in enumerate(names):
         path = os.path.join(ckpt_dir, name)
         try:
             tensors, state = verified(path)
@@ -144,9 +143,8 @@ def load_checkpoint(ckpt_dir):
                 print(f"skipping checkpoint {path}: {e}", file=sys.stderr)
             continue
         if first:
-            for damaged in checkpoint_names(ckpt_dir):
-                if damaged > name:
-                    shutil.rmtree(os.path.join(ckpt_dir, damaged), ignore_errors=True)
+            for damaged in names[:k]:  # newer than this one, and skipped above
+                remove(os.path.join(ckpt_dir, damaged))
             if read_latest(ckpt_dir) != name:
                 atomic_write_text(latest, name + "\n")
         return tensors, {**state, "loaded_from": path}

@@ -6,6 +6,7 @@ never a mix. Machinery beside the learning path; nothing here is about fine-tuni
 """
 
 import os
+import shutil
 import tempfile
 
 
@@ -45,6 +46,11 @@ def atomic_write(path, write):
             os.remove(tmp)
         raise
     fsync_dir(directory)  # make the rename itself durable
+
+
+def remove(path):
+    """Delete a file, or a directory with everything in it (what prune and stray-temp cleanup throw away)."""
+    shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
 
 
 def atomic_write_bytes(path, data):

@@ -136,10 +136,15 @@ def load_records(path):
     return records
 
 
+def conversation_key(conv):
+    """What makes two conversations the same (exact duplicates): every message's role, content and weight."""
+    return tuple((m["role"], m["content"], m.get("weight", 1)) for m in conv)
+
+
 def holdout_split(conversations, fraction, seed, split):
     """A file without a val split: after removing exact duplicates (so no validation conversation is
     also trained on), a fixed random fraction of the conversations is validation, the rest training."""
-    unique = list({tuple((m["role"], m["content"], m.get("weight", 1)) for m in c): c for c in conversations}.values())
+    unique = list({conversation_key(c): c for c in conversations}.values())
     order = np.random.default_rng(seed).permutation(len(unique)).tolist()
     n_val = round(fraction * len(unique))
     chosen = order[:n_val] if split == "val" else order[n_val:]

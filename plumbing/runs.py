@@ -7,8 +7,8 @@ train.py clears what a killed write left in it (remove_stray_temps).
 import json
 import os
 import re
-import shutil
 
+from plumbing.files import remove
 from plumbing.peft_format import ADAPTER_CONFIG
 
 
@@ -59,7 +59,7 @@ def remove_stray_temps(out_dir, log=print):
         for entry in sorted(os.listdir(d)) if os.path.isdir(d) else ():
             path = os.path.join(d, entry)
             if TEMP_NAME.fullmatch(entry):
-                shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+                remove(path)
                 removed.append(path)
     if removed:
         log(f"removed {len(removed)} temporary file(s) an interrupted write left: {', '.join(removed)}")
