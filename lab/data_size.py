@@ -33,8 +33,11 @@ class Config(LabConfig):
 
 def main(argv=None):
     cfg = parse(Config, "Triage accuracy against the number of training conversations (LoRA and full).", argv)
-    sizes = [int(s) for s in cfg.sizes.split(",")]
     methods = cfg.methods.split(",")
+    if not cfg.sizes.replace(",", "").isdigit() or not set(methods) <= {"lora", "full"}:
+        raise ValueError(f"--sizes {cfg.sizes} --methods {cfg.methods}: expected sizes like 25,100 and methods "
+                         "lora, full or lora,full")
+    sizes = [int(s) for s in cfg.sizes.split(",")]
     if cfg.quick:
         sizes, cfg.steps = [4, 16], 2
     lab = setup(cfg)

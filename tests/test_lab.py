@@ -155,6 +155,10 @@ def test_lab_errors_are_one_line(tmp_path):
     r = run_lab("quality.py", tmp_path, "--model", tmp_path / "missing")
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert r.stderr.strip().startswith("error:") and "missing" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    for bad in (["--methods", "lora,ful"], ["--sizes", "abc"]):  # a typo must not train something else
+        r = run_lab("data_size.py", tmp_path, *bad)
+        err = r.stderr.strip().splitlines()
+        assert r.returncode != 0 and len(err) == 1 and err[0].startswith("error: --sizes") and bad[1] in err[0]
 
 
 # -----------------------------------------------------------------------------
