@@ -50,7 +50,7 @@ from plumbing.hub import resolve_pretrained
 from plumbing.records import conversation_key, load_records
 from plumbing.report import diversity, format_stats, padding_fraction, percentile
 from plumbing.tokenizer_files import (EOT_ID, EOT_TEXT, IM_END, IM_START, SMOLLM2_DEFAULT_SYSTEM, gpt2_tokenizer,
-                                      smollm2_tokenizer_from_dir, smollm2_tokenizer_from_gguf)
+                                      smollm2_tokenizer_from_dir, tokenizer_from_gguf)
 from tasks import BUILTIN_DATASETS, DATA_DIR, SPLITS, resolve_dataset, write_dataset
 
 # Targets equal to IGNORE_INDEX contribute no loss (prompt tokens, padding). The value is PyTorch's
@@ -64,13 +64,13 @@ ROLE_HEADERS = {"system": "System:\n", "user": "User:\n", "assistant": "Assistan
 
 def get_tokenizer(model_path=None):
     """The tokenizer for a model, a tiktoken.Encoding named after its family ("gpt2" or "smollm2"): None ->
-    tiktoken's gpt2; a .gguf -> SmolLM2's; a directory -> by config.json's model_type (none: GPT-2's, unless
+    tiktoken's gpt2; a .gguf -> the one in its metadata; a directory -> by config.json's model_type (none: GPT-2's, unless
     there is a tokenizer.json)."""
     if model_path is None:
         return gpt2_tokenizer()
     path = Path(model_path)
     if path.is_file() and path.suffix == ".gguf":
-        return smollm2_tokenizer_from_gguf(str(path))
+        return tokenizer_from_gguf(str(path))
     if not path.is_dir():
         raise RuntimeError(f"{model_path}: neither a model directory nor a .gguf file")
     model_type = None

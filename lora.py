@@ -25,8 +25,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from model import check_shapes
-from plumbing.hf_format import hf_name
+from plumbing.hf_format import check_shapes, hf_name
 from plumbing.peft_format import (check_architecture, is_target, peft_key, read_adapter_config, read_adapter_weights,
                                   target_modules, write_adapter)
 

@@ -27,10 +27,12 @@ from torch.nn import functional as F
 
 import data  # the chat data side: IGNORE_INDEX, and the tokenizers the CLI below samples with
 from data import IGNORE_INDEX
+from lora import load_adapter, lora_layers, merge_lora  # only for the CLI's --adapter
 from plumbing import cli
 from plumbing.files import atomic_write_text
+from plumbing.gguf_export import write_gguf_adapter, write_gguf_model
 from plumbing.gguf_io import load_gguf
-from plumbing.hf_format import HF, OURS, config_dict, config_kwargs, llama_weights, rename
+from plumbing.hf_format import HF, OURS, check_shapes, config_dict, config_kwargs, llama_weights, rename
 from plumbing.hub import read_config_dict, resolve_pretrained
 from plumbing.safetensors_io import load_safetensors, save_safetensors
 from plumbing.tokenizer_files import save_tokenizer_files
@@ -90,10 +92,6 @@ class GPTConfig:
         """A config from a Hugging Face config.json dict, GPT-2 or Llama (plumbing/hf_format.py reads it)."""
         family, kwargs = config_kwargs(d, source)
         return cls(**{**(LLAMA_SWITCHES if family == "llama" else {}), **kwargs})
-
-    def to_hf_dict(self):
-        """The config.json transformers reads back (GPT2LMHeadModel or LlamaForCausalLM)."""
-        return config_dict(self)
 
 
 # The switches that turn GPT-2 into a Llama; every Llama-family config (presets, config.json, GGUF) sets them all.
@@ -469,8 +467,7 @@ class GPT(nn.Module):
                 raise ValueError(f"{source}: lm_head.weight differs from wte.weight; GPT-2 ties them")
         # Hugging Face's GPT-2 uses Conv1D, which stores (in, out); nn.Linear stores (out, in).
         sd = {k: (w.t() if k.endswith(CONV1D_WEIGHTS) else w) for k, w in sd.items()}
-        ours = {k.removeprefix("transformer."): p for k, p in self.state_dict().items()
-                if k != "lm_head.weight"}
+        ours = {k.removeprefix("transformer."): p for k, p in self.state_dict().items() if k != "lm_head.weight"}
         copy_checked(ours, sd, source, "GPT-2")
 
     def _load_llama_state_dict(self, sd, source):
@@ -497,23 +494,11 @@ class GPT(nn.Module):
     def save_pretrained(self, out_dir):
         """Write config.json + model.safetensors in Hugging Face layout, so transformers and other tools
         open the result (GPT2LMHeadModel / LlamaForCausalLM.from_pretrained(out_dir))."""
-        hf_config = self.config.to_hf_dict()  # first: a config with no Hugging Face format fails before writing
+        hf_config = config_dict(self.config)  # first: a config with no Hugging Face format fails before writing
         os.makedirs(out_dir, exist_ok=True)
         save_safetensors(self.hf_state_dict(), os.path.join(out_dir, "model.safetensors"),
                          metadata={"format": "pt"})
         atomic_write_text(os.path.join(out_dir, "config.json"), json.dumps(hf_config, indent=2) + "\n")
-
-
-def check_shapes(expected, sd, source, hint):
-    """Refuse sd unless it has exactly the keys of expected {name: shape}, each of that shape: one clear error
-    instead of a silently half-loaded model. hint says what a mismatch probably means."""
-    missing, unexpected = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"{source}: {hint}: missing keys {missing[:3]}{' ...' if len(missing) > 3 else ''}, "
-                         f"unexpected keys {unexpected[:3]}{' ...' if len(unexpected) > 3 else ''}")
-    for k, shape in expected.items():
-        if tuple(sd[k].shape) != tuple(shape):
-            raise ValueError(f"{source}: {k} has shape {tuple(sd[k].shape)}, expected {tuple(shape)} ({hint})")
 
 
 def copy_checked(params, sd, source, family):
@@ -572,6 +557,11 @@ class SampleConfig:
     n_embd: int = cli.opt(128, "width", min=1)
     block_size: int = cli.opt(512, "context length", min=1)
     tokenizer_dir: str | None = cli.opt(None, "where GPT-2's vocab.json + merges.txt are (default: tiktoken's)")
+    adapter: str | None = cli.opt(None, "a LoRA adapter directory to put on --model (merged by --export-gguf)",
+                                  group="llama.cpp export (pip install gguf)", metavar="DIR")
+    export_gguf: str | None = cli.opt(None, "write the model as a GGUF file for llama.cpp and exit", metavar="FILE")
+    gguf_dtype: str = cli.opt("f16", "tensor type of --export-gguf", choices=("f32", "f16", "bf16"))
+    export_gguf_adapter: str | None = cli.opt(None, "write --adapter alone as a llama.cpp LoRA GGUF", metavar="FILE")
 
 
 def main(argv=None):
@@ -589,6 +579,14 @@ def main(argv=None):
         model_dir = resolve_pretrained(cfg.model)  # a directory, or a .gguf file's path
         model = GPT.from_pretrained(model_dir)
         enc = data.get_tokenizer(model_dir)  # GPT-2's or SmolLM2's, as the checkpoint says
+        if cfg.adapter:
+            print(load_adapter(model, cfg.adapter))
+        if cfg.export_gguf_adapter:  # the adapter alone: llama.cpp adds it to the base model's GGUF at load time
+            write_gguf_adapter(cfg.export_gguf_adapter, model.config, lora_layers(model))
+        if cfg.export_gguf:  # one whole model: the adapter folded into its weights
+            write_gguf_model(cfg.export_gguf, model.config, merge_lora(model).state_dict(), enc, cfg.gguf_dtype)
+        if cfg.export_gguf or cfg.export_gguf_adapter:
+            return
     except (OSError, ValueError, RuntimeError) as e:
         sys.exit(f"error: {e}")
     idx = torch.tensor([enc.encode_ordinary(cfg.prompt)], dtype=torch.long)

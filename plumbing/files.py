@@ -8,6 +8,7 @@ never a mix. Machinery beside the learning path; nothing here is about fine-tuni
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 
 
 def creation_mode(mode):
@@ -28,17 +29,19 @@ def fsync_dir(path):
             os.close(fd)
 
 
-def atomic_write(path, write):
-    """Call write(f) on a temporary file in the same directory, fsync it, then rename over path (atomic on
-    POSIX and Windows): readers see the old file or the new one, never a mix. write may stream many chunks."""
+@contextmanager
+def atomic_file(path):
+    """Yield a temporary path in path's directory for a writer that opens files itself (the gguf package's);
+    on success fsync it and rename it over path (atomic on POSIX and Windows), on any error delete it: readers
+    see the old file or the new one, never a mix."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    os.close(fd)
     try:
         os.chmod(tmp, creation_mode(0o666))  # mkstemp makes it private (0600); open() would not
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
+        yield tmp
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -46,6 +49,13 @@ def atomic_write(path, write):
             os.remove(tmp)
         raise
     fsync_dir(directory)  # make the rename itself durable
+
+
+def atomic_write(path, write):
+    """Call write(f) on a temporary file in the same directory, then rename it over path (atomic_file). write
+    may stream many chunks."""
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        write(f)
 
 
 def remove(path):

@@ -1,4 +1,5 @@
-"""plumbing/gguf_io.py: llama.cpp's GGUF files, read into Hugging Face's terms (config.json, tensor names).
+"""plumbing/gguf_io.py: llama.cpp's GGUF files (Llama and GPT-2), read into Hugging Face's terms (config.json,
+tensor names).
 
 A GGUF file holds metadata key/values, then tensors, many quantized in blocks (Q4_1: 32 weights share a
 scale and a minimum, 4 bits each). The gguf package (an optional dependency, imported only here) parses the
@@ -30,8 +31,8 @@ def open_gguf(path):
 
 
 def read_gguf_config(path):
-    """(config.json-style dict of a llama GGUF file, as transformers' LlamaConfig would write it, the open
-    gguf.GGUFReader). Cheap: the file is memory-mapped and no tensor is read."""
+    """(config.json-style dict of a llama or gpt2 GGUF file, as transformers' LlamaConfig or GPT2Config would
+    write it, the open gguf.GGUFReader). Cheap: the file is memory-mapped and no tensor is read."""
     reader = open_gguf(path)
 
     def meta(key, default=None):
@@ -46,18 +47,24 @@ def read_gguf_config(path):
         return float(str(np.float32(x)))
 
     arch = meta("general.architecture")
-    if arch != "llama":
-        raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported (only 'llama')")
+    if arch not in ("llama", "gpt2"):
+        raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported (only 'llama' and 'gpt2')")
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    vocab_size = len(tokens.data) if tokens is not None else meta(f"{arch}.vocab_size")
+    n_head, n_embd = meta(f"{arch}.attention.head_count"), meta(f"{arch}.embedding_length")
+    if arch == "gpt2":
+        n_inner = meta("gpt2.feed_forward_length")
+        return {"model_type": "gpt2", "vocab_size": vocab_size, "n_positions": meta("gpt2.context_length"),
+                "n_embd": n_embd, "n_layer": meta("gpt2.block_count"), "n_head": n_head,
+                "n_inner": None if n_inner == 4 * n_embd else n_inner,  # GPT2Config's None means 4 * n_embd
+                "layer_norm_epsilon": f32(meta("gpt2.attention.layer_norm_epsilon"))}, reader
     for key, plain in (("llama.rope.scaling.type", "none"), ("llama.expert_count", 0)):
         if meta(key, plain) != plain:
             raise ValueError(f"{path}: {key} = {meta(key)!r} is not supported (plain Llama only)")
-    n_head, n_embd = meta("llama.attention.head_count"), meta("llama.embedding_length")
     if meta("llama.rope.dimension_count", n_embd // n_head) != n_embd // n_head:
         raise ValueError(f"{path}: RoPE on {meta('llama.rope.dimension_count')} of {n_embd // n_head} head "
                          "channels (partial rotary) is not supported")
-    tokens = reader.fields.get("tokenizer.ggml.tokens")
-    d = {"model_type": "llama", "max_position_embeddings": meta("llama.context_length"),
-         "vocab_size": len(tokens.data) if tokens is not None else meta("llama.vocab_size"),
+    d = {"model_type": "llama", "max_position_embeddings": meta("llama.context_length"), "vocab_size": vocab_size,
          "num_hidden_layers": meta("llama.block_count"), "num_attention_heads": n_head, "hidden_size": n_embd,
          "num_key_value_heads": meta("llama.attention.head_count_kv", n_head),
          "intermediate_size": meta("llama.feed_forward_length"),
@@ -68,23 +75,37 @@ def read_gguf_config(path):
 
 
 def load_gguf(path):
-    """Read a GGUF file of architecture "llama" into (config.json-style dict, state dict under
-    LlamaForCausalLM's names, fp32, with q_proj/k_proj rows back in Hugging Face's order)."""
+    """Read a GGUF file of architecture "llama" or "gpt2" into (config.json-style dict, state dict under
+    LlamaForCausalLM's or GPT2LMHeadModel's names and layouts, fp32): q_proj/k_proj rows back in Hugging
+    Face's order, GPT-2's Conv1D weights back to (in, out)."""
     from tqdm import tqdm
 
     config, reader = read_gguf_config(path)  # says "pip install gguf" in one line if the package is missing
     import gguf
-    n_head, n_kv_head = config["num_attention_heads"], config["num_key_value_heads"]
+    arch = config["model_type"]
     sd = {}
     for t in tqdm(reader.tensors, desc=f"dequantizing {os.path.basename(path)}", leave=False):
         # ggml lists dimensions innermost first (ne = [in, out]); numpy and torch list them outermost first
         shape = tuple(int(n) for n in reversed(t.shape))  # (out, in), nn.Linear's and nn.Embedding's order
         # torch.tensor copies: F32 tensors come back as read-only views of the memory-mapped file
         w = torch.tensor(gguf.quants.dequantize(t.data, t.tensor_type), dtype=torch.float32).reshape(shape)
-        if t.name.endswith((".attn_q.weight", ".attn_k.weight")):
-            w = unpermute_gguf_qk(w, n_head if ".attn_q." in t.name else n_kv_head)
-        sd[rename(t.name, GGUF, HF)] = w
+        if arch == "llama" and t.name.endswith((".attn_q.weight", ".attn_k.weight")):
+            heads = config["num_key_value_heads" if ".attn_k." in t.name else "num_attention_heads"]
+            w = unpermute_gguf_qk(w, heads)
+        if arch == "gpt2" and t.name.startswith("blk.") and w.dim() == 2:
+            w = w.t()  # Hugging Face's GPT-2 keeps every block matrix as Conv1D (in, out)
+        sd[rename(t.name, GGUF, HF, arch)] = w
     return config, sd
+
+
+def permute_gguf_qk(w, n_head):
+    """What llama.cpp's converter does to a q_proj or k_proj weight (n_head * hs, in): interleave each head's
+    two halves of rows (see unpermute_gguf_qk, its inverse). Also right for a LoRA B (n_head * hs, r)."""
+    out_features, in_features = w.shape
+    hs = out_features // n_head
+    return (w.reshape(n_head, 2, hs // 2, in_features)  # (nh, 2, hs/2, in): Hugging Face's halves
+             .transpose(1, 2)  # (nh, hs/2, 2, in): row 2i + j is half j's row i
+             .reshape(out_features, in_features))
 
 
 def unpermute_gguf_qk(w, n_head):

@@ -3,7 +3,7 @@
 model.py builds a GPTConfig from config_kwargs() and writes config.json with config_dict(); the GPT-2 key
 mapping (the Conv1D transpose) stays in model.py, where a learner reads it. Llama checkpoints name the same
 modules differently in three places (ours, transformers' LlamaForCausalLM, llama.cpp's GGUF): LLAMA_NAMES is
-that table and rename() translates between its columns. Nothing here imports the core files.
+that table (GPT2_NAMES is GPT-2's, for GGUF) and rename() translates between its columns. Nothing here imports the core files.
 """
 
 import re
@@ -113,16 +113,24 @@ LLAMA_NAMES = [
     ("transformer.ln_f", "model.norm", "output_norm"),  # RMSNorm
     ("lm_head", "lm_head", "output"),  # only in untied checkpoints
 ]
+# GPT-2's, in the same columns: ours are Hugging Face's, and llama.cpp stores the Conv1D weights as (out, in).
+GPT2_NAMES = [(ours, ours, gguf) for ours, gguf in [
+    ("transformer.wte", "token_embd"), ("transformer.wpe", "position_embd"),
+    ("transformer.h.N.ln_1", "blk.N.attn_norm"), ("transformer.h.N.attn.c_attn", "blk.N.attn_qkv"),
+    ("transformer.h.N.attn.c_proj", "blk.N.attn_output"), ("transformer.h.N.ln_2", "blk.N.ffn_norm"),
+    ("transformer.h.N.mlp.c_fc", "blk.N.ffn_up"), ("transformer.h.N.mlp.c_proj", "blk.N.ffn_down"),
+    ("transformer.ln_f", "output_norm"), ("lm_head", "output")]]
+NAMES = {"llama": LLAMA_NAMES, "gpt2": GPT2_NAMES}
 
 
-def rename(key, src, dst):
-    """Translate a tensor name from column src of LLAMA_NAMES to column dst, e.g.
+def rename(key, src, dst, arch="llama"):
+    """Translate a tensor name from column src of NAMES[arch] to column dst, e.g.
     rename("blk.3.attn_q.weight", GGUF, HF) -> "model.layers.3.self_attn.q_proj.weight". Unknown names come
     back unchanged (and then fail the missing/unexpected check with their own name)."""
     module, _, param = key.rpartition(".")  # "blk.3.attn_q", "weight"
     layer = re.search(r"\.(\d+)\.", module)  # the layer number, if any
     template = module if layer is None else module[:layer.start()] + ".N." + module[layer.end():]
-    table = {row[src]: row[dst] for row in LLAMA_NAMES}
+    table = {row[src]: row[dst] for row in NAMES[arch]}
     if template not in table:
         return key
     out = table[template] if layer is None else table[template].replace(".N.", f".{layer.group(1)}.")
@@ -148,3 +156,15 @@ def llama_weights(sd, tied, source):
             raise ValueError(f"{source}: lm_head.weight differs from model.embed_tokens.weight, but the "
                              "config ties them (tie_word_embeddings)")
     return sd
+
+
+def check_shapes(expected, sd, source, hint):
+    """Refuse sd unless it has exactly the keys of expected {name: shape}, each of that shape: one clear error
+    instead of a silently half-loaded model. hint says what a mismatch probably means."""
+    missing, unexpected = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{source}: {hint}: missing keys {missing[:3]}{' ...' if len(missing) > 3 else ''}, "
+                         f"unexpected keys {unexpected[:3]}{' ...' if len(unexpected) > 3 else ''}")
+    for k, shape in expected.items():
+        if tuple(sd[k].shape) != tuple(shape):
+            raise ValueError(f"{source}: {k} has shape {tuple(sd[k].shape)}, expected {tuple(shape)} ({hint})")

@@ -187,9 +187,14 @@ def _check_smollm2_specials(tokens, source):
                              f"and {IM_END})")
 
 
-def smollm2_tokenizer_from_gguf(path):
-    """SmolLM2's tokenizer, named "smollm2", from a GGUF file's metadata (tokenizer.ggml.tokens, .merges,
-    .token_type). The file is memory-mapped; no weight is read."""
+# What a GGUF file calls each tokenizer handtune has: (tokenizer.ggml.model, tokenizer.ggml.pre) in llama.cpp's
+# names (byte-level BPE with GPT-2's regex, or SmolLM's digit-splitting one) -> (our name, regex).
+GGUF_TOKENIZERS = {("gpt2", "gpt-2"): ("gpt2", GPT2_PATTERN), ("gpt2", "smollm"): ("smollm2", SMOLLM2_PATTERN)}
+
+
+def tokenizer_from_gguf(path, expect=None):
+    """GPT-2's or SmolLM2's tokenizer (named "gpt2" or "smollm2"; expect= insists on one) from a GGUF file's
+    metadata (tokenizer.ggml.tokens, .merges, .token_type). The file is memory-mapped; no weight is read."""
     reader = open_gguf(path)  # one-line errors for a missing gguf package or a damaged file
     import gguf  # present: open_gguf needed it
 
@@ -199,12 +204,15 @@ def smollm2_tokenizer_from_gguf(path):
         return reader.fields[key].contents()
 
     kind = (meta("tokenizer.ggml.model"), meta("tokenizer.ggml.pre"))
-    if kind != ("gpt2", "smollm"):  # llama.cpp's names: byte-level BPE, SmolLM's digit-splitting regex
-        raise ValueError(f"{path}: tokenizer {kind[0]!r} with pre-tokenizer {kind[1]!r} is not SmolLM2's "
-                         "('gpt2', 'smollm'); handtune has GPT-2's and SmolLM2's tokenizers only")
+    name, pattern = GGUF_TOKENIZERS.get(kind, (None, None))
+    if name is None or expect not in (None, name):
+        wanted = {None: "GPT-2's or SmolLM2's", "gpt2": "GPT-2's", "smollm2": "SmolLM2's"}[expect]
+        raise ValueError(f"{path}: tokenizer {kind[0]!r} with pre-tokenizer {kind[1]!r} is not {wanted} "
+                         "(('gpt2', 'gpt-2') or ('gpt2', 'smollm')); handtune has those two tokenizers only")
     tokens, types = meta("tokenizer.ggml.tokens"), meta("tokenizer.ggml.token_type")
-    _check_smollm2_specials(tokens, path)
-    enc = byte_level_encoding("smollm2", tokens, meta("tokenizer.ggml.merges"), SMOLLM2_PATTERN, path)
+    if name == "smollm2":
+        _check_smollm2_specials(tokens, path)
+    enc = byte_level_encoding(name, tokens, meta("tokenizer.ggml.merges"), pattern, path)
     control = {t for t, ty in zip(tokens, types) if ty == gguf.TokenType.CONTROL}
     if control != set(enc.special_tokens_set):
         raise ValueError(f"{path}: the tokens marked CONTROL are not the ones outside the merges")
@@ -216,7 +224,7 @@ def save_smollm2_tokenizer_files(out_dir, gguf_path):
     tokenizer.json holding the special tokens and the pre-tokenizer), so a model fine-tuned from the GGUF
     is a complete directory that get_tokenizer(out_dir) opens. GGUF stores tokens in the same byte-level
     spelling as vocab.json, so this is a copy, not a conversion."""
-    enc = smollm2_tokenizer_from_gguf(gguf_path)  # refuses a GGUF whose tokenizer is not SmolLM2's
+    enc = tokenizer_from_gguf(gguf_path, expect="smollm2")  # refuses any other tokenizer
     fields = open_gguf(gguf_path).fields
     tokens, merges = (fields[f"tokenizer.ggml.{k}"].contents() for k in ("tokens", "merges"))
     specials = sorted(enc.encode_single_token(t) for t in enc.special_tokens_set)

@@ -169,13 +169,13 @@ def test_gguf_of_another_tokenizer_is_refused(tmp_path):
     path = tmp_path / "other.gguf"
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")  # plain GPT-2 regex: a different split than SmolLM2's
+    w.add_tokenizer_pre("default")  # llama.cpp's generic regex: neither GPT-2's nor SmolLM2's split
     w.add_token_list(["a", "b"])
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    with pytest.raises(ValueError, match="pre-tokenizer 'default' is not SmolLM2's"):
+    with pytest.raises(ValueError, match="pre-tokenizer 'default' is not GPT-2's or SmolLM2's"):
         data.get_tokenizer(path)
     (tmp_path / "bad.gguf").write_bytes(b"GGUF not really")
     with pytest.raises(ValueError, match="not a readable GGUF file"):

@@ -20,7 +20,7 @@ import plumbing.hub
 from data import IGNORE_INDEX
 from model import GPT, LLAMA_SWITCHES, PRESETS, GPTConfig, KVCache, RMSNorm, apply_rope, rope_cos_sin
 from plumbing.gguf_io import unpermute_gguf_qk
-from plumbing.hf_format import GGUF, HF, OURS, rename
+from plumbing.hf_format import GGUF, HF, OURS, config_dict, rename
 from plumbing.hub import find_smollm2_gguf, resolve_pretrained
 from plumbing.safetensors_io import load_safetensors
 from test_model import FakeResponse, no_cache_greedy  # urlopen's stand-in; the no-KV-cache reference
@@ -296,7 +296,7 @@ def test_checkpoint_key_and_shape_errors(tmp_path):
     ({"model_type": "mistral"}, "expected 'gpt2' or 'llama'"),
 ])
 def test_unsupported_llama_configs_are_refused(change, message):
-    d = GPTConfig(**LLAMA_SWITCHES, block_size=16, vocab_size=50, n_layer=1, n_head=4, n_embd=32).to_hf_dict()
+    d = config_dict(GPTConfig(**LLAMA_SWITCHES, block_size=16, vocab_size=50, n_layer=1, n_head=4, n_embd=32))
     d.update(change)
     with pytest.raises(ValueError, match=message):
         GPTConfig.from_hf_dict(d, source="x/config.json")
@@ -320,7 +320,7 @@ def test_switch_values_and_mixed_configs(tmp_path):
         m.save_pretrained(tmp_path / "mixed")
     assert not (tmp_path / "mixed").exists()  # refused before anything was written
     with pytest.raises(ValueError, match="no Hugging Face Llama config"):
-        GPTConfig(arch="llama").to_hf_dict()
+        config_dict(GPTConfig(arch="llama"))
 
 
 def test_init_scales_residual_projections_and_norms_start_at_one():
