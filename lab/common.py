@@ -34,7 +34,7 @@ from plumbing.device import setup_runtime  # noqa: E402
 from plumbing.files import atomic_write_text  # noqa: E402
 from plumbing.hub import resolve_pretrained  # noqa: E402
 from plumbing.records import general_tokens, text_windows  # noqa: E402
-from plumbing.report import hardware, save_figure  # noqa: E402
+from plumbing.report import hardware, markdown_table, save_figure  # noqa: E402, F401 (the lab scripts import markdown_table from here)
 from tasks import score, summarize  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -210,8 +210,3 @@ def grouped_bars(ax, rows, cols, labels, name):
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cols))])
     ax.set_xticklabels(labels, fontsize=8)
     ax.grid(axis="y", alpha=0.3)
-
-
-def markdown_table(header, rows):
-    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])

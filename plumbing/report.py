@@ -244,3 +244,9 @@ def write_run_json(out_dir, master, info, status, step, t_start):
         os.makedirs(out_dir, exist_ok=True)
         info = dict(info, status=status, steps=step, wall_time_s=round(time.time() - t_start, 2))
         atomic_write_text(os.path.join(out_dir, "run.json"), json.dumps(info, indent=2) + "\n")
+
+
+def markdown_table(header, rows):
+    """A GitHub markdown table: a header row, then one row per list (cells str()-ed)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])

@@ -1,0 +1,146 @@
+"""scripts/llama_cpp_check.py: does llama.cpp run what handtune exports, token for token?
+
+Exports --model (and --adapter) with `python model.py --export-gguf` as F32 GGUF files, then, for a few chat
+prompts rendered by handtune's template, compares handtune's greedy continuation with llama.cpp's (through
+llama-cpp-python) for two ways of serving the fine-tune:
+  merged    one GGUF with the adapter folded into the weights (full fine-tuning's kind of file);
+  base+lora the base model's GGUF plus the adapter's GGUF, which llama.cpp adds at load time.
+Greedy on both sides is the argmax of each side's own logits, one token at a time, stopping at the family's
+end of turn. Where the two differ, the script prints handtune's margin between its top two tokens there: a
+near-tie (a margin of the order of the logit differences between the two programs) is rounding, anything
+else is a bug. Writes --out.md and --out.json (sizes on disk included).
+
+    CMAKE_ARGS="-DGGML_NATIVE=OFF ..." pip install llama-cpp-python     # README "Serve it": once, from source
+    python scripts/llama_cpp_check.py --adapter out/adapter              # SmolLM2 (the GGUF preset) + adapter
+    python scripts/llama_cpp_check.py --model /tmp/tiny --adapter /tmp/tiny_run/adapter --out results/x
+"""
+
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
+import model as model_py  # noqa: E402
+from lora import load_adapter  # noqa: E402
+from model import GPT  # noqa: E402
+from plumbing import cli  # noqa: E402
+from plumbing.files import atomic_write_text  # noqa: E402
+from plumbing.hub import resolve_pretrained  # noqa: E402
+from plumbing.report import hardware, markdown_table  # noqa: E402
+
+PROMPTS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "user", "content": "Give me three tips for staying focused."}],
+    [{"role": "system", "content": "You sort support tickets."},
+     {"role": "user", "content": "My invoice shows the wrong amount and I was charged twice."}],
+    [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello! How can I help?"},
+     {"role": "user", "content": "Write a haiku about the sea."}],
+]
+
+
+@dataclass
+class Config:
+    model: str = cli.opt("smollm2-135m-instruct-gguf", "base model (preset, directory or .gguf)")
+    adapter: str | None = cli.opt(None, "LoRA adapter directory (train.py's OUT/adapter)", metavar="DIR")
+    max_new_tokens: int = cli.opt(48, "greedy tokens per prompt (fewer if the reply ends)", min=1)
+    work: str = cli.opt("/tmp/llama_cpp_check", "where the exported GGUF files go")
+    out: str = cli.opt("results/llama_cpp_check", "report path without extension (.md and .json written)")
+    threads: int = cli.opt(2, "llama.cpp CPU threads", min=1)
+
+
+def handtune_greedy(model, prompt, n, stops):
+    """(tokens, logits (len, V) at every generated position) of handtune's greedy continuation, fp32."""
+    out = model.generate(torch.tensor([prompt]), n, temperature=0.0, stop_token=stops[0])[0, len(prompt):].tolist()
+    out = out[:next((i + 1 for i, t in enumerate(out) if t in stops), len(out))]
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + out]))[0, len(prompt) - 1:-1].float()  # predicts out[i] at row i
+    return out, logits
+
+
+def llama_cpp_greedy(llm, prompt, n, stops):
+    """The same with llama.cpp: argmax of its logits at each step, its KV cache carrying the context."""
+    llm.reset()
+    llm.eval(prompt)
+    out, rows = [], []
+    for _ in range(n):
+        row = torch.tensor(llm.scores[llm.n_tokens - 1])
+        rows.append(row)
+        out.append(int(row.argmax()))
+        if out[-1] in stops:
+            break
+        llm.eval([out[-1]])
+    return out, torch.stack(rows)
+
+
+def compare(ours, theirs):
+    """One row: where the two continuations part (None: never), handtune's top-2 margin there, and the largest
+    logit difference while they agree."""
+    (a, la), (b, lb) = ours, theirs
+    common = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+    same = min(len(a), len(b)) if common is None else common
+    diff = float((la[:same + 1] - lb[:same + 1]).abs().max()) if min(len(la), len(lb)) else 0.0
+    margin = None
+    if common is not None:
+        top2 = la[common].topk(2).values
+        margin = float(top2[0] - top2[1])
+    return dict(tokens=len(a), equal=a == b, diverge_at=common, margin_there=margin, max_logit_diff=diff)
+
+
+def main(argv=None):
+    cfg, _ = cli.parse(Config, argv, "Compare handtune's greedy replies with llama.cpp's on exported GGUF files.")
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        sys.exit("error: needs llama-cpp-python; README's 'Serve it' has the install command")
+    os.makedirs(cfg.work, exist_ok=True)
+    path = resolve_pretrained(cfg.model)
+    files = {k: os.path.join(cfg.work, f"{k}.gguf") for k in ("base", "merged", "lora")}
+    model_py.main(["--model", path, "--export-gguf", files["base"], "--gguf-dtype", "f32"])
+    models = {"base": GPT.from_pretrained(path).eval()}
+    serve = {"base": dict(model_path=files["base"])}
+    if cfg.adapter:
+        model_py.main(["--model", path, "--adapter", cfg.adapter, "--export-gguf", files["merged"],
+                       "--gguf-dtype", "f32"])
+        model_py.main(["--model", path, "--adapter", cfg.adapter, "--export-gguf-adapter", files["lora"]])
+        tuned = GPT.from_pretrained(path)
+        load_adapter(tuned, cfg.adapter)
+        models["merged"] = models["base+lora"] = tuned.eval()  # LoRA unmerged: as llama.cpp applies it
+        serve["merged"] = dict(model_path=files["merged"])
+        serve["base+lora"] = dict(model_path=files["base"], lora_path=files["lora"])
+    tok = data.get_tokenizer(path)
+    fmt = data.chat_format(tok)
+    rows, raw = [], []
+    for kind, kwargs in serve.items():
+        llm = Llama(**kwargs, n_ctx=1024, n_threads=cfg.threads, logits_all=True, verbose=False)
+        for i, messages in enumerate(PROMPTS):
+            prompt = data.render_prompt(messages, tok)
+            ours = handtune_greedy(models[kind], prompt, cfg.max_new_tokens, fmt.stop_ids)
+            theirs = llama_cpp_greedy(llm, prompt, cfg.max_new_tokens, fmt.stop_ids)
+            r = dict(serving=kind, prompt=i, **compare(ours, theirs), reply=tok.decode(ours[0]),
+                     llama_cpp_reply=tok.decode(theirs[0]))
+            raw.append(r)
+            print(json.dumps(r, ensure_ascii=False))
+            rows.append([kind, i, r["tokens"], "yes" if r["equal"] else f"no, at {r['diverge_at']}",
+                         "" if r["margin_there"] is None else f"{r['margin_there']:.2g}", f"{r['max_logit_diff']:.1g}",
+                         r["reply"][:60].replace("\n", " ").replace("|", "/")])
+        del llm
+    sizes = {k: os.path.getsize(f) for k, f in files.items() if os.path.exists(f)}
+    if path.endswith(".gguf"):
+        sizes["original " + os.path.basename(path)] = os.path.getsize(path)
+    table = markdown_table(["serving", "prompt", "tokens", "same tokens", "margin there", "max |Δlogit|",
+                          "handtune's reply (start)"], rows)
+    size_lines = "\n".join(f"- {k}: {v / 1e6:.1f} MB" for k, v in sizes.items())
+    md = (f"# llama.cpp vs handtune, greedy\n\n`python scripts/llama_cpp_check.py {' '.join(argv or sys.argv[1:])}`"
+          f" on {hardware('cpu')}; model {cfg.model}, adapter {cfg.adapter}\n\n{table}\n\nSizes on disk:\n{size_lines}\n")
+    print(md)
+    atomic_write_text(cfg.out + ".md", md)
+    atomic_write_text(cfg.out + ".json", json.dumps(dict(config=asdict(cfg), rows=raw, sizes=sizes), indent=1,
+                                                    ensure_ascii=False) + "\n")
+
+
+if __name__ == "__main__":
+    main()
