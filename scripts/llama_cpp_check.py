@@ -4,8 +4,12 @@ Exports --model (and --adapter) with `python model.py --export-gguf` as F32 GGUF
 prompts rendered by handtune's template, compares handtune's greedy continuation with llama.cpp's (through
 llama-cpp-python) for two ways of serving the fine-tune:
   merged    one GGUF with the adapter folded into the weights (full fine-tuning's kind of file);
-  base+lora the base model's GGUF plus the adapter's GGUF, which llama.cpp adds at load time.
-Greedy on both sides is the argmax of each side's own logits, one token at a time, stopping at the family's
+  base+lora the base model's GGUF plus the adapter's GGUF, which llama.cpp adds at load time;
+  original+lora  the adapter on the quantized GGUF handtune trained from (when --model is a .gguf): its
+            matmuls round activations to 8 bits, so near-ties may flip there;
+each with llama.cpp's KV cache in f32 (the export alone is compared) and in f16 (its default).
+It also checks that llama.cpp, from the GGUF's chat template and tokenizer alone, makes the very prompt ids
+handtune's render_prompt makes. Greedy on both sides is the argmax of each side's own logits, one token at a time, stopping at the family's
 end of turn. Where the two differ, the script prints handtune's margin between its top two tokens there: a
 near-tie (a margin of the order of the logit differences between the two programs) is rounding, anything
 else is a bug. Writes --out.md and --out.json (sizes on disk included).
@@ -15,6 +19,7 @@ else is a bug. Writes --out.md and --out.json (sizes on disk included).
     python scripts/llama_cpp_check.py --model /tmp/tiny --adapter /tmp/tiny_run/adapter --out results/x
 """
 
+import itertools
 import json
 import os
 import sys
@@ -31,7 +36,9 @@ from plumbing import cli  # noqa: E402
 from plumbing.files import atomic_write_text  # noqa: E402
 from plumbing.hub import resolve_pretrained  # noqa: E402
 from plumbing.report import hardware, markdown_table  # noqa: E402
+from tasks import load_items  # noqa: E402
 
+GGML_TYPE_F32 = 0  # ggml's type id for float32 (llama.cpp's type_k / type_v)
 PROMPTS = [
     [{"role": "user", "content": "What is the capital of France?"}],
     [{"role": "user", "content": "Give me three tips for staying focused."}],
@@ -39,7 +46,7 @@ PROMPTS = [
      {"role": "user", "content": "My invoice shows the wrong amount and I was charged twice."}],
     [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello! How can I help?"},
      {"role": "user", "content": "Write a haiku about the sea."}],
-]
+]  # + two triage test prompts (main), where a triage adapter changes the reply
 
 
 @dataclass
@@ -76,18 +83,29 @@ def llama_cpp_greedy(llm, prompt, n, stops):
     return out, torch.stack(rows)
 
 
+def llama_cpp_prompt(llm, messages):
+    """The prompt ids llama.cpp makes of a conversation by itself: the GGUF's Jinja chat template rendered by
+    llama-cpp-python's formatter, then llama.cpp's tokenizer with special tokens parsed."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    text = Jinja2ChatFormatter(template=llm.metadata["tokenizer.chat_template"], eos_token="",
+                               bos_token="")(messages=messages).prompt
+    return llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+
+
 def compare(ours, theirs):
-    """One row: where the two continuations part (None: never), handtune's top-2 margin there, and the largest
-    logit difference while they agree."""
+    """One row: where the two continuations part (None: never), handtune's top-2 margin there, the largest
+    logit difference while they agree, and handtune's smallest top-2 margin meanwhile: a greedy token can
+    only flip where a margin is as small as the logit differences."""
     (a, la), (b, lb) = ours, theirs
     common = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
     same = min(len(a), len(b)) if common is None else common
     diff = float((la[:same + 1] - lb[:same + 1]).abs().max()) if min(len(la), len(lb)) else 0.0
-    margin = None
-    if common is not None:
-        top2 = la[common].topk(2).values
-        margin = float(top2[0] - top2[1])
-    return dict(tokens=len(a), equal=a == b, diverge_at=common, margin_there=margin, max_logit_diff=diff)
+    top2 = la.topk(2, dim=-1).values  # (len, 2): handtune's two best logits at every position
+    margins = top2[:, 0] - top2[:, 1]
+    return dict(tokens=len(a), equal=a == b, diverge_at=common, max_logit_diff=diff,
+                smallest_margin=float(margins[:same + 1].min()) if len(margins) else None,
+                margin_there=None if common is None else float(margins[common]))
 
 
 def main(argv=None):
@@ -111,28 +129,35 @@ def main(argv=None):
         models["merged"] = models["base+lora"] = tuned.eval()  # LoRA unmerged: as llama.cpp applies it
         serve["merged"] = dict(model_path=files["merged"])
         serve["base+lora"] = dict(model_path=files["base"], lora_path=files["lora"])
+        if path.endswith(".gguf"):  # the adapter on the very file handtune trained from (quantized: not exact)
+            models["original+lora"] = tuned
+            serve["original+lora"] = dict(model_path=path, lora_path=files["lora"])
     tok = data.get_tokenizer(path)
     fmt = data.chat_format(tok)
+    prompts = PROMPTS + [item["messages"][:-1] for item in load_items("triage", "test", 2)[0]]
     rows, raw = [], []
-    for kind, kwargs in serve.items():
-        llm = Llama(**kwargs, n_ctx=1024, n_threads=cfg.threads, logits_all=True, verbose=False)
-        for i, messages in enumerate(PROMPTS):
+    # llama.cpp keeps its KV cache in f16 unless told otherwise: that alone moves logits by ~1e-2. The f32 cache
+    # isolates the export (same weights, same math); the f16 one is what a plain llama.cpp server does.
+    caches = {"f32 cache": dict(type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32), "f16 cache (default)": {}}
+    for (kind, kwargs), (cache, cache_kwargs) in itertools.product(serve.items(), caches.items()):
+        llm = Llama(**kwargs, **cache_kwargs, n_ctx=1024, n_threads=cfg.threads, logits_all=True, verbose=False)
+        for i, messages in enumerate(prompts):
             prompt = data.render_prompt(messages, tok)
             ours = handtune_greedy(models[kind], prompt, cfg.max_new_tokens, fmt.stop_ids)
             theirs = llama_cpp_greedy(llm, prompt, cfg.max_new_tokens, fmt.stop_ids)
-            r = dict(serving=kind, prompt=i, **compare(ours, theirs), reply=tok.decode(ours[0]),
-                     llama_cpp_reply=tok.decode(theirs[0]))
+            r = dict(serving=kind, kv_cache=cache, prompt=i, same_prompt=llama_cpp_prompt(llm, messages) == prompt,
+                     **compare(ours, theirs), reply=tok.decode(ours[0]), llama_cpp_reply=tok.decode(theirs[0]))
             raw.append(r)
             print(json.dumps(r, ensure_ascii=False))
-            rows.append([kind, i, r["tokens"], "yes" if r["equal"] else f"no, at {r['diverge_at']}",
-                         "" if r["margin_there"] is None else f"{r['margin_there']:.2g}", f"{r['max_logit_diff']:.1g}",
-                         r["reply"][:60].replace("\n", " ").replace("|", "/")])
+            rows.append([kind, cache, i, "yes" if r["same_prompt"] else "NO", r["tokens"], "yes" if r["equal"] else f"no, at {r['diverge_at']} "
+                         f"(margin {r['margin_there']:.2g})", f"{r['max_logit_diff']:.1g}",
+                         f"{r['smallest_margin']:.2g}", r["reply"][:60].replace("\n", "⏎").replace("|", "\\|")])
         del llm
     sizes = {k: os.path.getsize(f) for k, f in files.items() if os.path.exists(f)}
     if path.endswith(".gguf"):
         sizes["original " + os.path.basename(path)] = os.path.getsize(path)
-    table = markdown_table(["serving", "prompt", "tokens", "same tokens", "margin there", "max |Δlogit|",
-                          "handtune's reply (start)"], rows)
+    table = markdown_table(["serving", "llama.cpp KV cache", "prompt", "prompt ids equal", "tokens", "same tokens", "max \\|Δlogit\\|",
+                            "smallest top-2 margin", "handtune's reply (start)"], rows)
     size_lines = "\n".join(f"- {k}: {v / 1e6:.1f} MB" for k, v in sizes.items())
     md = (f"# llama.cpp vs handtune, greedy\n\n`python scripts/llama_cpp_check.py {' '.join(argv or sys.argv[1:])}`"
           f" on {hardware('cpu')}; model {cfg.model}, adapter {cfg.adapter}\n\n{table}\n\nSizes on disk:\n{size_lines}\n")
