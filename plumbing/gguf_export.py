@@ -101,7 +101,7 @@ def add_tokenizer(writer, enc):
 
 def add_tensor(writer, name, w, dtype="f32"):
     """One tensor under its GGUF name. Matrices in dtype; vectors (norms, biases) always F32, as llama.cpp's
-    converter writes them (its kernels expect F32 there)."""
+    converter writes them."""
     gguf = _gguf()
     w = w.detach().float().cpu().contiguous()
     if w.dim() < 2 or dtype == "f32":
@@ -179,9 +179,6 @@ def write_gguf_adapter(path, config, layers):
     alphas = {layer.alpha for _, layer in layers}
     if len(alphas) != 1:
         raise ValueError(f"the LoRA layers have different alphas {sorted(alphas)}; llama.cpp has one per adapter")
-    for name, _ in layers:
-        if name == "lm_head" and config.tie_embeddings or name.endswith(("wte", "wpe")):
-            raise ValueError(f"LoRA on {name} has no llama.cpp adapter form here (tied or embedding)")
     writer = gguf.GGUFWriter(None, config.arch)  # llama.cpp refuses an adapter of another architecture
     writer.add_type("adapter")
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")

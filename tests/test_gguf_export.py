@@ -192,7 +192,7 @@ def test_adapter_gguf_applied_as_llama_cpp_does_equals_the_merged_export(model_d
         torch.testing.assert_close(applied[k], v, rtol=1e-5, atol=1e-6, msg=k)
 
 
-def test_export_errors_are_one_line(tiny_model_dir, tmp_path, capsys):
+def test_export_errors_are_one_line(tiny_model_dir, tmp_path):
     with pytest.raises(SystemExit, match="error: no LoRA layers to export"):
         export("--model", tiny_model_dir, "--export-gguf-adapter", str(tmp_path / "a.gguf"))
     assert not os.path.exists(tmp_path / "a.gguf")
