@@ -2,9 +2,10 @@
 tensor names).
 
 A GGUF file holds metadata key/values, then tensors, many quantized in blocks (Q4_1: 32 weights share a
-scale and a minimum, 4 bits each). The gguf package (an optional dependency, imported only here) parses the
-file and dequantizes; the naming, the config and the q/k row order are ours to get right. model.py turns the
-result into a GPT exactly as it would a Hugging Face Llama directory.
+scale and a minimum, 4 bits each). The gguf package (an optional dependency, imported only inside the
+functions that read or write GGUF) parses the file and dequantizes; the naming, the config and the q/k row
+order are ours to get right. model.py turns the result into a GPT exactly as it would a Hugging Face
+directory. plumbing/gguf_export.py writes the other way.
 """
 
 import os
@@ -17,7 +18,7 @@ from plumbing.hf_format import GGUF, HF, rename
 
 
 def open_gguf(path):
-    """A gguf.GGUFReader over path, from the gguf package (an optional dependency, imported only here). The
+    """A gguf.GGUFReader over path, from the gguf package (imported here, not at load time: it is optional). The
     file is memory-mapped: nothing is read until a field or tensor is used."""
     try:
         import gguf

@@ -60,6 +60,15 @@ def test_no_import_cycles():
     assert {"data", "plumbing.cli"} <= graph["model"]  # the graph is real: model.py imports these
 
 
+def test_gguf_is_optional_imported_only_inside_functions():
+    """handtune runs without the gguf package: no module imports it at load time (plumbing/gguf_io.py says so)."""
+    for name, path in project_modules().items():
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:  # top-level statements only
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module]
+                assert "gguf" not in names, f"{name} imports gguf at load time"
+
+
 def test_core_files_stay_within_the_learning_path_budget():
     """The five core files read like nanochat's SFT path: at most 2,300 lines and 115,000 non-blank (not
     whitespace) characters together, and no file over 600 lines. Machinery goes to plumbing/ or tasks/."""
