@@ -192,8 +192,8 @@ def _check_smollm2_specials(tokens, source):
 GGUF_TOKENIZERS = {("gpt2", "gpt-2"): ("gpt2", GPT2_PATTERN), ("gpt2", "smollm"): ("smollm2", SMOLLM2_PATTERN)}
 
 
-def tokenizer_from_gguf(path, expect=None):
-    """GPT-2's or SmolLM2's tokenizer (named "gpt2" or "smollm2"; expect= insists on one) from a GGUF file's
+def tokenizer_from_gguf(path):
+    """GPT-2's or SmolLM2's tokenizer (named "gpt2" or "smollm2", as the file says) from a GGUF file's
     metadata (tokenizer.ggml.tokens, .merges, .token_type). The file is memory-mapped; no weight is read."""
     reader = open_gguf(path)  # one-line errors for a missing gguf package or a damaged file
     import gguf  # present: open_gguf needed it
@@ -205,10 +205,9 @@ def tokenizer_from_gguf(path, expect=None):
 
     kind = (meta("tokenizer.ggml.model"), meta("tokenizer.ggml.pre"))
     name, pattern = GGUF_TOKENIZERS.get(kind, (None, None))
-    if name is None or expect not in (None, name):
-        wanted = {None: "GPT-2's or SmolLM2's", "gpt2": "GPT-2's", "smollm2": "SmolLM2's"}[expect]
-        raise ValueError(f"{path}: tokenizer {kind[0]!r} with pre-tokenizer {kind[1]!r} is not {wanted} "
-                         "(('gpt2', 'gpt-2') or ('gpt2', 'smollm')); handtune has those two tokenizers only")
+    if name is None:
+        raise ValueError(f"{path}: tokenizer {kind[0]!r} with pre-tokenizer {kind[1]!r} is not GPT-2's or "
+                         "SmolLM2's (('gpt2', 'gpt-2') or ('gpt2', 'smollm')); handtune has those two only")
     tokens, types = meta("tokenizer.ggml.tokens"), meta("tokenizer.ggml.token_type")
     if name == "smollm2":
         _check_smollm2_specials(tokens, path)
@@ -219,18 +218,20 @@ def tokenizer_from_gguf(path, expect=None):
     return enc
 
 
-def save_smollm2_tokenizer_files(out_dir, gguf_path):
-    """Write a GGUF's SmolLM2 tokenizer as Hugging Face-layout files (vocab.json, merges.txt, and a
-    tokenizer.json holding the special tokens and the pre-tokenizer), so a model fine-tuned from the GGUF
-    is a complete directory that get_tokenizer(out_dir) opens. GGUF stores tokens in the same byte-level
-    spelling as vocab.json, so this is a copy, not a conversion."""
-    enc = tokenizer_from_gguf(gguf_path, expect="smollm2")  # refuses any other tokenizer
+def save_gguf_tokenizer_files(out_dir, gguf_path):
+    """Write a GGUF's tokenizer as Hugging Face-layout files: vocab.json and merges.txt, and for SmolLM2 a
+    tokenizer.json holding the special tokens and the pre-tokenizer, so a model fine-tuned from the GGUF is a
+    complete directory that get_tokenizer(out_dir) opens. GGUF stores tokens in the same byte-level spelling
+    as vocab.json, so this is a copy, not a conversion."""
+    enc = tokenizer_from_gguf(gguf_path)  # refuses a GGUF whose tokenizer is neither GPT-2's nor SmolLM2's
     fields = open_gguf(gguf_path).fields
     tokens, merges = (fields[f"tokenizer.ggml.{k}"].contents() for k in ("tokens", "merges"))
-    specials = sorted(enc.encode_single_token(t) for t in enc.special_tokens_set)
     atomic_write_text(os.path.join(out_dir, "vocab.json"),
                       json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False))
     atomic_write_text(os.path.join(out_dir, "merges.txt"), "#version: 0.2\n" + "\n".join(merges) + "\n")
+    if enc.name == "gpt2":
+        return  # GPT-2's two files say everything (its one special token is <|endoftext|>, the last id)
+    specials = sorted(enc.encode_single_token(t) for t in enc.special_tokens_set)
     atomic_write_text(os.path.join(out_dir, "tokenizer.json"), json.dumps({
         "added_tokens": [{"id": i, "content": tokens[i], "special": True} for i in specials],
         "normalizer": None,
@@ -287,10 +288,10 @@ TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_conf
 
 def copy_tokenizer_files(model_path, out_dir):
     """Give out_dir the tokenizer of model_path: its files copied from a directory, or written out of a
-    GGUF file's metadata (SmolLM2)."""
+    GGUF file's metadata (GPT-2 or SmolLM2)."""
     if os.path.isdir(model_path):
         for f in TOKENIZER_FILES:
             if os.path.isfile(os.path.join(model_path, f)):
                 shutil.copyfile(os.path.join(model_path, f), os.path.join(out_dir, f))
     elif model_path.endswith(".gguf"):
-        save_smollm2_tokenizer_files(out_dir, model_path)
+        save_gguf_tokenizer_files(out_dir, model_path)

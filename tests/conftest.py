@@ -125,14 +125,14 @@ def smollm2_hf_chat(smollm2_gguf):
 @pytest.fixture(scope="session")
 def smollm2_tokenizer_dir(smollm2_gguf, tmp_path_factory):
     """A directory in the layout of the SmolLM2 hub repositories' tokenizer files, written from the GGUF by
-    plumbing.tokenizer_files.save_smollm2_tokenizer_files (vocab.json, merges.txt, tokenizer.json with the special tokens and
+    plumbing.tokenizer_files.save_gguf_tokenizer_files (vocab.json, merges.txt, tokenizer.json with the special tokens and
     the pre-tokenizer), plus a config.json saying model_type llama."""
     import json
 
-    from plumbing.tokenizer_files import save_smollm2_tokenizer_files
+    from plumbing.tokenizer_files import save_gguf_tokenizer_files
 
     d = tmp_path_factory.mktemp("smollm2_tokenizer")
-    save_smollm2_tokenizer_files(str(d), smollm2_gguf)
+    save_gguf_tokenizer_files(str(d), smollm2_gguf)
     (d / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 49152}))
     return d
 

@@ -18,6 +18,7 @@ from lora import apply_lora, save_adapter
 from model import GPT, LLAMA_SWITCHES, GPTConfig
 from plumbing.gguf_export import CHAT_TEMPLATES, bpe_merges
 from plumbing.gguf_io import permute_gguf_qk, unpermute_gguf_qk
+from plumbing.tokenizer_files import copy_tokenizer_files
 from test_llama import permute_like_llama_cpp
 
 gguf = pytest.importorskip("gguf")
@@ -91,6 +92,13 @@ def test_f32_export_round_trips_config_weights_and_tokenizer(model_dir, tmp_path
     for text in TEXTS:
         assert enc_back.encode_ordinary(text) == enc.encode_ordinary(text), text
     assert glob.glob(str(tmp_path / "*.tmp")) == []
+    # train.py --full from the GGUF saves a directory: weights + tokenizer files written out of the metadata
+    d = str(tmp_path / "dir")
+    back.save_pretrained(d)
+    copy_tokenizer_files(out, d)
+    enc_dir = data.get_tokenizer(d)
+    assert enc_dir.name == enc.name and enc_dir.special_tokens_set == enc.special_tokens_set
+    assert [enc_dir.encode_ordinary(t) for t in TEXTS] == [enc.encode_ordinary(t) for t in TEXTS]
 
 
 @pytest.mark.parametrize("dtype, torch_dtype", [("f16", torch.float16), ("bf16", torch.bfloat16)])
