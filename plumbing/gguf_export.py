@@ -16,7 +16,7 @@ import os
 import torch
 
 from plumbing.files import atomic_file
-from plumbing.gguf_io import permute_gguf_qk
+from plumbing.gguf_io import gguf_package, permute_gguf_qk
 from plumbing.hf_format import GGUF, OURS, config_dict, rename
 from plumbing.tokenizer_files import (EOT_TEXT, GGUF_TOKENIZERS, IM_END, IM_START, SMOLLM2_DEFAULT_SYSTEM,
                                       _byte_decoder)
@@ -37,14 +37,6 @@ CHAT_TEMPLATES = {
 SPECIAL_TOKENS = {"gpt2": dict(bos=EOT_TEXT, eos=EOT_TEXT, eot=EOT_TEXT, pad=EOT_TEXT),
                   "smollm2": dict(bos=IM_START, eos=IM_END, eot=IM_END, pad=IM_END, unk=EOT_TEXT)}
 FILE_TYPES = {"f32": 0, "f16": 1, "bf16": 32}  # general.file_type: llama.cpp's LLAMA_FTYPE_ALL_F32 / MOSTLY_F16 / BF16
-
-
-def _gguf():
-    try:
-        import gguf
-    except ImportError:
-        raise RuntimeError("writing .gguf files needs the gguf package: pip install gguf") from None
-    return gguf
 
 
 # -----------------------------------------------------------------------------
@@ -79,7 +71,7 @@ def bpe_merges(enc):
 
 def add_tokenizer(writer, enc):
     """The tokenizer, its special ids and its chat template, as llama.cpp reads them (tokenizer.ggml.*)."""
-    gguf = _gguf()
+    gguf = gguf_package("writing")
     family = enc.name
     (model, pre), = [kind for kind, (name, _) in GGUF_TOKENIZERS.items() if name == family]
     tokens, merges = bpe_merges(enc)
@@ -102,7 +94,7 @@ def add_tokenizer(writer, enc):
 def add_tensor(writer, name, w, dtype="f32"):
     """One tensor under its GGUF name. Matrices in dtype; vectors (norms, biases) always F32, as llama.cpp's
     converter writes them."""
-    gguf = _gguf()
+    gguf = gguf_package("writing")
     w = w.detach().float().cpu().contiguous()
     if w.dim() < 2 or dtype == "f32":
         writer.add_tensor(name, w.numpy())
@@ -136,7 +128,7 @@ def _write(path, writer):
 def write_gguf_model(path, config, state_dict, enc, dtype="f16", name="handtune"):
     """Write a GPT (its GPTConfig, its own state_dict with LoRA merged, its tiktoken tokenizer) as a GGUF
     file llama.cpp runs: architecture "gpt2" or "llama", matrices in dtype ("f32", "f16" or "bf16")."""
-    gguf = _gguf()
+    gguf = gguf_package("writing")
     c = config
     config_dict(c)  # refuses switch combinations neither family has, before writing anything
     if c.arch == "llama" and c.bias:
@@ -173,7 +165,7 @@ def write_gguf_adapter(path, config, layers):
     """Write LoRA layers [(our module name, LoRALinear)] as a llama.cpp LoRA adapter: general.type "adapter",
     adapter.lora.alpha, and per layer W its A (r, in) and B (out, r) as W's GGUF name + ".lora_a" / ".lora_b",
     F32. llama.cpp adds (alpha / r) * B A x to W x, the same update as lora.py's."""
-    gguf = _gguf()
+    gguf = gguf_package("writing")
     if not layers:
         raise ValueError("no LoRA layers to export: load an adapter (--adapter DIR) first")
     alphas = {layer.alpha for _, layer in layers}

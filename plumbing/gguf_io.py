@@ -17,13 +17,19 @@ from plumbing.files import refuse_lfs_pointer
 from plumbing.hf_format import GGUF, HF, rename
 
 
-def open_gguf(path):
-    """A gguf.GGUFReader over path, from the gguf package (imported here, not at load time: it is optional). The
-    file is memory-mapped: nothing is read until a field or tensor is used."""
+def gguf_package(doing="reading"):
+    """The gguf package, imported when a GGUF file is read or written, not at load time (it is optional);
+    missing, it is one line saying how to install it."""
     try:
         import gguf
     except ImportError:
-        raise RuntimeError("reading .gguf files needs the gguf package: pip install gguf") from None
+        raise RuntimeError(f"{doing} .gguf files needs the gguf package: pip install gguf") from None
+    return gguf
+
+
+def open_gguf(path):
+    """A gguf.GGUFReader over path. The file is memory-mapped: nothing is read until a field or tensor is used."""
+    gguf = gguf_package()
     refuse_lfs_pointer(path)
     try:
         return gguf.GGUFReader(path)
