@@ -34,6 +34,8 @@ def atomic_file(path):
     """Yield a temporary path in path's directory for a writer that opens files itself (the gguf package's);
     on success fsync it and rename it over path (atomic on POSIX and Windows), on any error delete it: readers
     see the old file or the new one, never a mix."""
+    if os.path.isdir(path):  # else the temp file would land beside the directory and the rename fail late
+        raise IsADirectoryError(f"{path} is a directory; give the name of the file to write inside it")
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
