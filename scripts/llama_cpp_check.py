@@ -9,12 +9,12 @@ llama-cpp-python) for two ways of serving the fine-tune:
             matmuls round activations to 8 bits, so near-ties may flip there;
 each with llama.cpp's KV cache in f32 (the export alone is compared) and in f16 (its default).
 It also checks that llama.cpp, from the GGUF's chat template and tokenizer alone, makes the very prompt ids
-handtune's render_prompt makes. Greedy on both sides is the argmax of each side's own logits, one token at a time, stopping at the family's
-end of turn. Where the two differ, the script prints handtune's margin between its top two tokens there: a
-near-tie (a margin of the order of the logit differences between the two programs) is rounding, anything
-else is a bug. Writes --out.md and --out.json (sizes on disk included).
+handtune's render_prompt makes. Greedy on both sides is the argmax of each side's own logits, one token at
+a time, stopping at the family's end of turn. Where the two differ, the script prints handtune's margin
+between its top two tokens there: a near-tie (a margin of the order of the logit differences between the two
+programs) is rounding, anything else is a bug. Writes --out.md and --out.json (sizes on disk included).
 
-    CMAKE_ARGS="-DGGML_NATIVE=OFF ..." pip install llama-cpp-python     # README "Serve it": once, from source
+    CMAKE_ARGS="-DGGML_NATIVE=OFF ..." pip install llama-cpp-python     # README "Serve it": from source
     python scripts/llama_cpp_check.py --adapter out/adapter              # SmolLM2 (the GGUF preset) + adapter
     python scripts/llama_cpp_check.py --model /tmp/tiny --adapter /tmp/tiny_run/adapter --out results/x
 """
@@ -111,9 +111,15 @@ def compare(ours, theirs):
 def main(argv=None):
     cfg, _ = cli.parse(Config, argv, "Compare handtune's greedy replies with llama.cpp's on exported GGUF files.")
     try:
-        from llama_cpp import Llama
+        check(cfg, argv)
     except ImportError:
         sys.exit("error: needs llama-cpp-python; README's 'Serve it' has the install command")
+    except (OSError, ValueError, RuntimeError) as e:
+        sys.exit(f"error: {e}")
+
+
+def check(cfg, argv):
+    from llama_cpp import Llama
     os.makedirs(cfg.work, exist_ok=True)
     path = resolve_pretrained(cfg.model)
     files = {k: os.path.join(cfg.work, f"{k}.gguf") for k in ("base", "merged", "lora")}
@@ -135,7 +141,7 @@ def main(argv=None):
     tok = data.get_tokenizer(path)
     fmt = data.chat_format(tok)
     prompts = PROMPTS + [item["messages"][:-1] for item in load_items("triage", "test", 2)[0]]
-    rows, raw = [], []
+    rows, raw, ours_of = [], [], {}  # handtune's side depends only on (model, prompt): computed once each
     # llama.cpp keeps its KV cache in f16 unless told otherwise: that alone moves logits by ~1e-2. The f32 cache
     # isolates the export (same weights, same math); the f16 one is what a plain llama.cpp server does.
     caches = {"f32 cache": dict(type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32), "f16 cache (default)": {}}
@@ -143,24 +149,29 @@ def main(argv=None):
         llm = Llama(**kwargs, **cache_kwargs, n_ctx=1024, n_threads=cfg.threads, logits_all=True, verbose=False)
         for i, messages in enumerate(prompts):
             prompt = data.render_prompt(messages, tok)
-            ours = handtune_greedy(models[kind], prompt, cfg.max_new_tokens, fmt.stop_ids)
+            key = (id(models[kind]), i)
+            if key not in ours_of:
+                ours_of[key] = handtune_greedy(models[kind], prompt, cfg.max_new_tokens, fmt.stop_ids)
+            ours = ours_of[key]
             theirs = llama_cpp_greedy(llm, prompt, cfg.max_new_tokens, fmt.stop_ids)
             r = dict(serving=kind, kv_cache=cache, prompt=i, same_prompt=llama_cpp_prompt(llm, messages) == prompt,
                      **compare(ours, theirs), reply=tok.decode(ours[0]), llama_cpp_reply=tok.decode(theirs[0]))
             raw.append(r)
             print(json.dumps(r, ensure_ascii=False))
-            rows.append([kind, cache, i, "yes" if r["same_prompt"] else "NO", r["tokens"], "yes" if r["equal"] else f"no, at {r['diverge_at']} "
-                         f"(margin {r['margin_there']:.2g})", f"{r['max_logit_diff']:.1g}",
-                         f"{r['smallest_margin']:.2g}", r["reply"][:60].replace("\n", "⏎").replace("|", "\\|")])
+            same = "yes" if r["equal"] else f"no, at {r['diverge_at']} (margin {r['margin_there']:.2g})"
+            rows.append([kind, cache, i, "yes" if r["same_prompt"] else "NO", r["tokens"], same,
+                         f"{r['max_logit_diff']:.1g}", f"{r['smallest_margin']:.2g}",
+                         r["reply"][:60].replace("\n", "⏎").replace("|", "\\|")])
         del llm
     sizes = {k: os.path.getsize(f) for k, f in files.items() if os.path.exists(f)}
     if path.endswith(".gguf"):
         sizes["original " + os.path.basename(path)] = os.path.getsize(path)
-    table = markdown_table(["serving", "llama.cpp KV cache", "prompt", "prompt ids equal", "tokens", "same tokens", "max \\|Δlogit\\|",
-                            "smallest top-2 margin", "handtune's reply (start)"], rows)
+    table = markdown_table(["serving", "llama.cpp KV cache", "prompt", "prompt ids equal", "tokens", "same tokens",
+                            "max \\|Δlogit\\|", "smallest top-2 margin", "handtune's reply (start)"], rows)
     size_lines = "\n".join(f"- {k}: {v / 1e6:.1f} MB" for k, v in sizes.items())
-    md = (f"# llama.cpp vs handtune, greedy\n\n`python scripts/llama_cpp_check.py {' '.join(argv or sys.argv[1:])}`"
-          f" on {hardware('cpu')}; model {cfg.model}, adapter {cfg.adapter}\n\n{table}\n\nSizes on disk:\n{size_lines}\n")
+    command = "python scripts/llama_cpp_check.py " + " ".join(argv or sys.argv[1:])
+    md = (f"# llama.cpp vs handtune, greedy\n\n`{command}` on {hardware('cpu')}; model {cfg.model}, adapter "
+          f"{cfg.adapter}\n\n{table}\n\nSizes on disk:\n{size_lines}\n")
     print(md)
     atomic_write_text(cfg.out + ".md", md)
     atomic_write_text(cfg.out + ".json", json.dumps(dict(config=asdict(cfg), rows=raw, sizes=sizes), indent=1,
