@@ -8,6 +8,7 @@ greedy tokens is scripts/llama_cpp_check.py, whose output README records: llama-
 import glob
 import json
 import os
+import sys
 
 import pytest
 import torch
@@ -204,6 +205,17 @@ def test_export_errors_are_one_line(tiny_model_dir, tmp_path):
     with pytest.raises(SystemExit, match="error: no LoRA layers to export"):
         export("--model", tiny_model_dir, "--export-gguf-adapter", str(tmp_path / "a.gguf"))
     assert not os.path.exists(tmp_path / "a.gguf")
+    (tmp_path / "out").mkdir()
+    with pytest.raises(SystemExit, match="out is a directory; give the name of the file to write inside it"):
+        export("--model", tiny_model_dir, "--export-gguf", str(tmp_path / "out"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and not any((tmp_path / "out").iterdir())
+
+
+def test_missing_gguf_package_is_one_line(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "gguf", None)  # makes `import gguf` raise ImportError
+    with pytest.raises(SystemExit, match="^error: writing .gguf files needs the gguf package: pip install gguf$"):
+        export("--model", tiny_model_dir, "--export-gguf", str(tmp_path / "m.gguf"))
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_failed_write_leaves_neither_file_nor_temp(tiny_model_dir, tmp_path, monkeypatch):
