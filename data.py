@@ -64,8 +64,8 @@ ROLE_HEADERS = {"system": "System:\n", "user": "User:\n", "assistant": "Assistan
 
 def get_tokenizer(model_path=None):
     """The tokenizer for a model, a tiktoken.Encoding named after its family ("gpt2" or "smollm2"): None ->
-    tiktoken's gpt2; a .gguf -> the one in its metadata; a directory -> by config.json's model_type (none: GPT-2's, unless
-    there is a tokenizer.json)."""
+    tiktoken's gpt2; a .gguf -> the one in its metadata; a directory -> by config.json's model_type (none:
+    GPT-2's, unless there is a tokenizer.json)."""
     if model_path is None:
         return gpt2_tokenizer()
     path = Path(model_path)

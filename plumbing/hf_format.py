@@ -3,7 +3,8 @@
 model.py builds a GPTConfig from config_kwargs() and writes config.json with config_dict(); the GPT-2 key
 mapping (the Conv1D transpose) stays in model.py, where a learner reads it. Llama checkpoints name the same
 modules differently in three places (ours, transformers' LlamaForCausalLM, llama.cpp's GGUF): LLAMA_NAMES is
-that table (GPT2_NAMES is GPT-2's, for GGUF) and rename() translates between its columns. Nothing here imports the core files.
+that table (GPT2_NAMES is GPT-2's, for GGUF) and rename() translates between its columns. Nothing here
+imports the core files.
 """
 
 import re
