@@ -1,9 +1,11 @@
-"""eval.py: did fine-tuning work, and what did it cost? Numbers for each claim, and a chat to try the result.
+"""eval.py: did fine-tuning work, and what did it cost? Numbers for each
+claim, and a chat to try the result.
 
-Fine-tuning is worth it only if it beats prompting and retrieval: the base model zero-shot, with k solved
-examples, with retrieved text (BM25), then the fine-tuned model without and with retrieval, each with its cost
-(same items, same scorer, greedy). And its price: response loss on train vs test data (overfitting), and the
-tuned model's perplexity and KL from the base model on general English it was not tuned on (forgetting).
+Fine-tuning is worth it only if it beats prompting and retrieval: the base model zero-shot, with k
+solved examples, with retrieved text (BM25), then the fine-tuned model without and with retrieval,
+each with its cost (same items, same scorer, greedy). And its price: response loss on train vs test
+data (overfitting), and the tuned model's perplexity and KL from the base model on general English
+it was not tuned on (forgetting).
 
     python eval.py                                   # after `python train.py`: reads out/, writes out/eval.json
     python eval.py --adapter out/adapter --limit 50  # a LoRA adapter (its base model comes from its config)
@@ -11,37 +13,42 @@ tuned model's perplexity and KL from the base model on general English it was no
     python eval.py --data my_test.jsonl              # your own file, evaluated as given (no split)
     python eval.py --chat                            # talk to the fine-tuned model in its training template
 
-Nothing here is specific to one model family: templates, stop and pad ids come from data.chat_format.
+Nothing here is specific to one model family: templates, stop and pad
+ids come from data.chat_format.
 """
 
 import copy
 import json
 import math
 import os
+import random
 import re
 import sys
 import time
 from collections import Counter
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from data import chat_format, check_vocab, collate, get_tokenizer, render_prompt, tokenize_dataset
+from data import chat_format, check_vocab, collate, render_prompt, tokenize_dataset
 from lora import load_adapter, merge_lora
-from model import GPT
+from model import GREEDY, Sampling, from_pretrained, generate, stream
 from plumbing import cli
 from plumbing.chat import repl
 from plumbing.device import autocast, choose_device, choose_dtype
 from plumbing.files import atomic_write_text
 from plumbing.hub import resolve_pretrained
 from plumbing.peft_format import read_adapter_config
-from plumbing.records import general_tokens, text_windows
-from plumbing.report import dir_bytes, format_table
+from plumbing.records import conversation_key, general_tokens, load_records, text_windows
+from plumbing.report import format_table
 from plumbing.runs import locate_tuned, read_run
-from tasks import detect_task, load_items, load_store, sample_shots, score, shot_pool, summarize
+from plumbing.stats import dir_bytes
+from plumbing.tokenizer_files import get_tokenizer
+from tasks import (BUILTIN_DATASETS, detect_task, load_items, load_store, report_columns, resolve_dataset,
+                   score, summarize)
 from tasks.instruct import HELD_OUT_FAMILIES
 from train import summed_loss
 
@@ -96,21 +103,22 @@ def check_config(cfg):
 
 
 def load_models(cfg, tuned_dir, kind, run):
-    """(base GPT, tuned GPT, base name, tokenizer). A LoRA adapter is loaded onto a copy of the base model
-    and merged (a plain GPT, as fast as the base); a full fine-tune loads as it is."""
+    """(base GPT, tuned GPT, base name, tokenizer). A LoRA adapter is loaded onto a copy of the base
+    model and merged (a plain GPT, as fast as the base); a full fine-tune loads as it is."""
     base_name = (cfg.model or (read_adapter_config(tuned_dir).get("base_model_name_or_path") if kind == "lora"
                                else None) or run.get("args", {}).get("model"))
     if base_name is None:
         raise ValueError(f"{tuned_dir}: cannot tell which base model it was tuned from; pass --model")
     base_dir = resolve_pretrained(base_name)
-    base = GPT.from_pretrained(base_dir)
+    base = from_pretrained(base_dir)
     if kind == "lora":
         tuned = copy.deepcopy(base)
         load_adapter(tuned, tuned_dir)
         tuned = merge_lora(tuned)
     else:
-        tuned = GPT.from_pretrained(tuned_dir)
-    # The tokenizer files next to the tuned weights (train.py writes them there), else the base model's.
+        tuned = from_pretrained(tuned_dir)
+    # The tokenizer files next to the tuned weights (train.py writes them
+    # there), else the base model's.
     has_files = lambda d: all(os.path.isfile(os.path.join(d, f)) for f in ("vocab.json", "merges.txt"))
     tok = get_tokenizer(tuned_dir if has_files(tuned_dir) else base_dir)
     check_vocab(tok, base.config.vocab_size, base_name)
@@ -123,8 +131,9 @@ def load_models(cfg, tuned_dir, kind, run):
 
 
 def response_loss(model, examples, batch_size, device, *, pad_id):
-    """(mean NLL, number of tokens) over the trained tokens of examples [(ids, mask)], with exactly training's
-    masking (data.collate) and token weighting (train.summed_loss), in fp32. pad_id: chat_format(tok).pad_id."""
+    """(mean NLL, number of tokens) over the trained tokens of examples [(ids, mask)], with
+    exactly training's masking (data.collate) and token weighting (train.summed_loss), in fp32.
+    pad_id: chat_format(tok).pad_id."""
     batches = ((x.to(device), y.to(device)) for x, y in
                (collate(examples[i:i + batch_size], pad_id=pad_id) for i in range(0, len(examples), batch_size)))
     total = summed_loss(model, batches, nullcontext(), device)
@@ -132,7 +141,8 @@ def response_loss(model, examples, batch_size, device, *, pad_id):
 
 
 def perplexity(loss):
-    """exp(mean NLL): the model is, on average, as unsure as a uniform choice among this many tokens."""
+    """exp(mean NLL): the model is, on average, as unsure as a uniform
+    choice among this many tokens."""
     return math.exp(loss)
 
 
@@ -141,21 +151,22 @@ def perplexity(loss):
 
 
 def split_reply(messages):
-    """(prompt messages, reference reply): the conversation up to its last assistant turn, and that turn."""
+    """(prompt messages, reference reply): the conversation up to its last
+    assistant turn, and that turn."""
     return messages[:-1], messages[-1]["content"]
 
 
 def few_shot(prompt, shots):
-    """The prompt with the shots' user/assistant turns inserted after its system prompt (if any): the model
-    sees k finished exchanges in the very template it will answer in."""
+    """The prompt with the shots' user/assistant turns inserted after its system prompt (if any):
+    the model sees k finished exchanges in the very template it will answer in."""
     head = prompt[:1] if prompt and prompt[0]["role"] == "system" else []
     turns = [m for shot in shots for m in shot if m["role"] != "system"]
     return head + turns + prompt[len(head):]
 
 
 def fit_prompt(messages, shots, tok, room):
-    """Prompt token ids with as many of the shots as fit in `room` tokens (dropping the earliest first), so
-    the system prompt is never cut off; returns (ids, shots used)."""
+    """Prompt token ids with as many of the shots as fit in `room` tokens (dropping the earliest
+    first), so the system prompt is never cut off; returns (ids, shots used)."""
     k = len(shots)
     while True:
         ids = render_prompt(few_shot(messages, shots[len(shots) - k:]), tok)
@@ -164,12 +175,43 @@ def fit_prompt(messages, shots, tok, room):
         k -= 1
 
 
+def shot_pool(source, evaluated):
+    """(solved training conversations a prompt may show, reason if none): the train
+    split of source (a built-in name, or a file as given; None: no source), never one of
+    the evaluated conversations."""
+    if source is None:
+        return [], "no training data to take examples from (pass --shots-data)"
+    path = resolve_dataset(source, "train")  # a built-in's train split, or the file as given
+    taken = {conversation_key(c) for c in evaluated}
+    pool = [r["messages"] for r in load_records(path) if conversation_key(r["messages"]) not in taken]
+    return pool, None if pool else f"{path} has no conversation that is not also evaluated"
+
+
+def shots_source(cfg, data, data_path, train_data):
+    """Where few-shot examples come from: --shots-data, a built-in's own train split, else the
+    training run's data file (when it is not the evaluated file itself); None if there is none."""
+    if cfg.shots_data is not None:
+        return cfg.shots_data
+    if data in BUILTIN_DATASETS:
+        return data
+    if train_data and os.path.abspath(train_data) != os.path.abspath(data_path):
+        return train_data
+    return None
+
+
+def sample_shots(pool, k, seed):
+    """A seeded random pick of k solved conversations from the pool:
+    the same shots for every item."""
+    return random.Random(seed).sample(pool, min(k, len(pool)))
+
+
 # -----------------------------------------------------------------------------
 # Retrieval: BM25 over a small document store, by hand
 
 
 def words(text):
-    """BM25's tokens: lower-cased runs of letters and digits (retrieval matches words, not BPE pieces)."""
+    """BM25's tokens: lower-cased runs of letters and digits (retrieval
+    matches words, not BPE pieces)."""
     return re.findall(r"[a-z0-9]+", text.lower())
 
 
@@ -177,8 +219,9 @@ class BM25:
     """Okapi BM25. A document d scores, for each distinct query word w it contains f(w, d) times,
         idf(w) * f(w, d) * (k1 + 1) / (f(w, d) + k1 * (1 - b + b * |d| / avgdl)),
         idf(w) = ln(1 + (N - n(w) + 0.5) / (n(w) + 0.5)),
-    N documents, n(w) of them containing w, avgdl their mean length in words: rare words weigh more, repeats
-    saturate (k1), long documents are discounted (b). tests/test_eval.py checks it by hand."""
+    N documents, n(w) of them containing w, avgdl their mean length in words: rare words
+    weigh more, repeats saturate (k1), long documents are discounted (b).
+    tests/test_eval.py checks it by hand."""
 
     def __init__(self, documents, k1=1.5, b=0.75):
         self.k1, self.b = k1, b
@@ -193,13 +236,14 @@ class BM25:
                     for w in set(words(query)) if w in tf) for tf, n in zip(self.tf, self.length)]
 
     def top_k(self, query, k):
-        s = self.scores(query)  # the indices of the k best documents, best first (ties: the earlier one)
+        # the indices of the k best documents, best first (ties: the earlier one)
+        s = self.scores(query)
         return sorted(range(len(s)), key=lambda i: -s[i])[:k]
 
 
 def with_documents(prompt, documents):
-    """The prompt with retrieved documents appended to its system message (one is added if it has none):
-    what the model knows at answer time changes, its weights do not."""
+    """The prompt with retrieved documents appended to its system message (one is added if it has
+    none): what the model knows at answer time changes, its weights do not."""
     context = "Use these documents:\n\n" + "\n\n".join(documents)
     if prompt and prompt[0]["role"] == "system":
         return [{"role": "system", "content": prompt[0]["content"] + "\n\n" + context}] + prompt[1:]
@@ -207,8 +251,9 @@ def with_documents(prompt, documents):
 
 
 def retrieved(prompts, texts, k, tok, room, as_shots):
-    """(prompt ids, seconds to build the index): each prompt with the k texts BM25 ranks highest for its
-    last message, as documents in its system message, or (as_shots: texts are conversations) as its shots."""
+    """(prompt ids, seconds to build the index): each prompt with the k texts BM25 ranks highest
+    for its last message, as documents in its system message, or (as_shots: texts are
+    conversations) as its shots."""
     t0 = time.time()
     index = BM25([" ".join(m["content"] for m in t) if as_shots else t for t in texts])
     seconds = time.time() - t0  # an update of the knowledge = rebuilding this index
@@ -218,35 +263,65 @@ def retrieved(prompts, texts, k, tok, room, as_shots):
     return [fit_prompt(with_documents(p, b), [], tok, room)[0] for p, b in zip(prompts, best)], seconds
 
 
+@dataclass
+class Decoding:
+    """How replies are generated: the tokenizer (its chat format gives the stop and pad ids), the
+    cap, where and in what precision, how many prompts at once, and how each token is picked."""
+
+    tok: object  # a tiktoken Encoding from get_tokenizer
+    max_new_tokens: int
+    device: str = "cpu"
+    dtype: str = "float32"  # autocast precision of generation
+    batch_size: int = 8  # prompts per batched generate
+    sampling: Sampling = GREEDY  # its seed is offset by each batch's start
+
+
 @torch.no_grad()
-def generate_replies(model, prompts, max_new_tokens, device, tok, temperature=0.0, seed=None):
-    """The model's replies (greedy; sampled if temperature > 0) to a batch of prompts (lists of ids) in one
-    KV-cached generate: padded on the left, with a mask, so every row's next token comes from the last column;
-    done when every row has ended its turn. A reply is cut at the first of the family's stop ids (SmolLM2 may
-    also end with <|endoftext|>), which is not returned. Equal to one prompt at a time (tests/test_model.py)."""
-    fmt = chat_format(tok)
+def generate_tokens(model, prompts, dec):
+    """The new token ids for a batch of prompts (lists of ids), in one KV-cached generate:
+    padded on the left, with a mask, so every row's next token comes from the last column; done
+    when every row has ended its turn. Each row is cut after its first stop id (kept: it says
+    the reply ended by itself)."""
+    fmt = chat_format(dec.tok)
     T = max(map(len, prompts))
-    idx = torch.tensor([[fmt.pad_id] * (T - len(p)) + p for p in prompts], device=device)  # (B, T)
-    mask = torch.tensor([[False] * (T - len(p)) + [True] * len(p) for p in prompts], device=device)  # (B, T)
-    out = model.generate(idx, max_new_tokens, temperature, stop_token=fmt.end_of_turn_id, seed=seed, mask=mask)
-    replies = []
+    # (B, T)
+    idx = torch.tensor([[fmt.pad_id] * (T - len(p)) + p for p in prompts], device=dec.device)
+    mask = torch.tensor([[False] * (T - len(p)) + [True] * len(p) for p in prompts],
+                        device=dec.device)  # (B, T): False at the left padding
+    out = generate(model, idx, dec.max_new_tokens, dec.sampling, stop_token=fmt.end_of_turn_id,
+                   mask=mask)
+    rows = []
     for row in out[:, T:].tolist():
         stops = [i for i, t in enumerate(row) if t in fmt.stop_ids]
-        replies.append(tok.decode(row[:stops[0]] if stops else row))
-    return replies
+        rows.append(row[:stops[0] + 1] if stops else row)
+    return rows
 
 
-def run_rung(name, model, prompts, max_new_tokens, device, tok, dtype="float32", batch_size=8, temperature=0.0,
-             seed=0):
-    """One model's replies (greedy unless temperature > 0) to the prompts, batch_size at a time (prompts of
-    similar length together: little padding)."""
+def reply_text(row, tok):
+    """A reply's text: its tokens up to, not including, the first stop id (SmolLM2 may also end with
+    <|endoftext|>)."""
+    stops = chat_format(tok).stop_ids
+    return tok.decode(row[:-1] if row and row[-1] in stops else row)
+
+
+def generate_replies(model, prompts, dec):
+    """The model's replies to a batch of prompts, as text. Equal to one prompt at a time
+    (tests/test_model.py)."""
+    return [reply_text(row, dec.tok) for row in generate_tokens(model, prompts, dec)]
+
+
+def run_rung(name, model, prompts, dec, replies_of=generate_replies):
+    """One model's replies to the prompts, dec.batch_size at a time (prompts of similar length
+    together: little padding); greedy unless dec.sampling says otherwise, seeded per batch.
+    replies_of(model, prompts, dec): a batch's replies (a lab script may record more on the way)."""
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     replies = [None] * len(prompts)
-    for start in tqdm(range(0, len(order), batch_size), desc=name, leave=False):
-        batch = order[start:start + batch_size]
-        with autocast(device, dtype):
-            out = generate_replies(model, [prompts[i] for i in batch], max_new_tokens, device, tok, temperature,
-                                   seed + start)
+    for start in tqdm(range(0, len(order), dec.batch_size), desc=name, leave=False):
+        batch = order[start:start + dec.batch_size]
+        seed = (dec.sampling.seed or 0) + start
+        with autocast(dec.device, dec.dtype):
+            out = replies_of(model, [prompts[i] for i in batch],
+                             replace(dec, sampling=replace(dec.sampling, seed=seed)))
         for i, reply in zip(batch, out):
             replies[i] = reply
     return replies
@@ -256,24 +331,26 @@ def run_rung(name, model, prompts, max_new_tokens, device, tok, dtype="float32",
 # Forgetting: does the tuned model still model ordinary English like the base model did?
 
 
-# Longest forgetting window: GPT-2's context. SmolLM2's 8192 would hold several (8192, 49152) fp32 tensors of
-# 1.5 GiB each: too much for a laptop. Both models see the same windows, so the comparison stays fair.
+# Longest forgetting window: GPT-2's context. SmolLM2's 8192 would hold several (8192,
+# 49152) fp32 tensors of 1.5 GiB each: too much for a laptop. Both models see the same
+# windows, so the comparison stays fair.
 FORGET_WINDOW = 1024
 
 
 @torch.no_grad()
 def forgetting(base, tuned, windows, device, dtype="float32"):
     """Mean next-token NLL of both models on general text, and the mean over positions of
-    KL(base || tuned) = sum_v p_base(v) * (log p_base(v) - log p_tuned(v)): how far fine-tuning moved the
-    predicted distribution, on text the tuning never showed (0 iff the two distributions are identical)."""
+    KL(base || tuned) = sum_v p_base(v) * (log p_base(v) - log p_tuned(v)): how far fine-tuning
+    moved the predicted distribution, on text the tuning never showed (0 iff the two
+    distributions are identical)."""
     nll_base = nll_tuned = kl = 0.0
     n = 0
     for x, y in tqdm(windows, desc="forgetting", leave=False):
         x, y = x.to(device), y.to(device)
         with autocast(device, dtype):
             logits_b, logits_t = base(x), tuned(x)  # (1, T, V) each
-        # Log-softmax in fp32 even when autocast made the logits bf16: bf16 log-probabilities are so coarse
-        # that a small KL comes out wrong, even negative (a test shows it).
+        # Log-softmax in fp32 even when autocast made the logits bf16: bf16 log-probabilities are so
+        # coarse that a small KL comes out wrong, even negative (a test shows it).
         logp_b = F.log_softmax(logits_b.float(), dim=-1)  # (1, T, V)
         logp_t = F.log_softmax(logits_t.float(), dim=-1)
         nll_base -= float(logp_b.gather(-1, y.unsqueeze(-1)).sum())
@@ -291,10 +368,24 @@ def forgetting(base, tuned, windows, device, dtype="float32"):
 
 
 def chat(model, tok, cfg, device, system):
-    """Read user turns from stdin and stream each reply (plumbing/chat.py runs the loop). The prompt is the
-    whole conversation rendered by data.render_prompt, the function that built the training prompts, so the
-    model sees exactly the token layout it learned; a reply ends at end-of-turn."""
-    repl(model, tok, cfg, device, system, render_prompt, chat_format(tok))
+    """Read user turns from stdin and stream each reply (plumbing/chat.py runs the loop).
+    The prompt is the whole conversation rendered by data.render_prompt, the function that
+    built the training prompts, so the model sees exactly the token layout it learned; a
+    reply ends at end-of-turn. Sampled as
+    --temperature/--top-k/--top-p say, in the --dtype precision."""
+    fmt = chat_format(tok)
+    dtype, why = choose_dtype(device, cfg.dtype)
+    print(f"dtype: {dtype} ({why})")
+    max_new = cfg.max_new_tokens or 256
+
+    def reply_tokens(ids, turn):
+        sampling = Sampling(cfg.temperature, cfg.top_k, cfg.top_p, seed=cfg.seed + turn)
+        idx = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
+        with autocast(device, dtype):
+            yield from stream(model, idx, max_new, sampling, stop_token=fmt.end_of_turn_id)
+
+    repl(reply_tokens, lambda messages: render_prompt(messages, tok), tok, fmt, system,
+         (model.config.block_size, max_new))
 
 
 # -----------------------------------------------------------------------------
@@ -308,10 +399,13 @@ def run_eval(cfg):
     print(f"device: {device} ({why}); dtype: {dtype} ({why_dtype})")
 
     tuned_dir, kind = locate_tuned(cfg)
-    run = read_run(os.path.dirname(os.path.abspath(tuned_dir)))  # train.py wrote it next to adapter/ or model/
-    args = run.get("args", {})  # the training run's settings, when eval.py runs on train.py's output
+    # train.py wrote it next to adapter/ or model/
+    run = read_run(os.path.dirname(os.path.abspath(tuned_dir)))
+    # the training run's settings, when eval.py runs on train.py's output
+    args = run.get("args", {})
     data = cfg.data or args.get("data") or "triage"
-    records, data_path, split = load_items(data, cfg.split, cfg.limit)  # checked before the slow loading
+    # checked before the slow loading
+    records, data_path, split = load_items(data, cfg.split, cfg.limit)
     if not records:
         raise ValueError(f"{data_path}: no records to evaluate")
     task = detect_task(records, data) if cfg.task == "auto" else cfg.task
@@ -324,8 +418,9 @@ def run_eval(cfg):
     print(f"tuned: {tuned_dir} ({kind}); base: {base_name}")
     print(f"data: {data_path} ({len(records)} items, task {task})")
 
-    # Response-token loss, base and tuned, on the evaluated items; the same on training items: overfitting.
-    # Tokenized exactly as train.py did (its train_on, max_len and overflow), so the masks are the same.
+    # Response-token loss, base and tuned, on the evaluated items; the same on training
+    # items: overfitting. Tokenized exactly as train.py did (its train_on, max_len and
+    # overflow), so the masks are the same.
     block = tuned.config.block_size
     max_len = min(args.get("max_len") or block, block)
     train_on, overflow = args.get("train_on", "all"), args.get("overflow", "drop")
@@ -334,7 +429,8 @@ def run_eval(cfg):
                                        dedup=False)
     if not examples:
         raise ValueError(f"{data_path}: no example fits {max_len} tokens with a trained token")
-    fmt = chat_format(tok)  # fmt.pad_id is in this model's vocabulary (GPT-2's 50256 is not in SmolLM2's)
+    # fmt.pad_id is in this model's vocabulary (GPT-2's 50256 is not in SmolLM2's)
+    fmt = chat_format(tok)
     loss, n_tok = response_loss(tuned, examples, cfg.batch_size, device, pad_id=fmt.pad_id)
     base_loss, _ = response_loss(base, examples, cfg.batch_size, device, pad_id=fmt.pad_id)
     if split is not None and split != "train":
@@ -347,20 +443,25 @@ def run_eval(cfg):
     else:
         overfit = {"skipped": "needs a built-in dataset's train split next to a held-out split"}
 
-    # The ladder: five rungs, the same items and scorer, greedy. Retrieval is BM25 over the knowledge task's
-    # document store (the top 2 documents in the system message), or for a behaviour task over the training
-    # conversations (the k most like the test message become its shots: nearest-neighbour few-shot).
+    # The ladder: five rungs, the same items and scorer, greedy. Retrieval is BM25 over the
+    # knowledge task's document store (the top 2 documents in the system message), or for a
+    # behaviour task over the training conversations (the k most like the test message become its
+    # shots: nearest-neighbour few-shot).
     references = [split_reply(r["messages"])[1] for r in records]
     max_new = cfg.max_new_tokens or max(len(tok.encode_ordinary(ref)) for ref in references) + 16
     room = block - max_new  # prompt tokens that still leave room for a whole reply
     families = [r.get("family", "") for r in records]
     held_out = set(HELD_OUT_FAMILIES) if task == "instruct" else set()
-    pool, why_no_pool = shot_pool(cfg, data, data_path, args.get("data"), conversations)  # read once, used twice
-    shots, why_no_shots = sample_shots(cfg, pool, why_no_pool)
+    # the training conversations: few-shot examples (a seeded pick) and nearest-neighbour retrieval
+    source = shots_source(cfg, data, data_path, args.get("data"))
+    pool, why_no_pool = shot_pool(source, conversations)
+    shots = sample_shots(pool, cfg.shots, cfg.seed)
+    why_no_shots = "--shots 0" if cfg.shots <= 0 else why_no_pool
     tuned_cost = {"stored_bytes": dir_bytes(tuned_dir), "update_seconds": run.get("wall_time_s")}
 
     def ladder_on(items, store):
-        """({rung: metrics and cost}, {rung: replies}); retrieval searches store, else the training examples."""
+        """({rung: metrics and cost}, {rung: replies}); retrieval searches store,
+        else the training examples."""
         prompts = [split_reply(r["messages"])[0] for r in items]
         zero = [fit_prompt(p, [], tok, room)[0] for p in prompts]
         rungs = {"base_zero_shot": (base, zero, {}), "fine_tuned": (tuned, zero, tuned_cost)}
@@ -369,13 +470,15 @@ def run_eval(cfg):
         texts = store or pool
         if texts:
             found, index_s = retrieved(prompts, texts, 2 if store else max(cfg.shots, 1), tok, room, not store)
-            size = len(json.dumps(texts).encode())  # what retrieval stores: the documents or the examples
+            # what retrieval stores: the documents or the examples
+            size = len(json.dumps(texts).encode())
             rungs["base_retrieval"] = (base, found, {"stored_bytes": size, "update_seconds": index_s})
             rungs["fine_tuned_retrieval"] = (tuned, found, {"stored_bytes": tuned_cost["stored_bytes"] + size,
                                                             "update_seconds": index_s})
         out, replies = {name: {"skipped": why_no_shots if "few" in name else why_no_pool} for name in RUNGS}, {}
         for name, (model, ids, cost) in sorted(rungs.items(), key=lambda kv: RUNGS.index(kv[0])):
-            replies[name] = run_rung(name, model, ids, max_new, device, tok, dtype, cfg.batch_size)
+            dec = Decoding(tok, max_new, device, dtype, cfg.batch_size)
+            replies[name] = run_rung(name, model, ids, dec)
             scores = [score(task, x, r) for x, r in zip(replies[name], items)]
             out[name] = {**summarize(task, scores, families, held_out), "shots": len(shots),
                          "prompt_tokens": sum(map(len, ids)) / len(ids), **cost}
@@ -390,7 +493,8 @@ def run_eval(cfg):
     # Forgetting: general English the fine-tuning data never contained.
     window = min(block, FORGET_WINDOW)
     windows = text_windows(general_tokens(general, tok, cfg.general_tokens, fmt.document_id), window)
-    forget = {"general_text": general, "window": window, **forgetting(base, tuned, windows, device)}  # fp32
+    # fp32
+    forget = {"general_text": general, "window": window, **forgetting(base, tuned, windows, device)}
 
     report = {
         "model": base_name, "tuned": tuned_dir, "kind": kind, "data": data, "data_path": str(data_path),
@@ -433,11 +537,10 @@ def main(argv=None):
         report = run_eval(cfg)
         path = cfg.report or os.path.join(cfg.out, "eval.json")
         atomic_write_text(path, json.dumps(report, indent=2) + "\n")
-    except (OSError, ValueError, RuntimeError, KeyError) as e:
-        msg = str(e).replace("\n", " ")
-        sys.exit(f"error: {msg}")
+    except cli.USER_ERRORS as e:
+        sys.exit(cli.error_line(e))
     print()
-    print(format_table(report))
+    print(format_table(report, report_columns(report["task"])))
     print(f"\nreport: {path}")
 
 

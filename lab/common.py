@@ -27,14 +27,24 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import data  # noqa: E402
 import train  # noqa: E402
-from eval import FORGET_WINDOW, fit_prompt, forgetting, run_rung, split_reply  # noqa: E402
-from model import GPT, load_config  # noqa: E402
+from eval import (  # noqa: E402
+    FORGET_WINDOW,
+    Decoding,
+    fit_prompt,
+    forgetting,
+    generate_replies,
+    run_rung,
+    split_reply,
+)
+from model import GPT, Sampling, from_pretrained, load_config  # noqa: E402
 from plumbing import cli  # noqa: E402
 from plumbing.device import setup_runtime  # noqa: E402
 from plumbing.files import atomic_write_text  # noqa: E402
 from plumbing.hub import resolve_pretrained  # noqa: E402
+from plumbing.plots import save_figure  # noqa: E402
 from plumbing.records import general_tokens, text_windows  # noqa: E402
-from plumbing.report import hardware, markdown_table, save_figure  # noqa: E402, F401 (the lab scripts import markdown_table from here)
+from plumbing.report import hardware  # noqa: E402
+from plumbing.tokenizer_files import get_tokenizer  # noqa: E402
 from tasks import score, summarize  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -66,8 +76,8 @@ def run(main):
     """Run a lab script's main: bad input (a missing model, too little data) is one line and exit 1."""
     try:
         main()
-    except (ValueError, OSError, RuntimeError) as e:
-        sys.exit(f"error: {e}")
+    except cli.USER_ERRORS as e:
+        sys.exit(cli.error_line(e))
 
 
 # -----------------------------------------------------------------------------
@@ -89,7 +99,7 @@ def setup(cfg):
     t0 = time.time()
     model_dir = resolve_pretrained(cfg.model)
     rt, _, _ = setup_runtime(cfg.device, cfg.dtype, print)
-    tok = data.get_tokenizer(model_dir)
+    tok = get_tokenizer(model_dir)
     config = load_config(model_dir)  # the family, vocabulary and context of --model
     if cfg.quick:  # the same family and tokenizer, 2 blocks of width 32: random weights, seconds per run
         torch.manual_seed(cfg.seed)
@@ -97,7 +107,7 @@ def setup(cfg):
         base = GPT(dataclasses.replace(config, n_layer=2, n_head=2, n_embd=32, n_kv_head=1 if llama else None,
                                        intermediate_size=64 if llama else None, block_size=512))
     else:
-        base = GPT.from_pretrained(model_dir)
+        base = from_pretrained(model_dir)
     print(f"model: {cfg.model}{' (--quick: tiny random)' if cfg.quick else ''}, "
           f"{sum(p.numel() for p in base.parameters()) / 1e6:.1f}M parameters")
     return Lab(cfg, rt, tok, data.chat_format(tok), base.to(rt.device).eval(), model_dir, t0)
@@ -114,8 +124,7 @@ def finetune(lab, conversations, steps, on_step=None, every=0, desc="train", ded
     every `every` steps (the model in eval mode; training resumes after). dedup=False keeps exact duplicate
     conversations (train.py drops them); mask_fn(ids, mask) -> mask changes what is trained (lab/masking.py).
     Returns (model in eval mode, per-step losses)."""
-    cfg = train.TrainConfig(**{"batch_size": lab.cfg.batch_size, "seed": lab.cfg.seed, "warmup": max(1, steps // 8),
-                               **overrides})
+    cfg = train_config(lab, steps, **overrides)
     examples, _ = data.tokenize_dataset(conversations, lab.tok, lab.base.config.block_size, cfg.train_on,
                                         dedup=dedup)
     if mask_fn is not None:
@@ -123,20 +132,31 @@ def finetune(lab, conversations, steps, on_step=None, every=0, desc="train", ded
     # train.py's setup: the same seeds, LoRA init (the base loaded from disk: its init draws random numbers
     # too), optimizer and gradient scaler. --quick's random model has no files: a copy is trained instead.
     base = copy.deepcopy(lab.base) if lab.cfg.quick else lab.model_dir
-    model, _, optimizer, scaler, params = train.setup_training(cfg, lab.rt, base, lambda *a: None)
-    stream = train.BatchStream(examples, cfg.batch_size, cfg.seed, 0, 1, lab.rt.device, lab.fmt.pad_id)
+    s = train.setup_training(cfg, lab.rt, base, lambda *a: None)
+    stream = train.BatchStream(examples, cfg.batch_size, cfg.seed, lab.rt, lab.fmt.pad_id)
     max_lr = train.default_lr(cfg)
-    losses = []
+    schedule = train.Schedule(max_lr, cfg.warmup, steps, max_lr * cfg.min_lr_ratio)
+    losses, model = [], s.raw_model
     model.train()
     for step in tqdm(range(steps), desc=desc, leave=False):
-        lr = train.lr_at(step, max_lr, cfg.warmup, steps, max_lr * cfg.min_lr_ratio)
-        loss, _, _ = train.train_step(model, [stream.next()], optimizer, scaler, params, lr, cfg, lab.rt, step, None)
+        loss, _, _ = train.train_step(s, [stream.next()], train.lr_at(step, schedule), cfg.grad_clip)
         losses.append(loss)
         if on_step and every and (step + 1) % every == 0:
             model.eval()
-            on_step(step + 1, model, losses, optimizer)
+            on_step(step + 1, model, losses, s.optimizer)
             model.train()
     return model.eval(), losses
+
+
+def train_config(lab, steps, **overrides):
+    """The TrainConfig of a lab run: train.py's defaults, the lab's batch and seed, warmup steps/8."""
+    return train.TrainConfig(**{"batch_size": lab.cfg.batch_size, "seed": lab.cfg.seed,
+                                "warmup": max(1, steps // 8), **overrides})
+
+
+def training_settings(lab, steps, **overrides):
+    """A lab run's training settings in words, read from its TrainConfig (train.settings_line)."""
+    return train.settings_line(train_config(lab, steps, **overrides))
 
 
 def val_loss(lab, model, conversations, train_on="all"):
@@ -149,17 +169,19 @@ def val_loss(lab, model, conversations, train_on="all"):
 # Evaluation: eval.py's batched generation, the task's scorer
 
 
-def replies(lab, model, records, max_new_tokens, temperature=0.0, seed=0, desc="generate"):
-    """The model's replies to each record's prompt (its messages up to the last reply)."""
+def replies(lab, model, records, max_new_tokens, sampling=Sampling(0.0, seed=0), desc="generate",
+            replies_of=generate_replies):
+    """The model's replies to each record's prompt (its messages up to the last reply); greedy unless
+    sampling says otherwise. replies_of: see eval.run_rung."""
     room = lab.base.config.block_size - max_new_tokens
     prompts = [fit_prompt(split_reply(r["messages"])[0], [], lab.tok, room)[0] for r in records]
-    return run_rung(desc, model, prompts, max_new_tokens, lab.rt.device, lab.tok, lab.rt.dtype, 16, temperature,
-                    seed)
+    dec = Decoding(lab.tok, max_new_tokens, lab.rt.device, lab.rt.dtype, 16, sampling)
+    return run_rung(desc, model, prompts, dec, replies_of)
 
 
-def scored(lab, model, records, task="triage", max_new_tokens=48, desc="score"):
+def scored(lab, model, records, task="triage", max_new_tokens=48, desc="score", replies_of=generate_replies):
     """(the task's summary over records: exact match, valid format, ...; the replies), greedy."""
-    out = replies(lab, model, records, max_new_tokens, desc=desc)
+    out = replies(lab, model, records, max_new_tokens, desc=desc, replies_of=replies_of)
     scores = [score(task, reply, r) for reply, r in zip(out, records)]
     return summarize(task, scores, [r.get("family", "") for r in records], set()), out
 

@@ -16,10 +16,11 @@ import random
 import time
 from dataclasses import dataclass
 
-from common import LabConfig, finetune, markdown_table, parse, run, save_results, scored, setup
+from common import LabConfig, finetune, parse, run, save_results, scored, setup, training_settings
 
 from plumbing import cli
-from plumbing.report import pyplot
+from plumbing.plots import pyplot
+from plumbing.report import markdown_table
 from tasks import load_items
 
 
@@ -82,7 +83,7 @@ def main(argv=None):
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     settings = {"sizes": sizes, "steps": cfg.steps, "batch": cfg.batch_size, "methods": methods,
-                "lr": "5e-4 (LoRA r=16, alpha 32), 5e-5 (full); warmup steps/8, cosine to 10%",
+                "training": {m: training_settings(lab, cfg.steps, full=m == "full") for m in methods},
                 "test items": len(test), "decoding": "greedy"}
     save_results(lab, "data_size", "fine-tuning needs thousands of examples, not trillions of tokens; how many?",
                  settings, rows, table, fig)

@@ -16,10 +16,12 @@ is measured too: a share of general instruction data (the instruct mix) mixed in
 import random
 from dataclasses import dataclass
 
-from common import LabConfig, finetune, forgot, general_windows, markdown_table, parse, run, save_results, scored, setup
+from common import (LabConfig, finetune, forgot, general_windows, parse, run, save_results, scored,
+                    setup, training_settings)
 
 from plumbing import cli
-from plumbing.report import pyplot
+from plumbing.plots import pyplot
+from plumbing.report import markdown_table
 from tasks import load_items
 
 
@@ -85,7 +87,7 @@ def main(argv=None):
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     settings = {"lora lrs": cfg.lora_lrs, "full lrs": cfg.full_lrs, "steps": cfg.steps, "batch": cfg.batch_size,
-                "LoRA": "r=16, alpha 32", "schedule": "warmup steps/8, cosine to 10%", "triage test items": len(test),
+                "training (lr varies)": training_settings(lab, cfg.steps), "triage test items": len(test),
                 "instruct test items": len(others), "mix": cfg.mix,
                 "forgetting text": f"data/general.txt, {sum(w[1].numel() for w in windows)} tokens"}
     save_results(lab, "forgetting", "train too hard on a narrow dataset and the model degrades at everything else; "

@@ -16,10 +16,12 @@ and the base model, is scored on the instruct families seen in training, the hel
 import random
 from dataclasses import dataclass
 
-from common import LabConfig, finetune, grouped_bars, markdown_table, parse, run, save_results, scored, setup
+from common import (LabConfig, finetune, grouped_bars, parse, run, save_results, scored, setup,
+                    training_settings)
 
 from plumbing import cli
-from plumbing.report import pyplot
+from plumbing.plots import pyplot
+from plumbing.report import markdown_table
 from tasks import load_items
 from tasks.instruct import FAR_HELD_OUT, build_instruct
 
@@ -69,8 +71,7 @@ def main(argv=None):
     ax.set_title(f"Instruction tuning vs task tuning ({cfg.steps} steps each)")
     ax.legend(fontsize=8)
     settings = {"steps": cfg.steps, "batch": cfg.batch_size, "held-out skills": list(FAR_HELD_OUT),
-                "method": "full, lr 5e-5" if cfg.full else "LoRA r=16, alpha 32, lr 5e-4",
-                "schedule": "warmup steps/8, cosine to 10%", "items": f"{len(seen)} seen, {len(held)} held out, "
+                "training": training_settings(lab, cfg.steps, full=cfg.full), "items": f"{len(seen)} seen, {len(held)} held out, "
                 f"{len(triage_test)} triage", "decoding": "greedy"}
     save_results(lab, "instruct_vs_task", "instruction tuning teaches following instructions in general; task "
                  "tuning buys reliability on one task", settings, rows, table, fig)

@@ -15,7 +15,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from eval import RUNGS  # noqa: E402
 from plumbing.files import atomic_write_text  # noqa: E402
-from plumbing.report import RUNG_LABELS, human_bytes, pyplot, save_figure  # noqa: E402
+from plumbing.plots import pyplot, save_figure  # noqa: E402
+from plumbing.report import RUNG_LABELS, human_bytes  # noqa: E402
 
 QUESTIONS = {"v1": "store v1", "v2": "store v2 (changed)", "test": "test split"}
 

@@ -16,15 +16,17 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-from common import (LabConfig, finetune, forgot, general_windows, markdown_table, parse, run, save_results, scored,
-                    setup)
-
 import torch
+from common import (LabConfig, finetune, forgot, general_windows, parse, run, save_results, scored,
+                    setup, training_settings)
 
 import lora
+from model import save_pretrained
 from plumbing import cli
 from plumbing.benchmark import peak_memory, reset_peak_memory
-from plumbing.report import dir_bytes, human_bytes, pyplot
+from plumbing.plots import pyplot
+from plumbing.report import human_bytes, markdown_table
+from plumbing.stats import dir_bytes
 from tasks import load_items
 
 
@@ -62,7 +64,7 @@ def main(argv=None):
         peak, how = peak_memory(lab.rt)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         with tempfile.TemporaryDirectory() as d:  # what the run would store: adapter, or a whole model
-            model.save_pretrained(d) if rank is None else lora.save_adapter(model, d)
+            save_pretrained(model, d) if rank is None else lora.save_adapter(model, d)
             stored = dir_bytes(d)
         s, _ = scored(lab, model, test, desc=name)
         f = forgot(lab, model, windows)
@@ -94,7 +96,8 @@ def main(argv=None):
     ax_acc.legend(loc="upper left", fontsize=8)
     ax_kl.legend(loc="lower right", fontsize=8)
     settings = {"ranks": ranks, "alpha": "2 x rank", "steps": cfg.steps, "batch": cfg.batch_size,
-                "lr": "5e-4 (LoRA), 5e-5 (full); warmup steps/8, cosine to 10%", "test items": len(test),
+                "training (rank and alpha vary)": training_settings(lab, cfg.steps),
+                "full": training_settings(lab, cfg.steps, full=True), "test items": len(test),
                 "forgetting text": f"data/general.txt, {sum(w[1].numel() for w in windows)} tokens",
                 "peak memory": rows[0]["peak_how"]}
     save_results(lab, "lora_rank", "full fine-tuning stores a whole model; LoRA trains (and stores) tiny adapters",

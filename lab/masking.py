@@ -19,28 +19,30 @@ to write the next turn (a role header, or ChatML's <|im_start|>).
 
 from dataclasses import dataclass
 
-from common import LabConfig, finetune, grouped_bars, markdown_table, parse, run, save_results, scored, setup
+from common import (LabConfig, finetune, grouped_bars, parse, run, save_results, scored, setup,
+                    training_settings)
 
+from eval import generate_tokens, reply_text
 from plumbing import cli
-from plumbing.report import pyplot
+from plumbing.plots import pyplot
+from plumbing.report import markdown_table
 from tasks import load_items
 
 NEXT_TURN = ("<|im_start|>", "User:", "user\n", "Assistant:", "assistant\n")  # how a new turn starts in text
 
 
 class StopRecorder:
-    """Stands in for the model in eval.py's generation and sees its raw tokens: for each prompt, did the
-    reply end with a stop token before the cap? (The reply text alone cannot say: it is cut at the stop.)"""
+    """eval.py's batch generation, recording its raw tokens: for each prompt, did the reply end with a
+    stop token before the cap? (The reply text alone cannot say: it is cut at the stop.)"""
 
-    def __init__(self, model, stop_ids):
-        self.model, self.stop_ids, self.stopped = model, set(stop_ids), {}
+    def __init__(self, stop_ids):
+        self.stop_ids, self.stopped = set(stop_ids), {}
 
-    def generate(self, idx, *args, mask, **kwargs):
-        out = self.model.generate(idx, *args, mask=mask, **kwargs)  # (B, T + new)
-        for row, keep, new in zip(idx.tolist(), mask.tolist(), out[:, idx.size(1):].tolist()):
-            prompt = tuple(t for t, k in zip(row, keep) if k)  # without the left padding
-            self.stopped[prompt] = any(t in self.stop_ids for t in new)
-        return out
+    def __call__(self, model, prompts, dec):
+        rows = generate_tokens(model, prompts, dec)
+        for prompt, row in zip(prompts, rows):
+            self.stopped[tuple(prompt)] = any(t in self.stop_ids for t in row)
+        return [reply_text(row, dec.tok) for row in rows]
 
 
 @dataclass
@@ -64,8 +66,9 @@ def main(argv=None):
     rows = []
     for name, mask_fn in masks.items():
         model, losses = finetune(lab, train_convs, cfg.steps, desc=name, mask_fn=mask_fn, full=cfg.full)
-        recorder = StopRecorder(model, lab.fmt.stop_ids)
-        s, replies = scored(lab, recorder, test, max_new_tokens=cfg.max_new_tokens, desc=name)
+        recorder = StopRecorder(lab.fmt.stop_ids)
+        s, replies = scored(lab, model, test, max_new_tokens=cfg.max_new_tokens, desc=name,
+                            replies_of=recorder)
         rows.append({"mask": name, "exact_match": s["exact_match"], "valid": s["valid"],
                      "stops": sum(recorder.stopped.values()) / len(recorder.stopped),
                      "writes_next_turn": sum(any(m in r for m in NEXT_TURN) for r in replies) / len(replies),
@@ -85,8 +88,7 @@ def main(argv=None):
     ax.set_title(f"What the loss mask teaches ({cfg.steps} steps each)")
     ax.legend()
     settings = {"steps": cfg.steps, "batch": cfg.batch_size, "max_new_tokens": cfg.max_new_tokens,
-                "method": "full, lr 5e-5" if cfg.full else "LoRA r=16, alpha 32, lr 5e-4",
-                "schedule": "warmup steps/8, cosine to 10%", "test items": len(test), "decoding": "greedy"}
+                "training": training_settings(lab, cfg.steps, full=cfg.full), "test items": len(test), "decoding": "greedy"}
     save_results(lab, "masking", "loss on the response tokens only teaches the model to answer, not to continue "
                  "the prompt; without the end-of-turn token it never learns to stop", settings, rows, table, fig)
 

@@ -16,10 +16,12 @@ keep the epoch with the lowest validation loss; the picture marks it.
 
 from dataclasses import dataclass
 
-from common import LabConfig, finetune, markdown_table, parse, run, save_results, scored, setup, val_loss
+from common import (LabConfig, finetune, parse, run, save_results, scored, setup,
+                    training_settings, val_loss)
 
 from plumbing import cli
-from plumbing.report import pyplot
+from plumbing.plots import pyplot
+from plumbing.report import markdown_table
 from tasks.triage import build_triage
 
 SEEN, UNSEEN = (0, 1, 2), (3, 4, 5, 6, 7)  # indices into each category's PROBLEMS sentences
@@ -88,8 +90,7 @@ def main(argv=None):
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     settings = {"n_train": cfg.n_train, "epochs": cfg.epochs, "batch": cfg.batch_size,
-                "method": "full, lr 5e-5" if cfg.full else "LoRA r=16, alpha 32, lr 5e-4",
-                "schedule": "warmup steps/8, cosine to 10%", "seen templates": list(SEEN),
+                "training": training_settings(lab, per_epoch * cfg.epochs, full=cfg.full), "seen templates": list(SEEN),
                 "unseen templates": list(UNSEEN), "test items": len(test), "decoding": "greedy"}
     save_results(lab, "overfitting", "too few or too repetitive examples: the model memorises surface patterns "
                  "and generalises poorly", settings, results, table, fig)

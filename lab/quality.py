@@ -22,10 +22,11 @@ import random
 import time
 from dataclasses import dataclass
 
-from common import LabConfig, finetune, markdown_table, parse, run, save_results, scored, setup
+from common import LabConfig, finetune, parse, run, save_results, scored, setup, training_settings
 
 from plumbing import cli
-from plumbing.report import pyplot
+from plumbing.plots import pyplot
+from plumbing.report import markdown_table
 from tasks import load_items
 from tasks.triage import TRIAGE_FIELDS, TRIAGE_LABELS, build_triage, triage_reply
 
@@ -98,8 +99,7 @@ def main(argv=None):
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
     settings = {"n_small": cfg.n_small, "n_large": cfg.n_large, "noise": cfg.noise, "steps": cfg.steps,
-                "batch": cfg.batch_size, "method": "full, lr 5e-5" if cfg.full else "LoRA r=16, alpha 32, lr 5e-4",
-                "schedule": "warmup steps/8, cosine to 10%", "test items": len(test), "decoding": "greedy"}
+                "batch": cfg.batch_size, "training": training_settings(lab, cfg.steps, full=cfg.full), "test items": len(test), "decoding": "greedy"}
     save_results(lab, "quality", "small, clean, diverse data beats large, messy data", settings, rows, table, fig)
 
 

@@ -21,11 +21,13 @@ Every model answers the same held-out prompts (greedy), and each generation is m
 from collections import Counter
 from dataclasses import dataclass
 
-from common import LabConfig, finetune, markdown_table, parse, replies, run, save_results, setup
+from common import LabConfig, finetune, parse, replies, run, save_results, setup, training_settings
 
 from eval import split_reply
+from model import Sampling
 from plumbing import cli
-from plumbing.report import pyplot
+from plumbing.plots import pyplot
+from plumbing.report import markdown_table
 from tasks import load_items, score, summarize
 
 
@@ -76,7 +78,8 @@ def main(argv=None):
     references = [split_reply(r["messages"])[1] for r in train_records]
 
     def sample(model, gen):  # generation gen's training data: the model's own reply to every training prompt
-        out = replies(lab, model, train_records, cfg.max_new_tokens, cfg.temperature, cfg.seed + gen, f"sample g{gen}")
+        sampling = Sampling(cfg.temperature, seed=cfg.seed + gen)
+        out = replies(lab, model, train_records, cfg.max_new_tokens, sampling, f"sample g{gen}")
         return out, [p + [{"role": "assistant", "content": o}] for p, o in zip(prompts, out)]
 
     base_samples, data = sample(lab.base, 0)
@@ -111,8 +114,8 @@ def main(argv=None):
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     settings = {"generations": cfg.generations, "training prompts": cfg.prompts, "temperature": cfg.temperature,
-                "steps": cfg.steps, "batch": cfg.batch_size, "method": "LoRA r=16, alpha 32, lr 5e-4, from the base "
-                "model every generation", "held-out prompts": len(held_out), "max_new_tokens": cfg.max_new_tokens,
+                "steps": cfg.steps, "batch": cfg.batch_size, "training": training_settings(lab, cfg.steps) + ", from the "
+                "base model every generation", "held-out prompts": len(held_out), "max_new_tokens": cfg.max_new_tokens,
                 "quirk phrases": quirks}
     save_results(lab, "self_generated", "fine-tuning on model-generated data amplifies the base model's quirks",
                  settings, rows, table, fig)

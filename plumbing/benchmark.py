@@ -13,11 +13,12 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 
 import torch
 
 from plumbing.device import autocast
-from plumbing.flops import flop_costs, padding_flops, step_flops
+from plumbing.flops import flop_costs, padding_flops, peak_flops, step_flops
 
 
 def synthetic_windows(n, grad_accum, batch_size, seq_len, vocab_size, seed, device, ignore_index):
@@ -37,10 +38,11 @@ def synthetic_windows(n, grad_accum, batch_size, seq_len, vocab_size, seed, devi
     return windows
 
 
-def make_hf_step(cfg, rt, model_dir, arch, adapter_dir, make_optimizer, optimizer_step, ignore_index):
+def make_hf_step(cfg, rt, model_dir, arch, adapter_dir, hooks):
     """The same training step with Hugging Face transformers + PEFT, on the same weights and adapter
-    (test-only packages: imported here only). make_optimizer(params) and optimizer_step(optimizer, scaler,
-    params, grad_clip) are train.py's, so both sides update alike."""
+    (test-only packages: imported here only). hooks.make_optimizer and hooks.optimizer_step are
+    train.py's, so both sides update alike."""
+    ignore_index = hooks.ignore_index
     try:
         from peft import PeftModel
         from transformers import GPT2LMHeadModel, LlamaForCausalLM
@@ -60,7 +62,7 @@ def make_hf_step(cfg, rt, model_dir, arch, adapter_dir, make_optimizer, optimize
     hf = PeftModel.from_pretrained(hf, adapter_dir, is_trainable=True).to(rt.device)
     hf.train()
     params = [p for p in hf.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params)  # as ours
+    optimizer = hooks.make_optimizer(params)  # as ours
     scaler = torch.amp.GradScaler(rt.device.split(":")[0], enabled=rt.dtype == "float16")
 
     def hf_step(window):
@@ -77,7 +79,7 @@ def make_hf_step(cfg, rt, model_dir, arch, adapter_dir, make_optimizer, optimize
             part = out.loss * n_mb / n_total  # HF's mean over this micro-batch -> share of the window's sum
             scaler.scale(part).backward()
             loss += part.item()
-        optimizer_step(optimizer, scaler, params, cfg.grad_clip)
+        hooks.optimizer_step(optimizer, scaler, params, cfg.grad_clip)
         return loss
 
     return hf_step
@@ -155,31 +157,6 @@ def peak_memory(rt):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale, "lifetime peak RSS (getrusage)"
 
 
-# Dense (no sparsity) half-precision tensor-core peak FLOP/s from the vendors' datasheets; GeForce cards at
-# fp32 accumulation, which is what PyTorch's matmuls use. A key matches when each of its words is a whole
-# word of the device name, in any case ("L4" is not "L40", "A10" is not "A100"); the key with most words wins.
-PEAK_FLOPS = {"B200": 2250e12, "H200": 989e12, "H200 NVL": 835e12, "H100": 989e12, "H100 PCIe": 756e12,
-              "H100 NVL": 835e12, "H800": 989e12, "H800 PCIe": 756e12, "A100": 312e12, "A800": 312e12,
-              "L40S": 362e12, "L40": 181e12, "L4": 121e12, "A10": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12,
-              "V100": 125e12, "V100 PCIe": 112e12, "T4": 65e12}
-
-
-def peak_for_name(name):
-    """The peak FLOP/s of a GPU by its torch.cuda.get_device_name(), e.g. "NVIDIA H100 PCIe"; None if unknown."""
-    words = set(name.lower().replace("-", " ").split())
-    keys = [key for key in PEAK_FLOPS if set(key.lower().split()) <= words]
-    return PEAK_FLOPS[max(keys, key=lambda k: len(k.split()))] if keys else None
-
-
-def peak_flops(rt):
-    """The GPU's half-precision peak, or None (CPU, MPS, fp32, bf16 emulated before Ampere, or not in the table)."""
-    if not rt.device.startswith("cuda") or rt.dtype == "float32":
-        return None
-    if rt.dtype == "bfloat16" and torch.cuda.get_device_capability(rt.device)[0] < 8:
-        return None
-    return peak_for_name(torch.cuda.get_device_name(rt.device))
-
-
 def format_benchmark(label, r, rt):
     if r["peak_bytes"] is None:
         memory = "n/a: both models are resident while their steps alternate (run --benchmark alone)"
@@ -227,12 +204,23 @@ def report(cfg, rt, results, flops_per_step, padding_share, source, log):
     return 0
 
 
-def run(cfg, rt, model_dir, model, stream, our_step, make_optimizer, optimizer_step, save_adapter, ignore_index,
-        log):
+@dataclass
+class Hooks:
+    """train.py's and lora.py's own functions, which the benchmark times and gives the reference."""
+
+    step: object  # step(window) -> loss: one optimizer step of handtune's
+    make_optimizer: object  # make_optimizer(params) -> AdamW as train.py builds it
+    optimizer_step: object  # optimizer_step(optimizer, scaler, params, grad_clip) -> norm
+    save_adapter: object  # save_adapter(model, dir, base_model_name_or_path=...) (PEFT's start)
+    ignore_index: int  # the target id that trains nothing
+
+
+def run(cfg, rt, model_dir, model, stream, hooks, log):
     """Time --benchmark-steps optimizer steps after --benchmark-warmup untimed ones, on batches from stream (or
     synthetic rows with --benchmark-seq-len); with --benchmark-vs-hf, the same steps on the same batches with
     transformers + PEFT LoRA from the same weights. The callables are train.py's and lora.py's, so both sides
     start and update alike. Prints the result; returns the exit code."""
+    ignore_index, save_adapter = hooks.ignore_index, hooks.save_adapter
     n = cfg.benchmark_warmup + cfg.benchmark_steps
     if cfg.benchmark_seq_len:
         windows = synthetic_windows(n, cfg.grad_accum, cfg.batch_size, cfg.benchmark_seq_len,
@@ -241,7 +229,7 @@ def run(cfg, rt, model_dir, model, stream, our_step, make_optimizer, optimizer_s
     else:
         windows = [[stream.next() for _ in range(cfg.grad_accum)] for _ in range(n)]
         source = f"--data {cfg.data}"
-    steps = [our_step]
+    steps = [hooks.step]
     if cfg.benchmark_vs_hf:
         # transformers shifts labels inside the model, so it cannot see the target of the last position.
         # Drop that target for both models: then both train exactly the same tokens.
@@ -251,8 +239,7 @@ def run(cfg, rt, model_dir, model, stream, our_step, make_optimizer, optimizer_s
         adapter_dir = tempfile.mkdtemp(prefix="handtune-bench-")
         try:  # PEFT starts from our initial adapter: the same A (random) and B (zero)
             save_adapter(model, adapter_dir, base_model_name_or_path=model_dir)
-            steps.append(make_hf_step(cfg, rt, model_dir, model.config.arch, adapter_dir, make_optimizer,
-                                      optimizer_step, ignore_index))
+            steps.append(make_hf_step(cfg, rt, model_dir, model.config.arch, adapter_dir, hooks))
         finally:
             shutil.rmtree(adapter_dir, ignore_errors=True)
     results = time_steps(steps, windows, cfg, rt, ignore_index)

@@ -1,21 +1,21 @@
-"""plumbing/chat.py: the read-eval-print loop behind `python eval.py --chat`: input, /reset and /quit, the
-history trimmed to fit the context, tokens printed as they arrive (whole UTF-8 characters only). eval.chat
-passes in the model, data.render_prompt and the family's chat format, so nothing here imports the core.
+"""plumbing/chat.py: the read-eval-print loop behind `python eval.py --chat`: input, /reset and /quit,
+the history trimmed to fit the context, tokens printed as they arrive (whole UTF-8 characters only).
+eval.chat passes in the generation (model.stream in its precision), data.render_prompt and the family's
+chat format, so nothing here imports the core.
 """
 
 import codecs
 
-import torch
-
 from plumbing.report import one_line
 
 
-def repl(model, tok, cfg, device, system, render_prompt, fmt):
-    """Read user turns from stdin, stream each reply token by token. The prompt is the whole conversation
-    (after the system prompt, if not empty) rendered by render_prompt (data.render_prompt); fmt is the
-    family's data.chat_format. /reset forgets the conversation, /quit or Ctrl-D ends it."""
-    max_new = cfg.max_new_tokens or 256
-    block = model.config.block_size
+def repl(reply_tokens, render_prompt, tok, fmt, system, room):
+    """Read user turns from stdin, stream each reply token by token: reply_tokens(ids, turn) yields the
+    token ids of the reply to prompt ids. The prompt is the whole conversation (after the system prompt,
+    if not empty) rendered by render_prompt(messages) (data.render_prompt); fmt is the family's
+    data.chat_format; room = (context length, longest reply). /reset forgets the conversation, /quit or
+    Ctrl-D ends it."""
+    block, max_new = room
     print("chat with the fine-tuned model: /reset starts over, /quit (or Ctrl-D) exits", flush=True)
     if system or fmt.default_system:  # no system message: render_prompt inserts the family's default (SmolLM2)
         print(f"system prompt: {one_line(system or fmt.default_system, 100)}", flush=True)
@@ -39,16 +39,14 @@ def repl(model, tok, cfg, device, system, render_prompt, fmt):
         head = [{"role": "system", "content": system}] if system else []  # never an empty system message
         # Forget the oldest exchanges (never the system prompt) until the prompt leaves room to answer.
         while True:
-            ids = render_prompt(head + history, tok)
+            ids = render_prompt(head + history)
             if len(ids) + max_new <= block or len(history) <= 1:
                 break
             history = history[2:]
         print("assistant> ", end="", flush=True)
         # Multi-byte characters can span tokens: an incremental decoder prints them once they are complete.
         decoder, reply = codecs.getincrementaldecoder("utf-8")(errors="replace"), []
-        idx = torch.tensor([ids[-block:]], dtype=torch.long, device=device)  # (1, T)
-        for token in model.stream(idx, max_new, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                                  stop_token=fmt.end_of_turn_id, seed=cfg.seed + turn):
+        for token in reply_tokens(ids[-block:], turn):
             if token in fmt.stop_ids:
                 break
             reply.append(token)

@@ -18,7 +18,7 @@ import shutil
 import signal
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -154,14 +154,6 @@ def load_checkpoint(ckpt_dir):
     raise FileNotFoundError(f"{ckpt_dir}: no checkpoint to resume from; start without --resume")
 
 
-def nonfinite_message(what, value, step, ckpt_dir):
-    """train.py's error for a NaN/inf loss or gradient norm: where the last good state is, and what to try."""
-    latest = read_latest(ckpt_dir) if ckpt_dir else None
-    keep = f"the last good checkpoint is {ckpt_dir}/{latest}" if latest else "no checkpoint was written yet"
-    return (f"non-finite {what} ({value}) at step {step + 1}: stopped before updating the weights; {keep}. "
-            "Lower --lr, or use --dtype float32, then --resume")
-
-
 def rng_state():
     """This process's random generator states as (JSON-able dict, {name: tensor})."""
     py = random.getstate()  # (version, 625 ints, gauss_next)
@@ -237,24 +229,6 @@ class StopFlag:
 # A training run's state
 
 
-@dataclass
-class Progress:
-    """Where the run is: what a checkpoint saves besides weights, optimizer and generators."""
-
-    step: int = 0  # optimizer steps done
-    best_val: float | None = None  # lowest validation loss so far
-    bad_evals: int = 0  # evaluations since best_val last improved (early stopping)
-    best_weights: dict | None = None  # CPU copy of the trainable weights at best_val (early stopping only)
-
-    def update_best(self, val_loss, named_params, keep_weights):
-        if self.best_val is None or val_loss < self.best_val:
-            self.best_val, self.bad_evals = val_loss, 0
-            if keep_weights:
-                self.best_weights = {n: p.detach().cpu().clone() for n, p in named_params}
-        else:
-            self.bad_evals += 1
-
-
 # The settings a checkpoint must share with the run resuming it: anything else would silently train a
 # different model or feed different batches. (--max-steps, --lr, --eval-every, ... may change.)
 RESUME_MUST_MATCH = ("model", "full", "data", "val_data", "val_fraction", "train_on", "max_len", "overflow",
@@ -275,9 +249,12 @@ def check_resume(saved, cfg, world_size):
                          f"has {world_size}; the batch order per process would differ")
 
 
-def save_run_checkpoint(ckpt_dir, progress, named_params, optimizer, scaler, stream, cfg, rt):
-    """Everything needed to continue exactly. Every process passes its random generator states to rank 0
-    (a collective: all processes call this at the same steps); rank 0 writes."""
+def save_run_checkpoint(ckpt_dir, setup, progress, stream, cfg):
+    """Everything needed to continue exactly: setup's trainable weights (.named), optimizer, scaler; the
+    progress (.step, .best_val, .bad_evals, .best_weights); the stream's position; the settings. Every
+    process passes its random generator states to rank 0 (a collective: all processes call this at the
+    same steps); rank 0 writes."""
+    rt, optimizer, scaler = setup.rt, setup.optimizer, setup.scaler
     rng_js, rng_tensors = rng_state()
     if rt.ddp:
         gathered = [None] * rt.world_size
@@ -286,7 +263,7 @@ def save_run_checkpoint(ckpt_dir, progress, named_params, optimizer, scaler, str
         gathered = [(rng_js, rng_tensors)]
     if not rt.master:
         return
-    tensors = {f"model.{n}": p for n, p in named_params}
+    tensors = {f"model.{n}": p for n, p in setup.named}
     opt_tensors, opt_js = optimizer_to_checkpoint(optimizer)
     tensors.update(opt_tensors)
     for r, (_, rank_tensors) in enumerate(gathered):
@@ -299,9 +276,12 @@ def save_run_checkpoint(ckpt_dir, progress, named_params, optimizer, scaler, str
     save_checkpoint(ckpt_dir, progress.step, tensors, state)
 
 
-def restore(tensors, saved, named_params, optimizer, scaler, stream, rt):
-    """Load a checkpoint into the freshly built run; return its Progress."""
-    ours = dict(named_params)
+def restore(tensors, saved, setup, stream):
+    """Load a checkpoint into the freshly built run (setup's weights, optimizer, scaler; the stream's
+    position; this process's random generators); return the progress fields (step, best_val,
+    bad_evals, best_weights) as a dict."""
+    rt, optimizer, scaler = setup.rt, setup.optimizer, setup.scaler
+    ours = dict(setup.named)
     got = {k[len("model."):] for k in tensors if k.startswith("model.")}
     if got != set(ours):
         raise ValueError(f"--resume: the checkpoint's trainable weights do not match this model "
@@ -316,5 +296,5 @@ def restore(tensors, saved, named_params, optimizer, scaler, stream, rt):
     prefix = f"rng.{rt.rank}."
     set_rng_state(saved["rng"][rt.rank], {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
     best = {k[len("best."):]: v.clone() for k, v in tensors.items() if k.startswith("best.")}
-    return Progress(step=saved["step"], best_val=saved["best_val"], bad_evals=saved["bad_evals"],
-                    best_weights=best or None)
+    return dict(step=saved["step"], best_val=saved["best_val"], bad_evals=saved["bad_evals"],
+                best_weights=best or None)

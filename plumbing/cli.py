@@ -12,6 +12,17 @@ import sys
 import types
 from dataclasses import MISSING, field, fields
 
+# The errors that mean bad input (a missing file, a malformed one, impossible flags): every CLI of handtune
+# turns them into one line, `error: <what is wrong, what to do>`, and exit code 1, never a traceback.
+# handtune's own checks raise these with the file and the fix in the message.
+USER_ERRORS = (ValueError, OSError, RuntimeError, KeyError)
+
+
+def error_line(e):
+    """The one line a CLI prints for a USER_ERRORS exception (KeyError's own repr quotes dropped)."""
+    msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    return "error: " + msg.replace("\n", " ")
+
 
 def opt(default, help, *, group=None, choices=None, min=None, above=None, flag=None, metavar=None):
     """A dataclass field that is also a command-line option. min: smallest allowed value; above: the value

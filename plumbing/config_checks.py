@@ -1,17 +1,18 @@
-"""plumbing/config_checks.py: train.py's settings refused before anything is loaded, each in one line that
-says which flags clash and what to do. Machinery beside the learning path: nothing here trains.
+"""plumbing/config_checks.py: train.py's settings refused in one line that says which flags clash and
+what to do: check_config before anything is loaded, check_examples once the data is tokenized (before
+the model is). Machinery beside the learning path: nothing here trains.
 """
 
 import os
 
 from plumbing import cli
 from plumbing.checkpoint import LATEST, checkpoint_names
-from tasks import BUILTIN_DATASETS
 
 
-def check_config(cfg, flags_given):
+def check_config(cfg, flags_given, has_val):
     """Refuse impossible settings before anything is loaded. flags_given: the option strings on the
-    command line (to tell "--lora-rank 8 given" from "default 8")."""
+    command line (to tell "--lora-rank 8 given" from "default 8"); has_val: the run has a validation
+    set (train.has_val)."""
     cli.check_ranges(cfg)
     lora_flags = sorted(f for f in flags_given if f.startswith("--lora-"))
     if cfg.full and lora_flags:
@@ -20,7 +21,7 @@ def check_config(cfg, flags_given):
         raise ValueError("--max-steps and --epochs both given; the schedule needs exactly one")
     if not cfg.lora_dropout < 1 or not cfg.val_fraction < 1 or not cfg.min_lr_ratio <= 1:
         raise ValueError("--lora-dropout and --val-fraction must be in [0, 1), --min-lr-ratio in [0, 1]")
-    if cfg.early_stop_patience and not has_val(cfg):
+    if cfg.early_stop_patience and not has_val:
         raise ValueError("--early-stop-patience needs a validation set (--val-data or --val-fraction > 0)")
     if cfg.benchmark_vs_hf and not cfg.benchmark:
         raise ValueError("--benchmark-vs-hf is a benchmark option: add --benchmark")
@@ -32,11 +33,6 @@ def check_config(cfg, flags_given):
     if not cfg.benchmark and not cfg.resume and (checkpoint_names(ckpt) or os.path.isfile(os.path.join(ckpt, LATEST))):
         raise ValueError(f"{cfg.out} already holds a run with checkpoints: add --resume to continue it, or "
                          f"choose another --out (or delete {cfg.out})")
-
-
-def has_val(cfg):
-    """Does the run have a validation set: a built-in dataset's val split, --val-data, or a held-out share?"""
-    return cfg.data in BUILTIN_DATASETS or cfg.val_data is not None or cfg.val_fraction > 0
 
 
 def check_examples(stats, cfg, global_batch, max_len, block_size):

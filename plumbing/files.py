@@ -1,8 +1,10 @@
 """plumbing/files.py: writes that a crash or a kill can never leave half done.
 
-Every output handtune writes (weights, adapters, checkpoints, reports, datasets) goes to a temporary file in
-the same directory, is fsynced, and is renamed over the real name: readers see the old file or the new one,
-never a mix. Machinery beside the learning path; nothing here is about fine-tuning.
+Every output handtune writes (weights, adapters, copied tokenizer files, checkpoints, reports, datasets)
+goes to a temporary file in the same directory, is fsynced, and is renamed over the real name: readers
+see the old file or the new one, never a mix. One exception: metrics.jsonl is appended a line per log
+step (plumbing/runs.append_metrics), so a crash can lose the line being written, never the earlier ones.
+Machinery beside the learning path; nothing here is about fine-tuning.
 """
 
 import os

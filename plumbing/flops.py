@@ -86,3 +86,32 @@ def padding_flops(costs, micro_batches, ignore_index):
         upto_last = (trained * torch.arange(1, T + 1, device=y.device)).amax(1)  # (B,) 0 if nothing trained
         padding += (per_position + 3 * attention * T) * int((T - upto_last).sum())
     return padding
+
+
+# -----------------------------------------------------------------------------
+# The hardware side of MFU (model FLOPs utilisation): FLOPs per second over what the GPU can do
+
+
+# Dense (no sparsity) half-precision tensor-core peak FLOP/s from the vendors' datasheets; GeForce cards at
+# fp32 accumulation, which is what PyTorch's matmuls use. A key matches when each of its words is a whole
+# word of the device name, in any case ("L4" is not "L40", "A10" is not "A100"); the key with most words wins.
+PEAK_FLOPS = {"B200": 2250e12, "H200": 989e12, "H200 NVL": 835e12, "H100": 989e12, "H100 PCIe": 756e12,
+              "H100 NVL": 835e12, "H800": 989e12, "H800 PCIe": 756e12, "A100": 312e12, "A800": 312e12,
+              "L40S": 362e12, "L40": 181e12, "L4": 121e12, "A10": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12,
+              "V100": 125e12, "V100 PCIe": 112e12, "T4": 65e12}
+
+
+def peak_for_name(name):
+    """The peak FLOP/s of a GPU by its torch.cuda.get_device_name(), e.g. "NVIDIA H100 PCIe"; None if unknown."""
+    words = set(name.lower().replace("-", " ").split())
+    keys = [key for key in PEAK_FLOPS if set(key.lower().split()) <= words]
+    return PEAK_FLOPS[max(keys, key=lambda k: len(k.split()))] if keys else None
+
+
+def peak_flops(rt):
+    """The GPU's half-precision peak, or None (CPU, MPS, fp32, bf16 emulated before Ampere, or not in the table)."""
+    if not rt.device.startswith("cuda") or rt.dtype == "float32":
+        return None
+    if rt.dtype == "bfloat16" and torch.cuda.get_device_capability(rt.device)[0] < 8:
+        return None
+    return peak_for_name(torch.cuda.get_device_name(rt.device))

@@ -5,10 +5,12 @@ A GGUF file is metadata (the architecture's numbers, the tokenizer, the chat tem
 under llama.cpp's names. The gguf package (optional, as for reading) does the byte layout; what is ours to get
 right is the meaning: the names (plumbing/hf_format.py's tables), the q/k row order llama.cpp's RoPE kernel
 expects (plumbing/gguf_io.permute_gguf_qk), and a tokenizer plus chat template that give llama.cpp the very
-token ids handtune trained on; otherwise the served model rambles past its stop token. model.py's CLI:
+token ids handtune trained on; otherwise the served model rambles past its stop token. The chat
+template and its special tokens come from the caller (scripts/export_gguf.py writes them from data.py's
+templates):
 
-    python model.py --model M [--adapter A] --export-gguf out.gguf [--gguf-dtype f16]   # merged with A
-    python model.py --model M --adapter A --export-gguf-adapter adapter.gguf            # A alone
+    python scripts/export_gguf.py --model M [--adapter A] --out out.gguf [--dtype f16]  # merged with A
+    python scripts/export_gguf.py --model M --adapter A --adapter-only --out adapter.gguf   # A alone
 """
 
 import os
@@ -18,24 +20,8 @@ import torch
 from plumbing.files import atomic_file
 from plumbing.gguf_io import gguf_package, permute_gguf_qk
 from plumbing.hf_format import GGUF, OURS, config_dict, rename
-from plumbing.tokenizer_files import (EOT_TEXT, GGUF_TOKENIZERS, IM_END, IM_START, SMOLLM2_DEFAULT_SYSTEM,
-                                      _byte_decoder)
+from plumbing.tokenizer_files import GGUF_TOKENIZERS, _byte_decoder
 
-# Each family's chat template as Jinja, the language llama.cpp, Ollama and transformers render templates in. They
-# produce the text of data.render_conversation / render_prompt (a test compares the token ids): handtune's own
-# template for GPT-2 (every message opens with <|endoftext|>, which also closes a reply), ChatML for SmolLM2.
-CHAT_TEMPLATES = {
-    "gpt2": ("{% for message in messages %}" + EOT_TEXT + "{{ message['role'] | capitalize }}:\n"
-             "{{ message['content'] }}{% endfor %}"
-             "{% if add_generation_prompt %}" + EOT_TEXT + "Assistant:\n{% else %}" + EOT_TEXT + "{% endif %}"),
-    "smollm2": ("{% if messages[0]['role'] != 'system' %}" + IM_START + "system\n" + SMOLLM2_DEFAULT_SYSTEM
-                + IM_END + "\n{% endif %}{% for message in messages %}" + IM_START + "{{ message['role'] }}\n"
-                "{{ message['content'] }}" + IM_END + "\n{% endfor %}"
-                "{% if add_generation_prompt %}" + IM_START + "assistant\n{% endif %}"),
-}
-# Which special token plays which part, by the tokenizer's text: llama.cpp stops at eos/eot and pads with pad.
-SPECIAL_TOKENS = {"gpt2": dict(bos=EOT_TEXT, eos=EOT_TEXT, eot=EOT_TEXT, pad=EOT_TEXT),
-                  "smollm2": dict(bos=IM_START, eos=IM_END, eot=IM_END, pad=IM_END, unk=EOT_TEXT)}
 FILE_TYPES = {"f32": 0, "f16": 1, "bf16": 32}  # general.file_type: llama.cpp's LLAMA_FTYPE_ALL_F32 / MOSTLY_F16 / BF16
 
 
@@ -69,8 +55,9 @@ def bpe_merges(enc):
     return tokens, merges
 
 
-def add_tokenizer(writer, enc):
-    """The tokenizer, its special ids and its chat template, as llama.cpp reads them (tokenizer.ggml.*)."""
+def add_tokenizer(writer, enc, chat):
+    """The tokenizer, its special ids and its chat template, as llama.cpp reads them (tokenizer.ggml.*).
+    chat: {"template": Jinja text, "special_tokens": {role (bos, eos, eot, pad, unk): token text}}."""
     gguf = gguf_package("writing")
     family = enc.name
     (model, pre), = [kind for kind, (name, _) in GGUF_TOKENIZERS.items() if name == family]
@@ -81,10 +68,10 @@ def add_tokenizer(writer, enc):
     writer.add_token_list(tokens)
     writer.add_token_types([gguf.TokenType.CONTROL if t in specials else gguf.TokenType.NORMAL for t in tokens])
     writer.add_token_merges(merges)
-    for role, text in SPECIAL_TOKENS[family].items():
+    for role, text in chat["special_tokens"].items():
         getattr(writer, f"add_{role}_token_id")(enc.encode_single_token(text))
     writer.add_add_bos_token(False)  # both templates put every special token in themselves
-    writer.add_chat_template(CHAT_TEMPLATES[family])
+    writer.add_chat_template(chat["template"])
 
 
 # -----------------------------------------------------------------------------
@@ -125,9 +112,10 @@ def _write(path, writer):
 # The two files
 
 
-def write_gguf_model(path, config, state_dict, enc, dtype="f16", name="handtune"):
-    """Write a GPT (its GPTConfig, its own state_dict with LoRA merged, its tiktoken tokenizer) as a GGUF
-    file llama.cpp runs: architecture "gpt2" or "llama", matrices in dtype ("f32", "f16" or "bf16")."""
+def write_gguf_model(path, config, state_dict, enc, chat, dtype="f16", name="handtune"):
+    """Write a GPT (its GPTConfig, its own state_dict with LoRA merged, its tiktoken tokenizer and chat
+    template: see add_tokenizer) as a GGUF file llama.cpp runs: architecture "gpt2" or "llama", matrices
+    in dtype ("f32", "f16" or "bf16")."""
     gguf = gguf_package("writing")
     c = config
     config_dict(c)  # refuses switch combinations neither family has, before writing anything
@@ -153,7 +141,7 @@ def write_gguf_model(path, config, state_dict, enc, dtype="f16", name="handtune"
         writer.add_vocab_size(c.vocab_size)
     else:
         writer.add_layer_norm_eps(c.layer_norm_epsilon)
-    add_tokenizer(writer, enc)
+    add_tokenizer(writer, enc, chat)
     for k, w in state_dict.items():
         if k == "lm_head.weight" and c.tie_embeddings:
             continue  # tied: llama.cpp reuses token_embd as the head when there is no output.weight

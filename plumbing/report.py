@@ -1,88 +1,11 @@
-"""plumbing/report.py: turning measured numbers into what a person reads: dataset stats, the loss curve,
-the evaluation table.
+"""plumbing/report.py: turning eval.py's report into what a person reads: the ladder table with its
+costs, the loss and forgetting lines, the side-by-side replies; markdown tables and the hardware line
+for results files. Each task supplies its own columns (tasks.report_columns).
 
-Nothing here computes a measurement; data.py, train.py and eval.py do, and hand their dicts over.
+Nothing here computes a measurement; eval.py and the lab do, and hand their dicts over.
 """
 
-import io
-import json
-import math
 import os
-import time
-
-from plumbing.files import atomic_write_bytes, atomic_write_text
-from tasks.triage import TRIAGE_FIELDS
-
-
-def diversity(conversations, max_n=3):
-    """Corpus diversity of what users write: distinct-n = unique word n-grams / all word n-grams over the user
-    turns (n-grams do not cross messages). Low values mean a few templates repeated. System prompts and
-    replies are left out: a fixed instruction or a strict output format repeats by design. Like any
-    distinct-n it falls as the corpus grows, so compare datasets of similar size."""
-    out = {}
-    for n in range(1, max_n + 1):
-        seen, total = set(), 0
-        for conv in conversations:
-            for m in conv:
-                if m["role"] != "user":
-                    continue
-                words = m["content"].split()
-                grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
-                seen.update(grams)
-                total += len(grams)
-        out[f"distinct_{n}"] = len(seen) / max(total, 1)
-    return out
-
-
-def percentile(sorted_values, p):
-    """Nearest-rank percentile of an ascending list (0 for an empty list)."""
-    if not sorted_values:
-        return 0
-    return sorted_values[min(len(sorted_values) - 1, max(0, math.ceil(p / 100 * len(sorted_values)) - 1))]
-
-
-def padding_fraction(examples, batch_list):
-    """Share of input positions that are padding when each batch is collated to its longest example."""
-    total = pad = 0
-    for batch in batch_list:
-        if not batch:
-            continue
-        n = [len(examples[i][0]) - 1 for i in batch]
-        total += len(n) * max(n)
-        pad += sum(max(n) - k for k in n)
-    return pad / max(total, 1)
-
-
-def format_stats(stats):
-    """Human-readable multi-line summary of a tokenize_dataset stats dict."""
-    s = stats
-    return "\n".join([
-        f"examples   {s['n_examples']} kept of {s['n_conversations']}: {s['n_duplicates']} duplicates, "
-        f"{s['n_dropped']} dropped ({s['n_too_long']} too long, {s['n_untrained']} with no trained token), "
-        f"{s['n_truncated']} truncated (overflow={s['overflow']})",
-        f"tokens     per example p50 {s['len_p50']}  p90 {s['len_p90']}  p99 {s['len_p99']}  max {s['len_max']}"
-        f"  (block_size {s['block_size']})",
-        f"trained    {s['trained_share']:.1%} of {s['n_target_tokens']} target tokens "
-        f"({s['n_trained_tokens']} trained, train_on={s['train_on']})",
-        f"diversity  distinct-1 {s['distinct_1']:.3f}  distinct-2 {s['distinct_2']:.3f}  "
-        f"distinct-3 {s['distinct_3']:.3f}  duplicate rate {s['duplicate_rate']:.1%}",
-    ])
-
-
-def pyplot():
-    """matplotlib.pyplot drawing to files only (no window, no display needed)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def save_figure(fig, png_path, dpi=110):
-    """Write a matplotlib figure as a PNG atomically, and close it."""
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=dpi, bbox_inches="tight")
-    pyplot().close(fig)
-    atomic_write_bytes(png_path, png.getvalue())
 
 
 def hardware(device):
@@ -99,37 +22,6 @@ def hardware(device):
     except (OSError, StopIteration):
         pass
     return f"{cpu}, {os.cpu_count()} cores, no GPU used, PyTorch {torch.__version__}"
-
-
-def save_plot(metrics_path, png_path):
-    """Train vs validation loss curve (the overfitting view)."""
-    plt = pyplot()
-    records = read_metrics(metrics_path)
-    train = [(r["step"], r["loss"]) for r in records]
-    val = [(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
-        ax.plot(*zip(*train), label="train (per step)", alpha=0.8)
-    if val:
-        ax.plot(*zip(*val), "o-", label="validation")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (nats per trained token)")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    save_figure(fig, png_path, dpi=100)
-
-
-def keep_metrics(path, step):
-    """Rewrite metrics.jsonl with only the records up to step (0: an empty log for a new run)."""
-    kept = [r for r in read_metrics(path) if r["step"] <= step]
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
-
-
-def read_metrics(path):
-    if not os.path.isfile(path):
-        return []
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def pct(x):
@@ -168,30 +60,18 @@ def ladder_lines(ladder, title, cols, get):
     return lines
 
 
-def format_table(report):
-    """The report's headline numbers as a short plain-text table."""
-    task, lines = report["task"], []
-    lines.append(f"eval: {report['tuned']} ({report['kind']}) vs base {report['model']} | data {report['data']}"
-                 f"{' ' + report['split'] if report['split'] else ''}, {report['n_items']} items | "
-                 f"{report['device']} {report['dtype']}")
-    lines.append("")
-    if task == "triage":
-        cols = ["exact", "valid", *TRIAGE_FIELDS]
-        get = lambda m: [m["exact_match"], m["valid"], *(m["fields"][f] for f in TRIAGE_FIELDS)]
-    elif task == "instruct":
-        cols = ["accuracy", "seen", "held-out"]
-        get = lambda m: [m["accuracy"], m["seen"], m["held_out"]]
-    elif task == "knowledge":
-        cols = ["accuracy", "stale"]
-        get = lambda m: [m["accuracy"], m["stale"]]
-    else:
-        cols = ["accuracy"]
-        get = lambda m: [m["accuracy"]]
+def format_table(report, columns):
+    """The report's headline numbers as a short plain-text table. columns: (names, get), the task's
+    metric columns and get(metrics) -> their values (tasks.report_columns)."""
+    cols, get = columns
+    lines = [f"eval: {report['tuned']} ({report['kind']}) vs base {report['model']} | data "
+             f"{report['data']}{' ' + report['split'] if report['split'] else ''}, {report['n_items']} items"
+             f" | {report['device']} {report['dtype']}", ""]
     lines += ladder_lines(report["ladder"], "ladder (same items, same scorer)", cols, get)
     if report.get("ladder_v2"):  # the knowledge task after its store changed: tuned on v1, retrieving v2
         lines += ["", *ladder_lines(report["ladder_v2"], "after the store changed (version 2)", cols, get)]
-    if task == "instruct":  # which families the tuned model gets right; * marks families never trained on
-        fams = report["ladder"]["fine_tuned"]["families"]
+    fams = report["ladder"]["fine_tuned"].get("families")
+    if fams:  # instruct: which families the tuned model gets right; * marks those never trained on
         per = [f"{name}{'*' if v['held_out'] else ''} {round(v['accuracy'] * v['n'])}/{v['n']}"
                for name, v in fams.items()]
         row = "  fine-tuned per family (* held out):"
@@ -231,19 +111,6 @@ def one_line(text, width):
     """Text on one line (newlines shown as the two characters \\n), cut to width characters."""
     text = text.replace("\n", "\\n")
     return text if len(text) <= width else text[:width - 3] + "..."
-
-
-def dir_bytes(d):
-    """Total size of the files in a directory (the adapter, or the full model): what a fine-tune costs to store."""
-    return sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d) if os.path.isfile(os.path.join(d, f)))
-
-
-def write_run_json(out_dir, master, info, status, step, t_start):
-    """run.json: the run's settings and outcome (rank 0 only), rewritten atomically at every status change."""
-    if master:
-        os.makedirs(out_dir, exist_ok=True)
-        info = dict(info, status=status, steps=step, wall_time_s=round(time.time() - t_start, 2))
-        atomic_write_text(os.path.join(out_dir, "run.json"), json.dumps(info, indent=2) + "\n")
 
 
 def markdown_table(header, rows):

@@ -7,8 +7,9 @@ train.py clears what a killed write left in it (remove_stray_temps).
 import json
 import os
 import re
+import time
 
-from plumbing.files import remove
+from plumbing.files import atomic_write_text, remove
 from plumbing.peft_format import ADAPTER_CONFIG
 
 
@@ -64,3 +65,35 @@ def remove_stray_temps(out_dir, log=print):
     if removed:
         log(f"removed {len(removed)} temporary file(s) an interrupted write left: {', '.join(removed)}")
     return removed
+
+
+# -----------------------------------------------------------------------------
+# What train.py writes as it goes: run.json, metrics.jsonl
+
+
+def write_run_json(out_dir, master, info, status, step, t_start):
+    """run.json: the run's settings and outcome (rank 0 only), rewritten atomically at every status change."""
+    if master:
+        os.makedirs(out_dir, exist_ok=True)
+        info = dict(info, status=status, steps=step, wall_time_s=round(time.time() - t_start, 2))
+        atomic_write_text(os.path.join(out_dir, "run.json"), json.dumps(info, indent=2) + "\n")
+
+
+def keep_metrics(path, step):
+    """Rewrite metrics.jsonl with only the records up to step (0: an empty log for a new run)."""
+    kept = [r for r in read_metrics(path) if r["step"] <= step]
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def read_metrics(path):
+    if not os.path.isfile(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def append_metrics(path, record):
+    """Add one record to metrics.jsonl. Appended, not rewritten atomically: a crash loses at most the
+    line being written, and a resumed run rewrites the file (keep_metrics) before appending again."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")

@@ -1,14 +1,13 @@
 """plumbing/tokenizer_files.py: GPT-2's and SmolLM2's byte-level BPE tokenizers as tiktoken Encodings,
 built from the files models ship (vocab.json + merges.txt, tokenizer.json, GGUF metadata), and written back.
 
-data.get_tokenizer picks the right builder for a model path; everything here is the file-format work behind
-it. Both tokenizers spell every byte as a printable character, merge inside regex pieces, and keep their
-special tokens out of ordinary text.
+get_tokenizer picks the right builder for a model path (a .gguf's metadata, or a directory's
+config.json); the rest is the file-format work behind it. Both tokenizers spell every byte as a printable
+character, merge inside regex pieces, and keep their special tokens out of ordinary text.
 """
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import tiktoken
@@ -16,8 +15,9 @@ import tiktoken
 from plumbing.files import atomic_write_bytes, atomic_write_text, refuse_lfs_pointer
 from plumbing.gguf_io import open_gguf
 
-EOT_ID = 50256  # GPT-2's <|endoftext|>: opens every message and ends every assistant reply
-EOT_TEXT = "<|endoftext|>"
+# GPT-2's one special token, <|endoftext|>, and its id: the last of the vocabulary. (data.py's GPT-2
+# template opens every message with it and ends every reply with it.)
+EOT_TEXT, EOT_ID = "<|endoftext|>", 50256
 GPT2_N_VOCAB = 50257
 # GPT-2's pre-tokenization regex (tiktoken's "r50k" pattern): splits text into contractions, letter runs,
 # digit runs, punctuation runs and whitespace before BPE merges are applied inside each piece.
@@ -27,10 +27,8 @@ GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|
 # own, and a digit ends the text before it, so GPT-2's "whitespace not followed by a non-space" \s+(?!\S)
 # becomes \s+(?![^\s\p{N}]): "a  1" splits as "a", "  ", "1" (GPT-2's regex would give "a", " ", " 1").
 SMOLLM2_PATTERN = r"""\p{N}|'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?[^\s\p{L}\p{N}]++|\s+(?![^\s\p{N}])|\s"""
-IM_START, IM_END = "<|im_start|>", "<|im_end|>"  # ChatML's turn markers (SmolLM2 ids 1 and 2)
-# What SmolLM2-Instruct's chat template inserts when a conversation has no system message (a test reads the
-# template in the GGUF file and checks this string is in it).
-SMOLLM2_DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+# The special tokens every SmolLM2 vocabulary has: <|endoftext|> and ChatML's two turn markers.
+SMOLLM2_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
 
 def _byte_decoder():
@@ -81,7 +79,7 @@ def gpt2_tokenizer(model_dir=None):
         vocab, merges = Path(model_dir) / "vocab.json", Path(model_dir) / "merges.txt"
         if not (vocab.is_file() and merges.is_file()):
             raise RuntimeError(f"{model_dir}: no vocab.json + merges.txt there; point at a GPT-2 model "
-                               "directory (e.g. the one GPT.from_pretrained downloads)")
+                               "directory (e.g. the one model.from_pretrained downloads)")
         return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=load_bpe_files(vocab, merges),
                                  special_tokens={EOT_TEXT: EOT_ID}, explicit_n_vocab=GPT2_N_VOCAB)
     try:
@@ -89,7 +87,7 @@ def gpt2_tokenizer(model_dir=None):
     except Exception as e:  # no network and no cache: say what to do instead of a requests traceback
         raise RuntimeError("could not load tiktoken's gpt2 encoding (offline and not cached: "
                            f"{type(e).__name__}); pass a directory holding GPT-2's vocab.json + merges.txt "
-                           "(--tokenizer-dir, e.g. the one GPT.from_pretrained downloads) or set "
+                           "(--tokenizer-dir, e.g. the one model.from_pretrained downloads) or set "
                            "TIKTOKEN_CACHE_DIR to a cache that has it") from None
 
 
@@ -181,10 +179,10 @@ def byte_level_encoding(name, tokens, merges, pattern, source):
 
 
 def _check_smollm2_specials(tokens, source):
-    for t in (EOT_TEXT, IM_START, IM_END):
+    for t in SMOLLM2_SPECIALS:
         if t not in tokens:
-            raise ValueError(f"{source}: no {t} token, so not SmolLM2's tokenizer (ChatML needs {IM_START} "
-                             f"and {IM_END})")
+            raise ValueError(f"{source}: no {t} token, so not SmolLM2's tokenizer (ChatML needs "
+                             f"{' and '.join(SMOLLM2_SPECIALS[1:])})")
 
 
 # What a GGUF file calls each tokenizer handtune has: (tokenizer.ggml.model, tokenizer.ggml.pre) in llama.cpp's
@@ -252,7 +250,7 @@ def smollm2_tokenizer_from_dir(model_dir):
     vocab_path, merges_path, tok_path = d / "vocab.json", d / "merges.txt", d / "tokenizer.json"
     if not (vocab_path.is_file() and merges_path.is_file()):
         raise RuntimeError(f"{model_dir}: no vocab.json + merges.txt there; point at a SmolLM2 model directory "
-                           "(e.g. the one GPT.from_pretrained downloads) or a .gguf file")
+                           "(e.g. the one model.from_pretrained downloads) or a .gguf file")
     vocab = {}
     for path in (vocab_path, tok_path):
         if not path.is_file():
@@ -292,6 +290,36 @@ def copy_tokenizer_files(model_path, out_dir):
     if os.path.isdir(model_path):
         for f in TOKENIZER_FILES:
             if os.path.isfile(os.path.join(model_path, f)):
-                shutil.copyfile(os.path.join(model_path, f), os.path.join(out_dir, f))
+                with open(os.path.join(model_path, f), "rb") as src:
+                    atomic_write_bytes(os.path.join(out_dir, f), src.read())
     elif model_path.endswith(".gguf"):
         save_gguf_tokenizer_files(out_dir, model_path)
+
+
+# -----------------------------------------------------------------------------
+# Which tokenizer a model path has
+
+
+def get_tokenizer(model_path=None):
+    """The tokenizer for a model, a tiktoken.Encoding named after its family ("gpt2" or "smollm2"):
+    None -> tiktoken's gpt2; a .gguf -> the one in its metadata; a directory -> by config.json's
+    model_type (none: GPT-2's, unless there is a tokenizer.json)."""
+    if model_path is None:
+        return gpt2_tokenizer()
+    path = Path(model_path)
+    if path.is_file() and path.suffix == ".gguf":
+        return tokenizer_from_gguf(str(path))
+    if not path.is_dir():
+        raise RuntimeError(f"{model_path}: neither a model directory nor a .gguf file")
+    model_type = None
+    if (path / "config.json").is_file():
+        try:
+            model_type = json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type")
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path / 'config.json'}:{e.lineno}: bad JSON ({e.msg})") from None
+    if model_type == "llama" or (model_type is None and (path / "tokenizer.json").is_file()):
+        return smollm2_tokenizer_from_dir(path)
+    if model_type in (None, "gpt2"):
+        return gpt2_tokenizer(path)
+    raise ValueError(f"{path / 'config.json'}: model_type {model_type!r}; handtune has tokenizers for "
+                     "gpt2 and llama (SmolLM2) only")

@@ -24,14 +24,20 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import sample  # noqa: E402
+
 import data  # noqa: E402
-import model as model_py  # noqa: E402
 import train  # noqa: E402
-from data import IGNORE_INDEX  # noqa: E402
-from plumbing.benchmark import cuda_sync, peak_flops, synthetic_windows  # noqa: E402
+from model import IGNORE_INDEX  # noqa: E402
+from plumbing.benchmark import cuda_sync, synthetic_windows  # noqa: E402
 from plumbing.device import setup_runtime  # noqa: E402
 from plumbing.files import atomic_write_text  # noqa: E402
-from plumbing.flops import flop_costs, step_flops  # noqa: E402
+from plumbing.flops import (  # noqa: E402
+    flop_costs,
+    peak_flops,  # noqa: E402
+    step_flops,
+)
+from plumbing.tokenizer_files import get_tokenizer  # noqa: E402
 
 DEVICE = "cuda"
 SHAPES = {"gpt2": (12, 12, 768), "gpt2-xl": (48, 25, 1600)}  # n_layer, n_head, n_embd
@@ -40,8 +46,8 @@ SHAPES = {"gpt2": (12, 12, 768), "gpt2-xl": (48, 25, 1600)}  # n_layer, n_head, 
 def random_gpt2(root, name, tokenizer_dir):
     d = os.path.join(root, name)
     n_layer, n_head, n_embd = SHAPES[name]
-    model_py.main(["--save-random", d, "--tokenizer-dir", tokenizer_dir, "--n-layer", str(n_layer), "--n-head",
-                   str(n_head), "--n-embd", str(n_embd), "--block-size", "1024"])
+    sample.main(["--save-random", d, "--tokenizer-dir", tokenizer_dir, "--n-layer", str(n_layer), "--n-head",
+                 str(n_head), "--n-embd", str(n_embd), "--block-size", "1024"])
     return d
 
 
@@ -49,9 +55,9 @@ def make_step(model_dir, full, log=lambda *a: None):
     """train.py's own step on the GPU: (step(window) -> loss, raw model, runtime, config)."""
     cfg = train.TrainConfig(model=model_dir, full=full, device=DEVICE, lr=1e-5)
     rt, _, _ = setup_runtime(cfg.device, cfg.dtype, log)
-    raw, model, optimizer, scaler, params = train.setup_training(cfg, rt, model_dir, log)
-    step = lambda w: train.train_step(model, w, optimizer, scaler, params, 1e-5, cfg, rt, 0, None)[0]
-    return step, raw, rt, cfg
+    s = train.setup_training(cfg, rt, model_dir, log)
+    step = lambda w: train.train_step(s, w, 1e-5, cfg.grad_clip)[0]
+    return step, s.raw_model, rt, cfg
 
 
 def timed(step, windows, rt, warmup=3):
@@ -67,9 +73,9 @@ def timed(step, windows, rt, warmup=3):
 
 def default_step(model_dir, full):
     step, raw, rt, cfg = make_step(model_dir, full)
-    tok = data.get_tokenizer(model_dir)
+    tok = get_tokenizer(model_dir)
     examples, _ = train.load_split(cfg, "train", tok, 1024)
-    stream = train.BatchStream(examples, cfg.batch_size, cfg.seed, 0, 1, rt.device, data.chat_format(tok).pad_id)
+    stream = train.BatchStream(examples, cfg.batch_size, cfg.seed, rt, data.chat_format(tok).pad_id)
     windows = [[stream.next()] for _ in range(13)]
     seconds = timed(step, windows, rt)
     costs = flop_costs(raw)

@@ -18,7 +18,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 
 python scripts/gpu_check.py --out "$out" --tokenizer-dir "$tok"
 
-python model.py --save-random "$tok/gpt2" --tokenizer-dir "$tok" --n-layer 12 --n-head 12 --n-embd 768 --block-size 1024
+python scripts/sample.py --save-random "$tok/gpt2" --tokenizer-dir "$tok" --n-layer 12 --n-head 12 --n-embd 768 --block-size 1024
 TORCH_LOGS=recompiles,graph_breaks python train.py --model "$tok/gpt2" --compile --max-steps 20 --log-every 1 \
     --eval-every 0 --save-every 0 --out "$tok/compiled" > "$out/compile.log" 2>&1
 python - "$tok/compiled/metrics.jsonl" "$out/compile.log" <<'PY' | tee "$out/compile.md"

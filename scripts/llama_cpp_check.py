@@ -1,6 +1,6 @@
 """scripts/llama_cpp_check.py: does llama.cpp run what handtune exports, token for token?
 
-Exports --model (and --adapter) with `python model.py --export-gguf` as F32 GGUF files, then, for a few chat
+Exports --model (and --adapter) with `python scripts/export_gguf.py` as F32 GGUF files, then, for a few chat
 prompts rendered by handtune's template, compares handtune's greedy continuation with llama.cpp's (through
 llama-cpp-python) for two ways of serving the fine-tune:
   merged    one GGUF with the adapter folded into the weights (full fine-tuning's kind of file);
@@ -28,14 +28,16 @@ from dataclasses import asdict, dataclass
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import export_gguf  # noqa: E402
+
 import data  # noqa: E402
-import model as model_py  # noqa: E402
 from lora import load_adapter  # noqa: E402
-from model import GPT  # noqa: E402
+from model import from_pretrained, generate  # noqa: E402
 from plumbing import cli  # noqa: E402
 from plumbing.files import atomic_write_text  # noqa: E402
 from plumbing.hub import resolve_pretrained  # noqa: E402
 from plumbing.report import hardware, markdown_table  # noqa: E402
+from plumbing.tokenizer_files import get_tokenizer  # noqa: E402
 from tasks import load_items  # noqa: E402
 
 GGML_TYPE_F32 = 0  # ggml's type id for float32 (llama.cpp's type_k / type_v)
@@ -61,7 +63,7 @@ class Config:
 
 def handtune_greedy(model, prompt, n, stops):
     """(tokens, logits (len, V) at every generated position) of handtune's greedy continuation, fp32."""
-    out = model.generate(torch.tensor([prompt]), n, temperature=0.0, stop_token=stops[0])[0, len(prompt):].tolist()
+    out = generate(model, torch.tensor([prompt]), n, stop_token=stops[0])[0, len(prompt):].tolist()
     out = out[:next((i + 1 for i, t in enumerate(out) if t in stops), len(out))]
     with torch.no_grad():
         logits = model(torch.tensor([prompt + out]))[0, len(prompt) - 1:-1].float()  # predicts out[i] at row i
@@ -114,8 +116,8 @@ def main(argv=None):
         check(cfg, argv)
     except ImportError:
         sys.exit("error: needs llama-cpp-python; README's 'Serve it' has the install command")
-    except (OSError, ValueError, RuntimeError) as e:
-        sys.exit(f"error: {e}")
+    except cli.USER_ERRORS as e:
+        sys.exit(cli.error_line(e))
 
 
 def check(cfg, argv):
@@ -123,14 +125,15 @@ def check(cfg, argv):
     os.makedirs(cfg.work, exist_ok=True)
     path = resolve_pretrained(cfg.model)
     files = {k: os.path.join(cfg.work, f"{k}.gguf") for k in ("base", "merged", "lora")}
-    model_py.main(["--model", path, "--export-gguf", files["base"], "--gguf-dtype", "f32"])
-    models = {"base": GPT.from_pretrained(path).eval()}
+    export_gguf.main(["--model", path, "--out", files["base"], "--dtype", "f32"])
+    models = {"base": from_pretrained(path).eval()}
     serve = {"base": dict(model_path=files["base"])}
     if cfg.adapter:
-        model_py.main(["--model", path, "--adapter", cfg.adapter, "--export-gguf", files["merged"],
-                       "--gguf-dtype", "f32"])
-        model_py.main(["--model", path, "--adapter", cfg.adapter, "--export-gguf-adapter", files["lora"]])
-        tuned = GPT.from_pretrained(path)
+        export_gguf.main(["--model", path, "--adapter", cfg.adapter, "--out", files["merged"],
+                          "--dtype", "f32"])
+        export_gguf.main(["--model", path, "--adapter", cfg.adapter, "--adapter-only", "--out",
+                          files["lora"]])
+        tuned = from_pretrained(path)
         load_adapter(tuned, cfg.adapter)
         models["merged"] = models["base+lora"] = tuned.eval()  # LoRA unmerged: as llama.cpp applies it
         serve["merged"] = dict(model_path=files["merged"])
@@ -138,7 +141,7 @@ def check(cfg, argv):
         if path.endswith(".gguf"):  # the adapter on the very file handtune trained from (quantized: not exact)
             models["original+lora"] = tuned
             serve["original+lora"] = dict(model_path=path, lora_path=files["lora"])
-    tok = data.get_tokenizer(path)
+    tok = get_tokenizer(path)
     fmt = data.chat_format(tok)
     prompts = PROMPTS + [item["messages"][:-1] for item in load_items("triage", "test", 2)[0]]
     rows, raw, ours_of = [], [], {}  # handtune's side depends only on (model, prompt): computed once each

@@ -10,8 +10,6 @@ name is a file path, used as given.
 """
 
 import json
-import os
-import random
 from pathlib import Path
 
 from plumbing.files import atomic_write_text
@@ -84,35 +82,6 @@ def detect_task(records, data):
     return "exact"
 
 
-def shot_pool(cfg, data, data_path, train_data, evaluated):
-    """(solved training conversations a prompt may show, reason if none): a built-in's train split, else
-    --shots-data or the run's own training file; never one of the evaluated conversations themselves."""
-    source = cfg.shots_data
-    if source is None:
-        if data in BUILTIN_DATASETS:
-            source = data
-        elif train_data and os.path.abspath(train_data) != os.path.abspath(data_path):
-            source = train_data
-        else:
-            return [], "no training data to take examples from (pass --shots-data)"
-    path = resolve_dataset(source, "train")  # a built-in's train split, or the file as given
-    key = lambda conv: tuple((m["role"], m["content"]) for m in conv)
-    taken = {key(c) for c in evaluated}
-    pool = [r["messages"] for r in load_records(path) if key(r["messages"]) not in taken]
-    return pool, None if pool else f"{path} has no conversation that is not also evaluated"
-
-
-def sample_shots(cfg, pool, why):
-    """(list of k solved conversations, reason if none): a seeded random pick from shot_pool's (pool, why),
-    the same k for every test item."""
-    if cfg.shots <= 0:
-        return [], "--shots 0"
-    if not pool:
-        return [], why
-    return random.Random(cfg.seed).sample(pool, min(cfg.shots, len(pool))), None
-
-
-
 def score(task, reply, record):
     """One reply against its record by the task's own rules: knowledge reads the record's fact and version,
     the others compare with the reference reply (the record's last message)."""
@@ -131,3 +100,16 @@ def summarize(task, scores, families, held_out):
     if task == "knowledge":
         return knowledge.summarize(scores)
     return {"n": len(scores), "accuracy": sum(s["exact"] for s in scores) / max(len(scores), 1)}
+
+
+def report_columns(task):
+    """(column names, get): the metrics eval.py's table shows for the task, and get(metrics) -> their
+    values (each a rate), in that order."""
+    if task == "triage":
+        return (["exact", "valid", *triage.TRIAGE_FIELDS],
+                lambda m: [m["exact_match"], m["valid"], *(m["fields"][f] for f in triage.TRIAGE_FIELDS)])
+    if task == "instruct":
+        return ["accuracy", "seen", "held-out"], lambda m: [m["accuracy"], m["seen"], m["held_out"]]
+    if task == "knowledge":
+        return ["accuracy", "stale"], lambda m: [m["accuracy"], m["stale"]]
+    return ["accuracy"], lambda m: [m["accuracy"]]

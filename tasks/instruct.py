@@ -281,8 +281,9 @@ INSTRUCT_FAMILIES = {  # name -> generator; dict order fixes the generation orde
     "acronym": fam_acronym, "date_iso": fam_date_iso,
 }
 HELD_OUT_FAMILIES = ("sort_descending", "max_number", "numbered_list", "acronym")  # test split only
-# Held out as whole skills: no training family changes letter case or formats a date (lab/instruct_vs_task.py;
-# HELD_OUT_FAMILIES each have a near sibling in training: sort_ascending, min_number, bullet_list).
+# Held out as whole skills: no training family changes letter case or formats a date (lab/instruct_vs_task.py).
+# Three of HELD_OUT_FAMILIES have a near sibling in training (sort_ascending, min_number, bullet_list);
+# acronym has none, which is why it is also one of these.
 FAR_HELD_OUT = ("uppercase", "lowercase", "capitalize_words", "acronym", "date_iso")
 INSTRUCT_SYSTEMS = ("You are a helpful assistant.", "You are a precise assistant. Reply with only the answer.",
                     "Answer briefly and exactly.")

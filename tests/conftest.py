@@ -5,17 +5,25 @@ sys.path here. Fixtures are hermetic: no network, nothing outside a tmp dir is w
 """
 
 import hashlib
+import io
 import json
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(1, str(ROOT / "scripts"))  # the scripts' main() functions, called in-process
+import train  # noqa: E402
+from lora import lora_layers  # noqa: E402
 from model import GPTConfig  # noqa: E402
+from plumbing.safetensors_io import load_safetensors  # noqa: E402
+from plumbing.tokenizer_files import get_tokenizer  # noqa: E402
 
 
 def pytest_configure(config):
@@ -48,8 +56,7 @@ def gpt2_tokenizer_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def gpt2_tokenizer(gpt2_tokenizer_dir):
-    """GPT-2's tokenizer (a tiktoken.Encoding) built offline by data.get_tokenizer."""
-    from data import get_tokenizer
+    """GPT-2's tokenizer (a tiktoken.Encoding) built offline by get_tokenizer."""
 
     return get_tokenizer(gpt2_tokenizer_dir)
 
@@ -73,8 +80,7 @@ def smollm2_gguf():
 
 @pytest.fixture(scope="session")
 def smollm2_tokenizer(smollm2_gguf):
-    """SmolLM2's tokenizer (a tiktoken.Encoding named "smollm2") built by data.get_tokenizer from the GGUF."""
-    from data import get_tokenizer
+    """SmolLM2's tokenizer (a tiktoken.Encoding named "smollm2") built by get_tokenizer from the GGUF."""
 
     return get_tokenizer(smollm2_gguf)
 
@@ -154,12 +160,14 @@ WORDS = "alpha beta gamma delta apple river stone cloud green blue seven nine qu
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, gpt2_tokenizer_dir):
     """A 2-layer, 32-wide random GPT-2 (full 50257-token vocabulary) with GPT-2's tokenizer files, made the
-    way README's offline command makes one (python model.py --save-random)."""
+    way README's offline command makes one (python scripts/sample.py --save-random)."""
+    import sample
+
     import model
 
     d = str(tmp_path_factory.mktemp("tiny_gpt2"))
-    model.main(["--save-random", d, "--tokenizer-dir", str(gpt2_tokenizer_dir), "--n-layer", str(TINY.n_layer),
-                "--n-head", str(TINY.n_head), "--n-embd", str(TINY.n_embd), "--block-size", str(TINY.block_size)])
+    sample.main(["--save-random", d, "--tokenizer-dir", str(gpt2_tokenizer_dir), "--n-layer", str(TINY.n_layer),
+                 "--n-head", str(TINY.n_head), "--n-embd", str(TINY.n_embd), "--block-size", str(TINY.block_size)])
     assert model.load_config(d) == TINY
     return d
 
@@ -181,3 +189,102 @@ def write_chats(path, n, seed=0):
 def chats(tmp_path_factory):
     """12 short conversations with replies of different lengths (so micro-batches differ in trained tokens)."""
     return write_chats(tmp_path_factory.mktemp("chats") / "chats.jsonl", 12)
+
+
+# -----------------------------------------------------------------------------
+# Helpers the test modules share (imported as `from conftest import ...`)
+
+
+def randomize_lora(model, seed=1, std=0.2):
+    """Give B (and A) non-zero values, so that an adapter actually changes the logits."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, m in lora_layers(model):
+            m.lora_A.copy_(torch.randn(m.lora_A.shape, generator=g) * std)
+            m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * std)
+
+
+def permute_like_llama_cpp(w, n_head):
+    """What llama.cpp's convert_hf_to_gguf.py does to q_proj/k_proj rows (re-derived here, as the reference):
+    within each head, the two halves of the rows are interleaved."""
+    out_features, in_features = w.shape
+    return w.reshape(n_head, 2, out_features // n_head // 2, in_features).transpose(1, 2).reshape(w.shape)
+
+
+CHAT = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hi!"},
+    {"role": "assistant", "content": "Hello."},
+    {"role": "user", "content": "What is 2 + 2?"},
+    {"role": "assistant", "content": "4, of course."},
+]
+
+
+def runs(mask):
+    """(start, end) of every maximal run of 1s in a mask."""
+    out, i = [], 0
+    while i < len(mask):
+        if mask[i]:
+            j = i
+            while j < len(mask) and mask[j]:
+                j += 1
+            out.append((i, j))
+            i = j
+        else:
+            i += 1
+    return out
+
+
+def no_cache_greedy(model, idx, n):
+    """Reference: recompute the whole (cropped) prefix at every step, no KV cache."""
+    for _ in range(n):
+        with torch.no_grad():
+            logits = model(idx[:, -model.config.block_size:])[:, -1, :]
+        idx = torch.cat([idx, logits.argmax(-1, keepdim=True)], dim=1)
+    return idx
+
+
+class FakeResponse(io.BytesIO):
+    def __init__(self, data):
+        super().__init__(data)
+        self.headers = {"Content-Length": str(len(data))}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        self.close()
+
+
+def run_main(args):
+    return train.main([str(a) for a in args])
+
+
+def metrics(out):
+    with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def adapter_weights(out):
+    return load_safetensors(os.path.join(out, "adapter", "adapter_model.safetensors"))
+
+
+def base_args(model_dir, chats, out, **over):
+    """A fast LoRA run: batch 2, 2 micro-batches per step (so epochs and windows cross), dropout > 0; fp32,
+    since the comparisons are exact (auto would pick bf16 on a CPU that multiplies it natively)."""
+    opts = {"--model": model_dir, "--data": chats, "--out": out, "--max-steps": 8, "--batch-size": 2,
+            "--grad-accum": 2, "--log-every": 1, "--eval-every": 3, "--lora-dropout": 0.2, "--lr": 1e-2,
+            "--warmup": 2, "--dtype": "float32", **over}
+    args = []
+    for k, v in opts.items():
+        if v is True:
+            args.append(k)
+        elif v is not None and v is not False:
+            args += [k, str(v)]
+    return args
+
+
+def run_script(args, env=None, timeout=120):
+    env = dict(env or os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *map(str, args)], capture_output=True,
+                          text=True, env=env, cwd=ROOT, timeout=timeout)

@@ -15,11 +15,16 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import (  # the multi-turn example and the trained-run finder of the GPT-2 tests
+    CHAT,
+    runs,
+)
 
 import data
 import plumbing.tokenizer_files as tokfiles
 from data import render_conversation, render_prompt
-from test_data import CHAT, runs  # the multi-turn example and the trained-run finder of the GPT-2 tests
+from plumbing.tokenizer_files import get_tokenizer
+from tasks import BUILTIN_DATASETS, SPLITS
 
 ROOT = Path(data.__file__).resolve().parent
 
@@ -47,7 +52,7 @@ def test_matches_reference_on_varied_text(smollm2_tokenizer, smollm2_reference):
 
 
 def test_matches_reference_on_every_dataset_text(smollm2_tokenizer, smollm2_reference):
-    texts = {m["content"] for name in data.BUILTIN_DATASETS for split in data.SPLITS
+    texts = {m["content"] for name in BUILTIN_DATASETS for split in SPLITS
              for conv in data.load_conversations(ROOT / "data" / name / f"{split}.jsonl") for m in conv}
     texts = sorted(texts)
     assert len(texts) > 10_000
@@ -98,7 +103,7 @@ def test_merges_out_of_order_are_rejected(smollm2_tokenizer_dir, tmp_path):
     lines[6], lines[7] = lines[7], lines[6]  # merges 6 and 7 (line 1 is #version): ranks would silently change
     (tmp_path / "merges.txt").write_text("\n".join(lines), encoding="utf-8")
     with pytest.raises(ValueError, match=r"merges.txt: merge 7 .*not above the previous merge id 258"):
-        data.get_tokenizer(tmp_path)
+        get_tokenizer(tmp_path)
 
 
 def test_bytes_without_a_token_are_dropped(smollm2_tokenizer, smollm2_reference):
@@ -134,20 +139,20 @@ def test_special_tokens_only_from_the_template(smollm2_tokenizer):
 
 
 def test_gguf_and_hf_directory_give_the_same_tokenizer(smollm2_tokenizer, smollm2_tokenizer_dir):
-    from_dir = data.get_tokenizer(smollm2_tokenizer_dir)
+    from_dir = get_tokenizer(smollm2_tokenizer_dir)
     assert from_dir.name == smollm2_tokenizer.name == "smollm2"
     assert from_dir._mergeable_ranks == smollm2_tokenizer._mergeable_ranks
     assert from_dir._special_tokens == smollm2_tokenizer._special_tokens
     assert from_dir._pat_str == smollm2_tokenizer._pat_str
     os.remove(smollm2_tokenizer_dir / "config.json")  # no config.json: tokenizer.json says "not GPT-2"
     try:
-        assert data.get_tokenizer(smollm2_tokenizer_dir)._mergeable_ranks == smollm2_tokenizer._mergeable_ranks
+        assert get_tokenizer(smollm2_tokenizer_dir)._mergeable_ranks == smollm2_tokenizer._mergeable_ranks
     finally:
         (smollm2_tokenizer_dir / "config.json").write_text(json.dumps({"model_type": "llama"}))
 
 
 def test_get_tokenizer_dispatch_and_errors(gpt2_tokenizer_dir, smollm2_tokenizer_dir, tmp_path):
-    assert data.get_tokenizer(gpt2_tokenizer_dir).name == "gpt2"
+    assert get_tokenizer(gpt2_tokenizer_dir).name == "gpt2"
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
     cases = [(tmp_path, ValueError, "model_type 'bert'"), (tmp_path / "nope", RuntimeError, "neither a model"),
              (tmp_path / "config.json", RuntimeError, "neither a model")]
@@ -160,7 +165,7 @@ def test_get_tokenizer_dispatch_and_errors(gpt2_tokenizer_dir, smollm2_tokenizer
     cases.append((tmp_path / "llama", ValueError, "pre-tokenizer are not SmolLM2's"))
     for path, error, message in cases:
         with pytest.raises(error, match=message) as e:
-            data.get_tokenizer(path)
+            get_tokenizer(path)
         assert "\n" not in str(e.value)
 
 
@@ -176,16 +181,16 @@ def test_gguf_of_another_tokenizer_is_refused(tmp_path):
     w.write_tensors_to_file()
     w.close()
     with pytest.raises(ValueError, match="pre-tokenizer 'default' is not GPT-2's or SmolLM2's"):
-        data.get_tokenizer(path)
+        get_tokenizer(path)
     (tmp_path / "bad.gguf").write_bytes(b"GGUF not really")
     with pytest.raises(ValueError, match="not a readable GGUF file"):
-        data.get_tokenizer(tmp_path / "bad.gguf")
+        get_tokenizer(tmp_path / "bad.gguf")
 
 
 def test_missing_gguf_package_is_one_line(smollm2_gguf, monkeypatch):
     monkeypatch.setitem(sys.modules, "gguf", None)  # makes `import gguf` raise ImportError
     with pytest.raises(RuntimeError, match="^reading .gguf files needs the gguf package: pip install gguf$"):
-        data.get_tokenizer(smollm2_gguf)
+        get_tokenizer(smollm2_gguf)
 
 
 # -----------------------------------------------------------------------------
@@ -228,7 +233,7 @@ def conversations_for_reference():
          {"role": "assistant", "content": "ok  "}],
         [{"role": "user", "content": ""}, {"role": "assistant", "content": ""}],
     ]
-    builtin = [conv for name in data.BUILTIN_DATASETS
+    builtin = [conv for name in BUILTIN_DATASETS
                for conv in data.load_conversations(ROOT / "data" / name / "train.jsonl")[:100]]
     return tricky + builtin
 

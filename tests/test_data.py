@@ -14,22 +14,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import CHAT, runs
 
 import data
 import plumbing.tokenizer_files as tokfiles
-from data import EOT_ID, IGNORE_INDEX, render_conversation, render_prompt
-from plumbing.report import format_stats
-from tasks import instruct, triage
+from data import render_conversation, render_prompt
+from model import IGNORE_INDEX
+from plumbing.records import load_records
+from plumbing.stats import diversity, format_stats, padding_fraction
+from plumbing.tokenizer_files import EOT_ID, get_tokenizer
+from tasks import (BUILTIN_DATASETS, DATA_DIR, SPLITS, instruct, resolve_dataset, triage,
+                   write_dataset)
 
 ROOT = Path(data.__file__).resolve().parent
 
-CHAT = [
-    {"role": "system", "content": "Be brief."},
-    {"role": "user", "content": "Hi!"},
-    {"role": "assistant", "content": "Hello."},
-    {"role": "user", "content": "What is 2 + 2?"},
-    {"role": "assistant", "content": "4, of course."},
-]
 
 
 def enc(tok, text):
@@ -48,19 +46,6 @@ def assistant_header(tok):
     return [fmt.start_of_turn_id] + enc(tok, "assistant\n")
 
 
-def runs(mask):
-    """(start, end) of every maximal run of 1s in a mask."""
-    out, i = [], 0
-    while i < len(mask):
-        if mask[i]:
-            j = i
-            while j < len(mask) and mask[j]:
-                j += 1
-            out.append((i, j))
-            i = j
-        else:
-            i += 1
-    return out
 
 
 def write(tmp_path, text, name="d.jsonl", raw=None):
@@ -111,19 +96,19 @@ def test_merges_out_of_order_are_rejected(gpt2_tokenizer_dir, tmp_path):
     (tmp_path / "merges.txt").write_text("\n".join(lines), encoding="utf-8")
     (tmp_path / "vocab.json").write_bytes((gpt2_tokenizer_dir / "vocab.json").read_bytes())
     with pytest.raises(ValueError, match=r"merges.txt:6: merge"):
-        data.get_tokenizer(tmp_path)
+        get_tokenizer(tmp_path)
 
 
 def test_get_tokenizer_says_what_to_do(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="vocab.json"):
-        data.get_tokenizer(tmp_path)  # empty dir
+        get_tokenizer(tmp_path)  # empty dir
 
     def offline(name):
         raise ConnectionError("no network")
 
     monkeypatch.setattr(tokfiles.tiktoken, "get_encoding", offline)
     with pytest.raises(RuntimeError, match="TIKTOKEN_CACHE_DIR") as e:
-        data.get_tokenizer()
+        get_tokenizer()
     assert "\n" not in str(e.value)
 
 
@@ -159,7 +144,7 @@ def test_openai_weight_0_reply_is_context_not_trained_exact_ids(gpt2_tokenizer, 
 def test_show_marks_a_weight_0_reply_as_context(gpt2_tokenizer, tmp_path, capsys):
     conv = [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "muted", "weight": 0},
             {"role": "user", "content": "Again"}, {"role": "assistant", "content": "trained"}]
-    data.show(str(write(tmp_path, json.dumps({"messages": conv}))), gpt2_tokenizer, n=1)
+    data.show(data.ShowConfig(show=str(write(tmp_path, json.dumps({"messages": conv}))), n=1), gpt2_tokenizer)
     out = capsys.readouterr().out
     assert "\nmuted<EOT>" in out and "«trained<EOT>»" in out and "«muted" not in out
 
@@ -388,7 +373,7 @@ def test_dedup_and_stats(gpt2_tokenizer):
 def test_diversity_exact():
     convs = [[{"role": "system", "content": "ignored words"}, {"role": "user", "content": "a b a"},
               {"role": "assistant", "content": "ignored too"}], [{"role": "user", "content": "a b"}]]
-    d = data.diversity(convs)
+    d = diversity(convs)
     assert d == {"distinct_1": 2 / 5, "distinct_2": 2 / 3, "distinct_3": 1 / 1}
 
 
@@ -416,7 +401,7 @@ def test_batches_deterministic_and_complete():
     ordered = data.batches(ex, 8, seed=0, epoch=0, shuffle=False, drop_last=False)
     assert [len(ex[i][0]) for b in ordered for i in b] == sorted(len(ids) for ids, _ in ex)
     with pytest.raises(ValueError):
-        data.batches(ex, 8, seed=0, epoch=0, rank=2, world_size=2)
+        data.batches(ex, 8, seed=0, epoch=0, shard=(2, 2))
 
 
 def test_the_largest_batch_comes_first_so_out_of_memory_shows_at_step_1():
@@ -431,9 +416,11 @@ def test_the_largest_batch_comes_first_so_out_of_memory_shows_at_step_1():
 
 def test_fewer_examples_than_a_batch_is_the_callers_clear_error_not_a_crash_in_batches():
     assert data.batches(fake_examples(3), 8, seed=0, epoch=0) == []  # (was: max() of an empty sequence)
+    from plumbing.device import Runtime
     from train import BatchStream
+    rt = Runtime(rank=0, world_size=1, device="cpu", dtype="float32", ddp=False)
     with pytest.raises(ValueError, match="3 training examples are fewer than one global batch of 8"):
-        BatchStream(fake_examples(3), 8, seed=0, rank=0, world_size=1, device="cpu", pad_id=0)
+        BatchStream(fake_examples(3), 8, seed=0, rt=rt, pad_id=0)
 
 
 @pytest.mark.parametrize("world_size,batch_size,shuffle", [(2, 3, True), (4, 2, True), (3, 5, False)])
@@ -441,26 +428,26 @@ def test_n_processes_see_what_one_process_sees(world_size, batch_size, shuffle):
     ex = fake_examples(200)
     for epoch in (0, 1):
         one = data.batches(ex, world_size * batch_size, seed=7, epoch=epoch, shuffle=shuffle)
-        per_rank = [data.batches(ex, batch_size, seed=7, epoch=epoch, rank=r, world_size=world_size, shuffle=shuffle)
+        per_rank = [data.batches(ex, batch_size, seed=7, epoch=epoch, shard=(r, world_size), shuffle=shuffle)
                     for r in range(world_size)]
         assert all(len(b) == len(one) for b in per_rank)
         for step, global_batch in enumerate(one):
             assert sum((per_rank[r][step] for r in range(world_size)), []) == global_batch
 
 
-@pytest.mark.parametrize("name", data.BUILTIN_DATASETS)
+@pytest.mark.parametrize("name", BUILTIN_DATASETS)
 def test_padding_under_ten_percent_on_builtin_data(gpt2_tokenizer, name):
     examples, _ = data.tokenize_dataset(data.load_conversations(ROOT / "data" / name / "train.jsonl"), gpt2_tokenizer, 1024)
     for batch_size, world_size in [(4, 1), (8, 1), (16, 1), (8, 4)]:
-        b = data.batches(examples, batch_size, seed=0, epoch=0, rank=world_size - 1, world_size=world_size)
-        assert data.padding_fraction(examples, b) < 0.10
+        b = data.batches(examples, batch_size, seed=0, epoch=0, shard=(world_size - 1, world_size))
+        assert padding_fraction(examples, b) < 0.10
     # and the grouping is what does it: random batches of 16 pad far more on instruct
     rng = random.Random(0)
     idx = list(range(len(examples)))
     rng.shuffle(idx)
     random_batches = [idx[i:i + 16] for i in range(0, len(idx), 16)]
     grouped = data.batches(examples, 16, seed=0, epoch=0)
-    assert data.padding_fraction(examples, grouped) < data.padding_fraction(examples, random_batches)
+    assert padding_fraction(examples, grouped) < padding_fraction(examples, random_batches)
 
 
 # -----------------------------------------------------------------------------
@@ -515,7 +502,7 @@ def test_odd_but_valid_files_load(tmp_path):
             + json.dumps({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": ls},
                                        {"role": "assistant", "content": "é ✓", "weight": 1}], "id": 7},
                          ensure_ascii=False) + "   \r\n")
-    recs = data.load_records(write(tmp_path, chat, "chat.jsonl"))
+    recs = load_records(write(tmp_path, chat, "chat.jsonl"))
     assert [r["messages"] for r in recs] == [
         [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
         [{"role": "system", "content": "s"}, {"role": "user", "content": ls},
@@ -530,7 +517,7 @@ def test_odd_but_valid_files_load(tmp_path):
     as_array = write(tmp_path, "\ufeff" + json.dumps(alpaca, indent=2).replace("\n", "\r\n"), "a.json")
     as_jsonl = write(tmp_path, "\n".join(json.dumps(r) for r in alpaca) + "\n\n", "a.jsonl")
     assert data.load_conversations(as_array) == expected == data.load_conversations(as_jsonl)
-    assert data.load_records(as_jsonl)[2]["source"] == "x"
+    assert load_records(as_jsonl)[2]["source"] == "x"
     assert data.load_conversations(write(tmp_path, "[]", "empty_array.json")) == []
 
 
@@ -538,26 +525,26 @@ def test_odd_but_valid_files_load(tmp_path):
 # Built-in datasets
 
 
-@pytest.mark.parametrize("name", data.BUILTIN_DATASETS)
+@pytest.mark.parametrize("name", BUILTIN_DATASETS)
 def test_builtin_data_regenerates_byte_identically(tmp_path, name):
-    for path in data.write_dataset(name, tmp_path):
+    for path in write_dataset(name, tmp_path):
         assert path.read_bytes() == (ROOT / "data" / name / path.name).read_bytes(), path.name
 
 
 def test_resolve_dataset(tmp_path):
-    path = data.resolve_dataset("triage", "val", data_dir=tmp_path)  # missing -> generated on demand
+    path = resolve_dataset("triage", "val", data_dir=tmp_path)  # missing -> generated on demand
     assert path == tmp_path / "triage" / "val.jsonl" and path.read_bytes() == (ROOT / "data/triage/val.jsonl").read_bytes()
-    assert data.resolve_dataset("instruct", "test") == data.DATA_DIR / "instruct" / "test.jsonl"
+    assert resolve_dataset("instruct", "test") == DATA_DIR / "instruct" / "test.jsonl"
     own = write(tmp_path, GOOD, "own.jsonl")
-    assert data.resolve_dataset(str(own), "train") == own
+    assert resolve_dataset(str(own), "train") == own
     for bad, split in (("tirage", "train"), (str(tmp_path / "nope.jsonl"), "train"), ("triage", "dev")):
         with pytest.raises(ValueError) as e:
-            data.resolve_dataset(bad, split, data_dir=tmp_path)
+            resolve_dataset(bad, split, data_dir=tmp_path)
         assert "\n" not in str(e.value)
 
 
 def test_triage_dataset():
-    splits = {s: data.load_records(ROOT / "data" / "triage" / f"{s}.jsonl") for s in data.SPLITS}
+    splits = {s: load_records(ROOT / "data" / "triage" / f"{s}.jsonl") for s in SPLITS}
     assert {s: len(r) for s, r in splits.items()} == {"train": 3000, "val": 250, "test": 250}
     users = [r["messages"][1]["content"] for recs in splits.values() for r in recs]
     assert len(set(users)) == len(users)  # no message in two splits, none repeated
@@ -575,7 +562,7 @@ def test_triage_dataset():
 
 def test_triage_labels_follow_the_message():
     # spot-check derivability: label cues in the text agree with the label for the whole train split
-    for r in data.load_records(ROOT / "data" / "triage" / "train.jsonl"):
+    for r in load_records(ROOT / "data" / "triage" / "train.jsonl"):
         text, label = r["messages"][1]["content"].lower(), triage.parse_triage(r["messages"][2]["content"])
         assert (label["priority"] == "urgent") == any(c.lower() in text for c in triage.URGENCY["urgent"] + ("urgent:", "urgent -", "[urgent]"))
         assert (label["sentiment"] == "neutral") == (not any(c.lower() in text for c in triage.TONE["negative"] + triage.TONE["positive"]))
@@ -601,7 +588,7 @@ def test_parse_triage_never_crashes():
 
 
 def test_instruct_dataset():
-    splits = {s: data.load_records(ROOT / "data" / "instruct" / f"{s}.jsonl") for s in data.SPLITS}
+    splits = {s: load_records(ROOT / "data" / "instruct" / f"{s}.jsonl") for s in SPLITS}
     seen_families = {part for s in ("train", "val") for r in splits[s] for part in r["family"].split("+")}
     test_families = {r["family"] for r in splits["test"]}
     assert not seen_families & set(instruct.HELD_OUT_FAMILIES)  # held out entirely from train and val
@@ -633,8 +620,8 @@ CHECKERS = {  # independent re-derivation of answers from the instruction text
 
 def test_instruct_answers_check_out():
     n = 0
-    for split in data.SPLITS:
-        for r in data.load_records(ROOT / "data" / "instruct" / f"{split}.jsonl"):
+    for split in SPLITS:
+        for r in load_records(ROOT / "data" / "instruct" / f"{split}.jsonl"):
             if r["family"] in CHECKERS:
                 q, a = r["messages"][-2]["content"], r["messages"][-1]["content"]
                 assert CHECKERS[r["family"]](q) == a, (r["family"], q, a)
@@ -660,7 +647,7 @@ def run_script(*args):
                           cwd=ROOT, timeout=120, env={**os.environ, "PYTHONIOENCODING": "utf-8"})
 
 
-@pytest.mark.parametrize("name", data.BUILTIN_DATASETS)
+@pytest.mark.parametrize("name", BUILTIN_DATASETS)
 def test_show_runs_for_each_builtin(gpt2_tokenizer_dir, name):
     r = run_script("--show", name, "-n", "2", "--tokenizer-dir", str(gpt2_tokenizer_dir))
     assert r.returncode == 0, r.stderr
@@ -687,28 +674,43 @@ def test_script_help():
 
 
 # -----------------------------------------------------------------------------
-# Tokenizer files for a model directory (python model.py --save-random)
+# Tokenizer files for a model directory (python scripts/sample.py --save-random)
 
 
 def test_save_random_writes_a_complete_offline_model_dir(tmp_path, gpt2_tokenizer_dir, gpt2_tokenizer):
     import model as model_mod
 
     out = tmp_path / "tiny"
-    r = subprocess.run([sys.executable, "model.py", "--save-random", str(out), "--n-layer", "1", "--n-head", "2",
+    r = subprocess.run([sys.executable, "scripts/sample.py", "--save-random", str(out), "--n-layer", "1", "--n-head", "2",
                         "--n-embd", "32", "--block-size", "64", "--tokenizer-dir", str(gpt2_tokenizer_dir)],
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert sorted(os.listdir(out)) == ["config.json", "merges.txt", "model.safetensors", "vocab.json"]
     for name in ("vocab.json", "merges.txt"):
         assert (out / name).read_bytes() == (gpt2_tokenizer_dir / name).read_bytes()
-    m = model_mod.GPT.from_pretrained(str(out))
+    m = model_mod.from_pretrained(str(out))
     assert (m.config.n_layer, m.config.n_embd, m.config.block_size) == (1, 32, 64)
     text = "Hello <|endoftext|> world"
-    assert data.get_tokenizer(out).encode_ordinary(text) == gpt2_tokenizer.encode_ordinary(text)
+    assert get_tokenizer(out).encode_ordinary(text) == gpt2_tokenizer.encode_ordinary(text)
     # and sampling from it runs end to end
-    r = subprocess.run([sys.executable, "model.py", "--model", str(out), "--max-new-tokens", "3"],
+    r = subprocess.run([sys.executable, "scripts/sample.py", "--model", str(out), "--max-new-tokens", "3"],
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.startswith("Hello, I'm a language model,"), r.stderr
+
+
+def test_copied_tokenizer_files_are_written_atomically(tmp_path, gpt2_tokenizer_dir, monkeypatch):
+    """plumbing/files.py's promise holds for train.py --full's tokenizer files too: each is written
+    through atomic_write_bytes (a temporary file renamed over the name), byte for byte."""
+    import plumbing.tokenizer_files as tokfiles
+
+    written = []
+    real = tokfiles.atomic_write_bytes
+    monkeypatch.setattr(tokfiles, "atomic_write_bytes", lambda p, b: (written.append(os.path.basename(p)),
+                                                                      real(p, b)))
+    tokfiles.copy_tokenizer_files(str(gpt2_tokenizer_dir), str(tmp_path))
+    assert sorted(written) == ["merges.txt", "vocab.json"]
+    for name in written:
+        assert (tmp_path / name).read_bytes() == (gpt2_tokenizer_dir / name).read_bytes()
 
 
 def test_save_tokenizer_files_errors(tmp_path, monkeypatch):

@@ -11,11 +11,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import lora
-from data import IGNORE_INDEX
-from model import GPT, LLAMA_SWITCHES, GPTConfig
+from model import GPT, IGNORE_INDEX, LLAMA_SWITCHES, GPTConfig
 from plumbing import device
-from plumbing.benchmark import peak_for_name
-from plumbing.flops import flop_costs, padding_flops, step_flops
+from plumbing.flops import flop_costs, padding_flops, peak_for_name, step_flops
 
 # -----------------------------------------------------------------------------
 # dtype: by compute capability on CUDA, by the instruction set on the CPU

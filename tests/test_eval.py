@@ -10,6 +10,7 @@ import json
 import math
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,10 +18,14 @@ import torch
 from torch.nn import functional as F
 
 import eval as ev
-from data import EOT_ID, load_records, render_conversation, render_prompt, resolve_dataset, tokenize_dataset
+from data import chat_format, render_conversation, render_prompt, tokenize_dataset
+from model import GPT, GPTConfig, Sampling, save_pretrained
+from plumbing.records import general_tokens, load_records, text_windows
+from plumbing.runs import locate_tuned, read_run
+from plumbing.tokenizer_files import EOT_ID
+from tasks import resolve_dataset, summarize
 from tasks.instruct import HELD_OUT_FAMILIES, score_exact
 from tasks.triage import TRIAGE_FIELDS, score_triage
-from model import GPT, GPTConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLD = {"category": "billing", "priority": "high", "product": "router", "sentiment": "negative"}
@@ -83,7 +88,7 @@ def test_triage_summary_averages_per_field():
     replies = [GOLD_TEXT, json.dumps({**GOLD, "product": "thermostat"}), "oops",
                json.dumps({**GOLD, "product": "earbuds", "sentiment": "neutral"})]
     scores = [score_triage(r, GOLD_TEXT) for r in replies]
-    m = ev.summarize("triage", scores, [""] * 4, set())
+    m = summarize("triage", scores, [""] * 4, set())
     assert m["n"] == 4
     assert m["exact_match"] == 0.25
     assert m["valid"] == 0.75
@@ -99,7 +104,7 @@ def test_exact_scorer_strips_surrounding_whitespace_only():
 def test_instruct_summary_groups_seen_and_held_out_families():
     families = ["add", "add", "uppercase", "acronym", "acronym", "acronym"]
     scores = [{"exact": e} for e in (1, 0, 1, 1, 0, 0)]
-    m = ev.summarize("instruct", scores, families, {"acronym"})
+    m = summarize("instruct", scores, families, {"acronym"})
     assert m["accuracy"] == 0.5
     assert m["seen"] == 2 / 3
     assert m["held_out"] == 1 / 3
@@ -156,7 +161,7 @@ def test_response_loss_of_rendered_conversation_counts_reply_and_its_eot(gpt2_to
 
 def test_text_windows_predict_every_token_after_the_first_once():
     ids = list(range(1, 24))
-    windows = ev.text_windows(ids, block_size=5)
+    windows = text_windows(ids, block_size=5)
     assert all(x.shape == y.shape and x.size(1) <= 5 for x, y in windows)
     assert torch.cat([y[0] for _, y in windows]).tolist() == ids[1:]
     assert torch.cat([x[0] for x, _ in windows]).tolist() == ids[:-1]
@@ -178,7 +183,7 @@ def test_shipped_general_text_is_plain_prose_not_in_the_tuning_data():
 
 def test_kl_and_perplexity_change_are_zero_for_identical_models():
     base = tiny_gpt()
-    windows = ev.text_windows(torch.randint(0, 50257, (150,)).tolist(), block_size=64)
+    windows = text_windows(torch.randint(0, 50257, (150,)).tolist(), block_size=64)
     f = ev.forgetting(base, copy.deepcopy(base), windows, device="cpu")
     assert f["n_tokens"] == 149
     assert abs(f["kl_base_tuned"]) < 1e-6
@@ -190,10 +195,10 @@ def test_kl_matches_torch_kl_div_for_different_models():
     base = tiny_gpt()
     tuned = perturbed(base)
     ids = torch.randint(0, 50257, (100,), generator=torch.Generator().manual_seed(3)).tolist()
-    f = ev.forgetting(base, tuned, ev.text_windows(ids, block_size=64), device="cpu")
+    f = ev.forgetting(base, tuned, text_windows(ids, block_size=64), device="cpu")
     kl = nll_b = nll_t = 0.0  # reference: torch's kl_div in float64, on the same two windows
     with torch.no_grad():
-        for x, y in ev.text_windows(ids, block_size=64):
+        for x, y in text_windows(ids, block_size=64):
             lp_b = F.log_softmax(base(x).double(), -1)
             lp_t = F.log_softmax(tuned(x).double(), -1)
             kl += F.kl_div(lp_t, lp_b, log_target=True, reduction="sum").item()  # sum p_b (log p_b - log p_t)
@@ -210,7 +215,7 @@ def test_kl_under_bf16_autocast_needs_fp32_log_softmax():
     same KL is far off, even negative, for two models as close as a short fine-tune makes them."""
     base = tiny_gpt()
     tuned = perturbed(base, std=1e-3)
-    windows = ev.text_windows(torch.randint(0, 50257, (65,), generator=torch.Generator().manual_seed(4)).tolist(), 64)
+    windows = text_windows(torch.randint(0, 50257, (65,), generator=torch.Generator().manual_seed(4)).tolist(), 64)
     exact = ev.forgetting(base, tuned, windows, device="cpu")["kl_base_tuned"]
     under_bf16 = ev.forgetting(base, tuned, windows, device="cpu", dtype="bfloat16")["kl_base_tuned"]
     x = windows[0][0]
@@ -309,19 +314,22 @@ def test_retrieval_puts_the_best_documents_in_the_system_message_or_the_nearest_
 
 
 def pick_shots(cfg, data, data_path, train_data, evaluated):
-    """What eval.py does: the pool of shots read once, then the seeded sample from it."""
-    return ev.sample_shots(cfg, *ev.shot_pool(cfg, data, data_path, train_data, evaluated))
+    """What eval.py does: the pool of shots read once, then the seeded sample from it (and the reason
+    when there is none)."""
+    pool, why = ev.shot_pool(ev.shots_source(cfg, data, data_path, train_data), evaluated)
+    return ev.sample_shots(pool, cfg.shots, cfg.seed), "--shots 0" if cfg.shots <= 0 else why
 
 
-def test_generate_replies_stop_at_end_of_turn_and_left_pad_with_a_mask(gpt2_tokenizer):
-    class Scripted:  # a "model" whose generate emits two tokens, EOT, then padding EOTs
-        def generate(self, idx, max_new_tokens, temperature, stop_token, seed, mask):
-            assert temperature == 0.0 and stop_token == EOT_ID
-            assert idx.tolist() == [[1, 2, 3], [EOT_ID, 4, 5]] and mask.tolist() == [[1, 1, 1], [0, 1, 1]]
-            new = gpt2_tokenizer.encode_ordinary(" ok") + [EOT_ID, EOT_ID]
-            return torch.cat([idx, torch.tensor([new, new[::-1]])], dim=1)
+def test_generate_replies_stop_at_end_of_turn_and_left_pad_with_a_mask(gpt2_tokenizer, monkeypatch):
+    def scripted(model, idx, max_new_tokens, sampling, stop_token, mask):  # two tokens, EOT, padding
+        assert sampling.temperature == 0.0 and stop_token == EOT_ID
+        assert idx.tolist() == [[1, 2, 3], [EOT_ID, 4, 5]] and mask.tolist() == [[1, 1, 1], [0, 1, 1]]
+        new = gpt2_tokenizer.encode_ordinary(" ok") + [EOT_ID, EOT_ID]
+        return torch.cat([idx, torch.tensor([new, new[::-1]])], dim=1)
 
-    assert ev.generate_replies(Scripted(), [[1, 2, 3], [4, 5]], 8, "cpu", gpt2_tokenizer) == [" ok", ""]
+    monkeypatch.setattr(ev, "generate", scripted)
+    dec = ev.Decoding(gpt2_tokenizer, 8)
+    assert ev.generate_replies(None, [[1, 2, 3], [4, 5]], dec) == [" ok", ""]
 
 
 def test_sampled_replies_are_seeded_and_greedy_is_the_default(gpt2_tokenizer):
@@ -331,10 +339,12 @@ def test_sampled_replies_are_seeded_and_greedy_is_the_default(gpt2_tokenizer):
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=64, n_layer=1, n_head=2, n_embd=16)).eval()
     prompts = [[10, 11, 12], [13, 14], [15]]
-    rung = lambda **kw: ev.run_rung("t", model, prompts, 6, "cpu", gpt2_tokenizer, batch_size=2, **kw)  # noqa: E731
+    dec = ev.Decoding(gpt2_tokenizer, 6, batch_size=2)
+    rung = lambda **kw: ev.run_rung("t", model, prompts, replace(dec, sampling=Sampling(**kw)))  # noqa: E731
     assert rung(temperature=1.0, seed=3) == rung(temperature=1.0, seed=3)
     assert rung(temperature=1.0, seed=3) != rung(temperature=1.0, seed=4)
-    assert rung() == rung(seed=7) == [ev.generate_replies(model, [p], 6, "cpu", gpt2_tokenizer)[0] for p in prompts]
+    greedy = ev.run_rung("t", model, prompts, dec)  # Decoding's default: greedy
+    assert greedy == rung(temperature=0.0, seed=7) == [ev.generate_replies(model, [p], dec)[0] for p in prompts]
 
 
 # -----------------------------------------------------------------------------
@@ -360,12 +370,13 @@ def test_chat_renders_the_whole_conversation_with_render_prompt(gpt2_tokenizer, 
     class Scripted:
         config = GPTConfig(block_size=1024)
 
-        def stream(self, idx, max_new_tokens, **kw):
-            seen.append(idx[0].tolist())
-            assert kw["stop_token"] == EOT_ID
-            yield from gpt2_tokenizer.encode_ordinary(f"reply {len(seen)} é") + [EOT_ID]
+    def scripted_stream(model, idx, max_new_tokens, sampling, stop_token):
+        seen.append(idx[0].tolist())
+        assert stop_token == EOT_ID and sampling.temperature == 0.0
+        yield from gpt2_tokenizer.encode_ordinary(f"reply {len(seen)} é") + [EOT_ID]
 
     monkeypatch.setattr("builtins.input", typed(["hello", "and again", "/reset", "fresh"]))
+    monkeypatch.setattr(ev, "stream", scripted_stream)
     cfg = ev.EvalConfig(chat=True, temperature=0.0)
     ev.chat(Scripted(), gpt2_tokenizer, cfg, "cpu", system="Be terse.")
     user = lambda t: {"role": "user", "content": t}
@@ -380,6 +391,25 @@ def test_chat_renders_the_whole_conversation_with_render_prompt(gpt2_tokenizer, 
     assert "(conversation cleared)" in out
 
 
+def test_chat_generates_in_the_dtype_its_help_promises(gpt2_tokenizer, monkeypatch, capsys):
+    """--dtype is the chat's generation precision too: the stream runs under autocast of that dtype."""
+    used = []
+
+    class Scripted:
+        config = GPTConfig(block_size=64)
+
+    def scripted_stream(model, idx, max_new_tokens, sampling, stop_token):
+        used.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+        yield stop_token
+
+    monkeypatch.setattr(ev, "stream", scripted_stream)
+    for dtype in ("bfloat16", "float32"):
+        monkeypatch.setattr("builtins.input", typed(["hi"]))
+        ev.chat(Scripted(), gpt2_tokenizer, ev.EvalConfig(chat=True, dtype=dtype), "cpu", system="")
+    assert used == [torch.bfloat16, None]
+    assert "dtype: bfloat16" in capsys.readouterr().out
+
+
 # -----------------------------------------------------------------------------
 # End to end, offline: tiny random GPT-2 -> train.py -> eval.py
 
@@ -390,10 +420,10 @@ def run(args, **kw):
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory, gpt2_tokenizer_dir):
-    """A random-init GPT-2 directory (HF layout + the tokenizer files), as `python model.py --save-random`."""
+    """A random-init GPT-2 directory (HF layout + the tokenizer files), as `python scripts/sample.py --save-random`."""
     d = tmp_path_factory.mktemp("tiny_gpt2")
     torch.manual_seed(0)
-    GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=512)).save_pretrained(d)
+    save_pretrained(GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=512)), d)
     for f in ("vocab.json", "merges.txt"):
         (d / f).write_bytes((Path(gpt2_tokenizer_dir) / f).read_bytes())
     return d
@@ -469,8 +499,8 @@ def test_end_to_end_lora_report_has_ladder_forgetting_and_losses(lora_run):
 def test_eval_loss_equals_train_val_loss(lora_run):
     """eval.py masks and averages exactly as train.py: its loss on the val split is train.py's val loss."""
     cfg = ev.EvalConfig(out=str(lora_run))
-    tuned_dir, kind = ev.locate_tuned(cfg)
-    run_info = ev.read_run(str(lora_run))
+    tuned_dir, kind = locate_tuned(cfg)
+    run_info = read_run(str(lora_run))
     _, tuned, _, tok = ev.load_models(cfg, tuned_dir, kind, run_info)
     records = load_records(resolve_dataset("triage", "val"))
     examples, _ = tokenize_dataset([r["messages"] for r in records], tok, tuned.config.block_size, dedup=False)
@@ -535,26 +565,26 @@ def test_bad_input_is_one_error_line(lora_run, args, what):
 # where the SmolLM2 tokenizer comes from.
 
 
-def test_greedy_reply_cuts_at_any_stop_id_of_the_family(smollm2_tokenizer):
+def test_greedy_reply_cuts_at_any_stop_id_of_the_family(smollm2_tokenizer, monkeypatch):
     from data import chat_format
 
     fmt = chat_format(smollm2_tokenizer)
     document_end = fmt.stop_ids[1]  # <|endoftext|>: SmolLM2 may end a reply with it instead of <|im_end|>
 
-    class Scripted:
-        def generate(self, idx, max_new_tokens, temperature, stop_token, seed, mask):
-            assert stop_token == fmt.end_of_turn_id == smollm2_tokenizer.encode_single_token("<|im_end|>")
-            new = smollm2_tokenizer.encode_ordinary(" ok") + [document_end, fmt.end_of_turn_id]
-            return torch.cat([idx, torch.tensor([new])], dim=1)
+    def scripted(model, idx, max_new_tokens, sampling, stop_token, mask):
+        assert stop_token == fmt.end_of_turn_id == smollm2_tokenizer.encode_single_token("<|im_end|>")
+        new = smollm2_tokenizer.encode_ordinary(" ok") + [document_end, fmt.end_of_turn_id]
+        return torch.cat([idx, torch.tensor([new])], dim=1)
 
     assert document_end == smollm2_tokenizer.encode_single_token("<|endoftext|>")
-    assert ev.generate_replies(Scripted(), [[1, 2, 3]], 8, "cpu", smollm2_tokenizer) == [" ok"]
+    monkeypatch.setattr(ev, "generate", scripted)
+    assert ev.generate_replies(None, [[1, 2, 3]], ev.Decoding(smollm2_tokenizer, 8)) == [" ok"]
 
 
 def test_general_text_starts_with_the_familys_document_separator(smollm2_tokenizer, tmp_path):
     f = tmp_path / "g.txt"
     f.write_text("Plain text.", encoding="utf-8")
-    ids = ev.general_tokens(str(f), smollm2_tokenizer, 100, ev.chat_format(smollm2_tokenizer).document_id)
+    ids = general_tokens(str(f), smollm2_tokenizer, 100, chat_format(smollm2_tokenizer).document_id)
     assert ids == [smollm2_tokenizer.encode_single_token("<|endoftext|>")] + smollm2_tokenizer.encode_ordinary(
         "Plain text.") and ids[0] == 0  # SmolLM2's <|endoftext|> is id 0, not GPT-2's 50256
 
@@ -567,12 +597,13 @@ def test_chat_without_system_prompt_gets_smollm2_default_not_an_empty_one(smollm
     class Scripted:
         config = GPTConfig(block_size=1024)
 
-        def stream(self, idx, max_new_tokens, **kw):
-            seen.append(idx[0].tolist())
-            assert kw["stop_token"] == fmt.end_of_turn_id
-            yield from smollm2_tokenizer.encode_ordinary("hi") + [fmt.stop_ids[1]]  # ends with <|endoftext|>
+    def scripted_stream(model, idx, max_new_tokens, sampling, stop_token):
+        seen.append(idx[0].tolist())
+        assert stop_token == fmt.end_of_turn_id
+        yield from smollm2_tokenizer.encode_ordinary("hi") + [fmt.stop_ids[1]]  # ends with <|endoftext|>
 
     monkeypatch.setattr("builtins.input", typed(["hello"]))
+    monkeypatch.setattr(ev, "stream", scripted_stream)
     ev.chat(Scripted(), smollm2_tokenizer, ev.EvalConfig(chat=True), "cpu", system="")  # "": no system message
     user = {"role": "user", "content": "hello"}
     assert seen == [render_prompt([{"role": "system", "content": SMOLLM2_DEFAULT_SYSTEM}, user], smollm2_tokenizer)]
@@ -588,8 +619,8 @@ def tiny_llama_dir(tmp_path_factory, smollm2_tokenizer_dir):
 
     d = tmp_path_factory.mktemp("tiny_llama")
     torch.manual_seed(0)
-    GPT(GPTConfig(**LLAMA_SWITCHES, vocab_size=49152, block_size=2048, n_layer=2, n_head=4, n_kv_head=2,
-                  n_embd=64, intermediate_size=128)).save_pretrained(d)
+    save_pretrained(GPT(GPTConfig(**LLAMA_SWITCHES, vocab_size=49152, block_size=2048, n_layer=2, n_head=4, n_kv_head=2,
+                  n_embd=64, intermediate_size=128)), d)
     for f in ("vocab.json", "merges.txt", "tokenizer.json"):
         (d / f).write_bytes((Path(smollm2_tokenizer_dir) / f).read_bytes())
     return d
@@ -642,5 +673,5 @@ def test_smollm2_full_fine_tune_end_to_end_and_tokenizer_from_the_base(tiny_llam
     for f in ("vocab.json", "merges.txt", "tokenizer.json"):
         (out / "model" / f).unlink()
     _, tuned, _, tok = ev.load_models(ev.EvalConfig(out=str(out)), str(out / "model"), "full",
-                                      ev.read_run(str(out)))
+                                      read_run(str(out)))
     assert tok.name == "smollm2" and tok.n_vocab == tuned.config.vocab_size == 49152

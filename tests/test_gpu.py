@@ -12,14 +12,12 @@ import os
 
 import pytest
 import torch
+from conftest import adapter_weights, base_args, metrics, no_cache_greedy, run_main, run_script
 
 import lora
-from data import IGNORE_INDEX
-from model import GPT, GPTConfig
+from model import GPT, IGNORE_INDEX, GPTConfig, generate
 from plumbing.device import choose_dtype
 from plumbing.flops import flop_costs, step_flops
-from test_model import no_cache_greedy
-from test_train import adapter_weights, base_args, metrics, run_main, run_script
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 DEVICE = "cuda"
@@ -77,7 +75,7 @@ def test_kv_cache_generation_equals_recompute_on_the_gpu():
     torch.manual_seed(0)
     m = GPT(GPTConfig(block_size=24, vocab_size=64, n_layer=2, n_head=2, n_embd=32)).to(DEVICE).eval()
     idx = torch.randint(0, 64, (2, 7), device=DEVICE)
-    assert torch.equal(m.generate(idx, 40, temperature=0.0), no_cache_greedy(m, idx, 40))
+    assert torch.equal(generate(m, idx, 40), no_cache_greedy(m, idx, 40))
 
 
 @pytest.mark.parametrize("full", [False, True])

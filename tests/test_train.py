@@ -10,18 +10,18 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY, adapter_weights, base_args, metrics, run_main, run_script, write_chats
 
 import plumbing.checkpoint as checkpoint
 import train
-from data import IGNORE_INDEX
-from model import GPT, GPTConfig
-from plumbing.report import save_plot
-from plumbing.safetensors_io import load_safetensors
-from conftest import TINY, write_chats
+from model import GPT, IGNORE_INDEX, GPTConfig, from_pretrained, save_pretrained
+from plumbing.plots import save_plot
+from plumbing.records import holdout_split
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,32 +30,12 @@ ROOT = Path(__file__).resolve().parent.parent
 # Helpers (the fixtures tiny_model_dir and chats live in conftest.py: test_lab and test_gpu use them too)
 
 
-def run_main(args):
-    return train.main([str(a) for a in args])
 
 
-def metrics(out):
-    with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
 
 
-def adapter_weights(out):
-    return load_safetensors(os.path.join(out, "adapter", "adapter_model.safetensors"))
 
 
-def base_args(model_dir, chats, out, **over):
-    """A fast LoRA run: batch 2, 2 micro-batches per step (so epochs and windows cross), dropout > 0; fp32,
-    since the comparisons are exact (auto would pick bf16 on a CPU that multiplies it natively)."""
-    opts = {"--model": model_dir, "--data": chats, "--out": out, "--max-steps": 8, "--batch-size": 2,
-            "--grad-accum": 2, "--log-every": 1, "--eval-every": 3, "--lora-dropout": 0.2, "--lr": 1e-2,
-            "--warmup": 2, "--dtype": "float32", **over}
-    args = []
-    for k, v in opts.items():
-        if v is True:
-            args.append(k)
-        elif v is not None and v is not False:
-            args += [k, str(v)]
-    return args
 
 
 # -----------------------------------------------------------------------------
@@ -64,14 +44,14 @@ def base_args(model_dir, chats, out, **over):
 
 def test_lr_schedule_warmup_then_cosine_to_min():
     max_lr, min_lr, warmup, steps = 1.0, 0.1, 10, 111
-    lrs = [train.lr_at(s, max_lr, warmup, steps, min_lr) for s in range(steps)]
+    lrs = [train.lr_at(s, train.Schedule(max_lr, warmup, steps, min_lr)) for s in range(steps)]
     assert lrs[:warmup] == pytest.approx([(s + 1) / warmup for s in range(warmup)])  # linear, ends at peak
     assert lrs[warmup] == pytest.approx(max_lr)
     assert all(a >= b for a, b in zip(lrs[warmup:], lrs[warmup + 1:]))  # monotone decay
     assert lrs[-1] == pytest.approx(min_lr)  # the last step reaches min_lr
     mid = warmup + (steps - 1 - warmup) // 2  # half way through the cosine: the mean of max and min
     assert lrs[mid] == pytest.approx((max_lr + min_lr) / 2, abs=1e-3)
-    assert train.lr_at(0, 1.0, 0, 5, 0.0) == 1.0  # no warmup: start at the peak
+    assert train.lr_at(0, train.Schedule(1.0, 0, 5, 0.0)) == 1.0  # no warmup: start at the peak
 
 
 def test_weight_decay_groups_exclude_biases_and_norms():
@@ -114,7 +94,7 @@ def test_accumulation_is_token_weighted_like_one_big_batch():
     model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=16))
     mbs = micro_batches(64, [2, 7, 20])  # very different numbers of trained tokens
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    loss_sum, counts = train.accumulate(model, mbs, train.nullcontext(), scaler)
+    loss_sum, counts = train.accumulate(model, mbs, nullcontext(), scaler)
     ours = grads(model)
     assert counts[0].item() == 29 and counts[1].item() == 3 * 2 * 12
 
@@ -143,15 +123,15 @@ def test_fully_masked_micro_batch_contributes_zero_never_nan():
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     live, dead = micro_batches(64, [9, 0])
     assert (dead[1] == IGNORE_INDEX).all()
-    train.accumulate(model, [live, dead], train.nullcontext(), scaler)
+    train.accumulate(model, [live, dead], nullcontext(), scaler)
     with_dead = grads(model)
     model.zero_grad()
-    train.accumulate(model, [live], train.nullcontext(), scaler)
+    train.accumulate(model, [live], nullcontext(), scaler)
     alone = grads(model)
     for n in alone:
         torch.testing.assert_close(with_dead[n], alone[n], rtol=0, atol=0)
     model.zero_grad()
-    loss_sum, counts = train.accumulate(model, [dead, dead], train.nullcontext(), scaler)  # nothing trained
+    loss_sum, counts = train.accumulate(model, [dead, dead], nullcontext(), scaler)  # nothing trained
     assert loss_sum.item() == 0.0 and counts[0].item() == 0
     for g in grads(model).values():
         assert torch.isfinite(g).all() and (g == 0).all()
@@ -216,12 +196,12 @@ def test_optimizer_and_rng_state_round_trip_through_files(tmp_path):
 def test_holdout_split_is_deterministic_disjoint_and_deduplicated():
     convs = [[{"role": "user", "content": str(i)}, {"role": "assistant", "content": "x"}] for i in range(20)]
     convs.append(convs[0])  # an exact duplicate must not end up on both sides
-    val = train.holdout_split(convs, 0.25, seed=1, split="val")
-    tr = train.holdout_split(convs, 0.25, seed=1, split="train")
+    val = holdout_split(convs, 0.25, seed=1, split="val")
+    tr = holdout_split(convs, 0.25, seed=1, split="train")
     assert len(val) == 5 and len(tr) == 15
     key = lambda c: c[0]["content"]  # noqa: E731
     assert not {key(c) for c in val} & {key(c) for c in tr}
-    assert val == train.holdout_split(convs, 0.25, seed=1, split="val")
+    assert val == holdout_split(convs, 0.25, seed=1, split="val")
 
 
 # -----------------------------------------------------------------------------
@@ -247,7 +227,7 @@ def test_end_to_end_writes_adapter_metrics_run_json_and_checkpoint(tiny_model_di
     assert run["trainable_params"] == TINY.n_layer * 16 * ((32 + 96) + (32 + 32) + (32 + 128) + (128 + 32))
     assert run["final_val_loss"] == pytest.approx(recs[-1]["val_loss"])
     assert checkpoint.read_latest(out / "ckpt") == "step_0000004"
-    model = GPT.from_pretrained(tiny_model_dir)  # the adapter loads back onto the base model
+    model = from_pretrained(tiny_model_dir)  # the adapter loads back onto the base model
     lora.load_adapter(model, out / "adapter")
     assert any(m.lora_B.abs().sum() > 0 for _, m in lora.lora_layers(model))
 
@@ -259,7 +239,7 @@ def test_full_fine_tune_writes_a_loadable_model_dir(tiny_model_dir, chats, tmp_p
     assert run_main(args) == 0
     files = sorted(os.listdir(out / "model"))
     assert files == ["config.json", "merges.txt", "model.safetensors", "vocab.json"]
-    trained, base = GPT.from_pretrained(str(out / "model")), GPT.from_pretrained(tiny_model_dir)
+    trained, base = from_pretrained(str(out / "model")), from_pretrained(tiny_model_dir)
     assert not torch.equal(trained.transformer.h[0].attn.c_attn.weight, base.transformer.h[0].attn.c_attn.weight)
     assert json.loads((out / "run.json").read_text())["weights"] == "model"
 
@@ -385,10 +365,6 @@ def test_impossible_flags_fail_fast_with_one_line(flags, message, tiny_model_dir
     assert captured.out == ""  # nothing ran: the check comes before loading anything
 
 
-def run_script(args, env=None, timeout=120):
-    env = dict(env or os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *map(str, args)], capture_output=True,
-                          text=True, env=env, cwd=ROOT, timeout=timeout)
 
 
 def test_script_errors_are_one_line_with_nonzero_exit(tiny_model_dir, tmp_path):
@@ -499,7 +475,7 @@ def test_benchmark_flops_per_step_agree_with_flop_counter_mode(full, tiny_model_
     assert run_main(args + (["--full"] if full else [])) == 0
     line = next(s for s in capsys.readouterr().out.splitlines() if s.startswith("flops per step: "))
     printed = int(line.split()[3])
-    m = GPT.from_pretrained(tiny_model_dir)
+    m = from_pretrained(tiny_model_dir)
     if full:
         m.requires_grad_(True)
     else:
@@ -534,8 +510,8 @@ def save_tiny_llama(d, tokenizer_dir, vocab_size=49152):
     from model import LLAMA_SWITCHES
 
     torch.manual_seed(0)
-    GPT(GPTConfig(**LLAMA_SWITCHES, vocab_size=vocab_size, block_size=128, n_layer=2, n_head=4, n_kv_head=2,
-                  n_embd=32, intermediate_size=64)).save_pretrained(d)
+    save_pretrained(GPT(GPTConfig(**LLAMA_SWITCHES, vocab_size=vocab_size, block_size=128, n_layer=2, n_head=4, n_kv_head=2,
+                  n_embd=32, intermediate_size=64)), d)
     for f in ("vocab.json", "merges.txt", "tokenizer.json"):
         (Path(d) / f).write_bytes((Path(tokenizer_dir) / f).read_bytes())
     return str(d)
@@ -699,14 +675,14 @@ def damaged_copy(src, dst, how):
 def test_damaged_model_files_are_one_line_naming_the_file_in_every_script(how, tiny_model_dir, chats, tmp_path,
                                                                          capsys):
     import eval as ev
-    import model
+    import sample
 
     bad = damaged_copy(Path(tiny_model_dir), tmp_path / "m", how)
     assert run_main(["--model", tmp_path / "m", "--data", chats, "--out", tmp_path / "o", "--max-steps", "1",
                      "--batch-size", "2"]) == 1
     lines = [capsys.readouterr().err.strip().splitlines()[-1]]
     for main in (lambda: ev.main(["--adapter", str(tmp_path / "m"), "--model", str(tmp_path / "m")]),
-                 lambda: model.main(["--model", str(tmp_path / "m")])):
+                 lambda: sample.main(["--model", str(tmp_path / "m")])):
         with pytest.raises(SystemExit) as e:
             main()
         lines.append(str(e.value.code))
