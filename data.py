@@ -51,6 +51,7 @@ from model import IGNORE_INDEX
 from plumbing import cli
 from plumbing.hub import resolve_pretrained
 from plumbing.records import conversation_key, load_records
+from plumbing.report import printable
 from plumbing.stats import diversity, format_stats, padding_fraction, percentile
 from plumbing.tokenizer_files import EOT_ID, EOT_TEXT, get_tokenizer
 from tasks import BUILTIN_DATASETS, DATA_DIR, SPLITS, resolve_dataset, write_dataset
@@ -338,7 +339,7 @@ def visualise(ids, mask, tokenizer, color):
             m = k
             while m < j and ids[m] not in names:
                 m += 1
-            pieces.append(tokenizer.decode(ids[k:m]))
+            pieces.append(printable(tokenizer.decode(ids[k:m])))  # a file's escape codes shown, not run
             k = m
         text = "".join(pieces)
         out.append(on + text + off if mask[i] else text)

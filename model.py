@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from plumbing.files import atomic_write_text
+from plumbing.files import atomic_write_text, refuse_lfs_pointer
 from plumbing.gguf_io import load_gguf
 from plumbing.hf_format import HF, OURS, check_shapes, config_dict, config_kwargs, llama_weights, rename
 from plumbing.hub import read_config_dict, resolve_pretrained
@@ -75,6 +75,20 @@ class GPTConfig:
     tie_embeddings: bool = True
 
     def __post_init__(self):
+        # Sizes and counts positive integers, eps and the RoPE base finite and positive: a config file
+        # from elsewhere is checked here, before any tensor is sized by it.
+        sizes = ["block_size", "vocab_size", "n_layer", "n_head", "n_embd"]
+        sizes += [k for k in ("n_kv_head", "intermediate_size") if getattr(self, k) is not None]
+        for name in sizes:
+            v = getattr(self, name)
+            if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+                raise ValueError(f"GPTConfig.{name}={v!r}: must be a positive integer")
+        for name in ("layer_norm_epsilon", "rope_theta"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf):
+                raise ValueError(f"GPTConfig.{name}={v!r}: must be a finite positive number")
+        if not (isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1):
+            raise ValueError(f"GPTConfig.dropout={self.dropout!r}: must be in [0, 1)")
         for name, allowed in (("arch", ("gpt2", "llama")), ("norm", ("layernorm", "rmsnorm")),
                               ("pos_emb", ("learned", "rope")), ("mlp", ("gelu", "swiglu"))):
             if getattr(self, name) not in allowed:
@@ -105,7 +119,10 @@ class GPTConfig:
         """A config from a Hugging Face config.json dict, GPT-2 or Llama
         (plumbing/hf_format.py reads it)."""
         family, kwargs = config_kwargs(d, source)
-        return cls(**{**(LLAMA_SWITCHES if family == "llama" else {}), **kwargs})
+        try:
+            return cls(**{**(LLAMA_SWITCHES if family == "llama" else {}), **kwargs})
+        except ValueError as e:  # say which file holds the impossible number
+            raise ValueError(f"{source}: {e}") from None
 
 
 # The switches that turn GPT-2 into a Llama; every Llama config (presets,
@@ -548,37 +565,41 @@ def stream(model, idx, max_new_tokens, sampling=GREEDY, stop_token=None):
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
-def copy_checked(params, sd, source, family):
-    """Copy checkpoint tensors sd[name] into params[name] (same names), after check_shapes."""
-    expected = {k: p.shape for k, p in params.items()}
-    check_shapes(expected, sd, source, f"not a {family} checkpoint of this shape")
-    with torch.no_grad():
-        for k, p in params.items():
-            p.copy_(sd[k])
-
-
-def load_hf_state_dict(model, sd, source="checkpoint"):
-    """Copy a Hugging Face state dict (GPT2LMHeadModel's or LlamaForCausalLM's, as config.arch says)
-    into model, one tensor at a time, checking every name and shape."""
+def match_hf_state_dict(model, sd, source="checkpoint"):
+    """(our parameters by name, the checkpoint's tensors in our layout by the same names), after checking
+    every name and shape: a Hugging Face state dict (GPT2LMHeadModel's or LlamaForCausalLM's, as
+    config.arch says) against model. Nothing is copied, so model may live on the meta device."""
     if model.config.arch == "llama":
-        # LlamaForCausalLM's keys <-> ours through plumbing/hf_format.py's LLAMA_NAMES; both sides
-        # use nn.Linear, so nothing is transposed.
+        # LlamaForCausalLM's keys <-> ours through plumbing/hf_format.py's LLAMA_NAMES; both sides use
+        # nn.Linear, so nothing is transposed.
         tied = model.config.tie_embeddings
         ours = {rename(k, OURS, HF): p for k, p in model.state_dict().items()
                 if not (tied and k == "lm_head.weight")}
-        return copy_checked(ours, llama_weights(sd, tied, source), source, "Llama")
-    # the hub's files omit the prefix
-    sd = {k.removeprefix("transformer."): v for k, v in sd.items()}
-    # Not weights: the causal-mask buffers older transformers versions saved with the model.
-    sd = {k: v for k, v in sd.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
-    if "lm_head.weight" in sd:  # tied: only allowed if it really is the embedding
-        if not torch.equal(sd.pop("lm_head.weight"), sd.get("wte.weight")):
-            raise ValueError(f"{source}: lm_head.weight differs from wte.weight; GPT-2 ties them")
-    # Hugging Face's GPT-2 uses Conv1D, which stores (in, out); nn.Linear stores (out, in).
-    sd = {k: (w.t() if k.endswith(CONV1D_WEIGHTS) else w) for k, w in sd.items()}
-    ours = {k.removeprefix("transformer."): p for k, p in model.state_dict().items()
-            if k != "lm_head.weight"}
-    copy_checked(ours, sd, source, "GPT-2")
+        sd, family = llama_weights(sd, tied, source), "Llama"
+    else:
+        sd = {k.removeprefix("transformer."): v for k, v in sd.items()}  # the hub's files omit it
+        # Not weights: the causal-mask buffers older transformers versions saved with the model.
+        sd = {k: v for k, v in sd.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+        if "lm_head.weight" in sd:  # tied: only allowed if it really is the embedding
+            if not torch.equal(sd.pop("lm_head.weight"), sd.get("wte.weight")):
+                raise ValueError(f"{source}: lm_head.weight differs from wte.weight; GPT-2 ties them")
+        # Hugging Face's GPT-2 uses Conv1D, which stores (in, out); nn.Linear stores (out, in).
+        sd = {k: (w.t() if k.endswith(CONV1D_WEIGHTS) else w) for k, w in sd.items()}
+        ours = {k.removeprefix("transformer."): p for k, p in model.state_dict().items()
+                if k != "lm_head.weight"}
+        family = "GPT-2"
+    expected = {k: p.shape for k, p in ours.items()}
+    check_shapes(expected, sd, source, f"not a {family} checkpoint of this shape")
+    return ours, sd
+
+
+def load_hf_state_dict(model, sd, source="checkpoint"):
+    """Copy a Hugging Face state dict into model, one tensor at a time, after checking every name and
+    shape (match_hf_state_dict)."""
+    ours, sd = match_hf_state_dict(model, sd, source)
+    with torch.no_grad():
+        for k, p in ours.items():
+            p.copy_(sd[k])
 
 
 def load_config(path):
@@ -587,18 +608,39 @@ def load_config(path):
     return GPTConfig.from_hf_dict(*read_config_dict(path))
 
 
+def param_count(c):
+    """The parameter count GPT(c) would have (the tied head once), from the config alone."""
+    hs_kv = c.kv_heads * c.head_size
+    attn = c.n_embd * (c.n_embd + 2 * hs_kv) + c.n_embd * c.n_embd  # q, k, v, and the output projection
+    attn += (c.n_embd + 2 * hs_kv + c.n_embd) if c.bias else 0
+    mlp = (3 if c.mlp == "swiglu" else 2) * c.n_embd * c.mlp_width
+    mlp += (c.mlp_width * (2 if c.mlp == "swiglu" else 1) + c.n_embd) if c.bias else 0
+    norm = c.n_embd * (2 if c.norm == "layernorm" and c.bias else 1)
+    n = c.vocab_size * c.n_embd + c.n_layer * (attn + mlp + 2 * norm) + norm
+    n += c.block_size * c.n_embd if c.pos_emb == "learned" else 0
+    return n + (0 if c.tie_embeddings else c.vocab_size * c.n_embd)
+
+
 def from_pretrained(name_or_dir, cache_dir=None):
     """A GPT with pretrained weights. A preset name ("gpt2", "smollm2-135m", ...) downloads the
     weights once; a directory loads a local checkpoint in Hugging Face layout (config.json +
     model.safetensors, GPT-2 or Llama); a .gguf file (or the preset "smollm2-135m-instruct-gguf")
     loads llama.cpp's format, dequantized to fp32."""
     path = resolve_pretrained(name_or_dir, cache_dir)
-    if path.endswith(".gguf"):
-        d, sd = load_gguf(path)  # config and tensors in Hugging Face Llama terms
-        config, source = GPTConfig.from_hf_dict(d, path), path
-    else:
-        config, source = load_config(path), os.path.join(path, "model.safetensors")
-        sd = load_safetensors(source)
+    config = load_config(path)  # config.json, or the .gguf's metadata: no weights read yet
+    source = path if path.endswith(".gguf") else os.path.join(path, "model.safetensors")
+    refuse_lfs_pointer(source)  # a clone without git-lfs: say so, not "too small"
+    # Shapes before memory. First the size: no format stores a weight in less than one bit, so a config
+    # that asks for more weights than the file could hold is refused at once, whatever it claims.
+    n_params = param_count(config)
+    if n_params / 8 > os.path.getsize(source):
+        raise ValueError(f"{source}: its config describes {n_params:,} parameters, more than the "
+                         f"{os.path.getsize(source):,}-byte file can hold; not this model's weights")
+    # a .gguf is dequantized to fp32 in Hugging Face's names; safetensors are only memory-mapped
+    sd = load_gguf(path)[1] if path.endswith(".gguf") else load_safetensors(source)
+    # Then every tensor's name and shape, against a model on the meta device (shapes, no storage).
+    with torch.device("meta"):
+        match_hf_state_dict(GPT(config), sd, source)
     model = GPT(config)
     load_hf_state_dict(model, sd, source=source)
     return model

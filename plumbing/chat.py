@@ -6,7 +6,7 @@ chat format, so nothing here imports the core.
 
 import codecs
 
-from plumbing.report import one_line
+from plumbing.report import one_line, printable
 
 
 def repl(reply_tokens, render_prompt, tok, fmt, system, room):
@@ -50,8 +50,9 @@ def repl(reply_tokens, render_prompt, tok, fmt, system, room):
             if token in fmt.stop_ids:
                 break
             reply.append(token)
-            print(decoder.decode(tok.decode_single_token_bytes(token)), end="", flush=True)
-        print(decoder.decode(b"", final=True), flush=True)
+            # the model's text, its control characters escaped (never run by the terminal)
+            print(printable(decoder.decode(tok.decode_single_token_bytes(token))), end="", flush=True)
+        print(printable(decoder.decode(b"", final=True)), flush=True)
         # Kept as text and re-rendered next turn, as render_conversation renders a training reply.
         history.append({"role": "assistant", "content": tok.decode(reply)})
         turn += 1

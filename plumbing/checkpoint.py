@@ -9,7 +9,6 @@ restore hold a training run's state: trainable weights, optimizer, gradient scal
 process's random generators.
 """
 
-import hashlib
 import json
 import os
 import random
@@ -24,21 +23,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from plumbing.files import atomic_write_text, creation_mode, fsync_dir, remove
+from plumbing.files import atomic_write_text, creation_mode, file_digest, fsync_dir, read_json, remove
 from plumbing.safetensors_io import load_safetensors, save_safetensors
 
 LATEST = "latest"  # ckpt/latest names the newest complete checkpoint directory
+CHECKPOINT_FILES = ("tensors.safetensors",)  # the files a state.json may name (with size and sha256)
+# What resuming reads from state.json: a file without one of these is not a checkpoint of ours.
+STATE_KEYS = ("step", "best_val", "bad_evals", "data", "args", "world_size", "optimizer", "scaler", "rng")
 CHECKPOINT_NAME = re.compile(r"step_\d{7}")
-
-
-def file_digest(path):
-    """{"bytes", "sha256"} of a file, read in 16 MiB chunks (a full fine-tune's checkpoint is GBs)."""
-    h, n = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-            n += len(chunk)
-    return {"bytes": n, "sha256": h.hexdigest()}
 
 
 def save_checkpoint(ckpt_dir, step, tensors, state):
@@ -101,15 +93,18 @@ def verified(path):
     tensors.safetensors has the size and sha256 state.json recorded. Raises ValueError naming the file."""
     state_path = os.path.join(path, "state.json")
     try:
-        with open(state_path, encoding="utf-8") as f:
-            state = json.load(f)
-        if not isinstance(state, dict):
-            raise ValueError("not a JSON object")
+        state = read_json(state_path)
     except FileNotFoundError:
         raise ValueError(f"{state_path} is missing") from None
     except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise ValueError(f"{state_path} is damaged or cut short ({e})") from None
-    for name, want in state.get("files", {}).items():
+    files = state.get("files", {})
+    if not isinstance(files, dict):
+        raise ValueError(f"{state_path}: 'files' is not an object")
+    for name, want in files.items():
+        # only plain files of this checkpoint: a name like ../../etc/hostname is never read
+        if name not in CHECKPOINT_FILES or not (isinstance(want, dict) and {"bytes", "sha256"} <= set(want)):
+            raise ValueError(f"{state_path} names {name!r}, not a file of a checkpoint")
         file_path = os.path.join(path, name)
         got = file_digest(file_path) if os.path.isfile(file_path) else None
         if got != want:
@@ -237,7 +232,13 @@ RESUME_MUST_MATCH = ("model", "full", "data", "val_data", "val_fraction", "train
 
 
 def check_resume(saved, cfg, world_size):
-    """Refuse to resume a checkpoint made with different model/data/LoRA/batch settings."""
+    """Refuse to resume a checkpoint that lacks what resuming reads, or was made with different
+    model/data/LoRA/batch settings."""
+    missing = [k for k in STATE_KEYS if k not in saved]
+    if missing or not isinstance(saved.get("args"), dict):
+        raise ValueError(f"{saved.get('loaded_from', cfg.out)}: its state.json lacks "
+                         f"{', '.join(missing) or 'args'}: not a checkpoint train.py wrote; start again "
+                         "without --resume in a new --out")
     args = saved["args"]
     for k in RESUME_MUST_MATCH:
         if args.get(k) != getattr(cfg, k):

@@ -7,6 +7,8 @@ step (plumbing/runs.append_metrics), so a crash can lose the line being written,
 Machinery beside the learning path; nothing here is about fine-tuning.
 """
 
+import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -73,6 +75,47 @@ def atomic_write_bytes(path, data):
 
 def atomic_write_text(path, text):
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def file_digest(path):
+    """{"bytes", "sha256"} of a file, read in 16 MiB chunks (a full fine-tune's checkpoint is GBs)."""
+    h, n = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+            n += len(chunk)
+    return {"bytes": n, "sha256": h.hexdigest()}
+
+
+# The largest JSON file handtune reads whole (tokenizer.json of SmolLM2 is 2 MB; configs are kilobytes).
+MAX_JSON_BYTES = 64 * 1024 * 1024
+
+
+def read_json(path, kind=dict, max_bytes=MAX_JSON_BYTES):
+    """A whole JSON file, checked: at most max_bytes, UTF-8, parseable, its top level of type kind (dict:
+    an object). Every failure is one ValueError naming the file."""
+    size = os.path.getsize(path)
+    if size > max_bytes:
+        raise ValueError(f"{path}: {size:,} bytes, more than the {max_bytes:,} a JSON file of this kind "
+                         "may have; not the file handtune expects")
+    refuse_lfs_pointer(path)
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg}): damaged or cut short; fix or "
+                         "re-download it") from None
+    except RecursionError:  # a crafted file: [[[[...]]]] deeper than the parser goes
+        raise ValueError(f"{path}: JSON nested too deeply to read; not a file handtune wrote") from None
+    if kind is not None and not isinstance(obj, kind):
+        raise ValueError(f"{path}: the top level is a JSON {type(obj).__name__}, expected "
+                         f"{'an object' if kind is dict else kind.__name__}")
+    return obj
 
 
 LFS_POINTER = b"version https://git-lfs.github.com/spec/"  # how every Git LFS pointer file begins

@@ -8,7 +8,10 @@ order are ours to get right. model.py turns the result into a GPT exactly as it 
 directory. plumbing/gguf_export.py writes the other way.
 """
 
+import math
+import mmap
 import os
+import struct
 
 import numpy as np
 import torch
@@ -27,10 +30,123 @@ def gguf_package(doing="reading"):
     return gguf
 
 
+# -----------------------------------------------------------------------------
+# A bounded pre-scan: every count, length and offset the header claims is checked against the bytes that
+# follow before the gguf package parses the file (its reader loops over a claimed count without bound).
+
+# GGUF's fixed-size metadata value types (uint8 ... float64) as struct formats; 8 is a string, 9 an array.
+GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+GGUF_STRING, GGUF_ARRAY = 8, 9
+MAX_DIMS = 4  # ggml's GGML_MAX_DIMS
+
+
+def scan_gguf(path):
+    """Walk a GGUF file's header with every claim bounded by the file's size, and return
+    {tensor name: (shape, byte range)}. Refuses, in one ValueError naming the file: a bad magic or
+    version, a string, array or count longer than the bytes left, more than 4 dimensions, an empty
+    or unknown tensor type, tensor data outside the file, misaligned or overlapping."""
+    gguf = gguf_package()
+
+    def bad(why):
+        return ValueError(f"{path}: not a readable GGUF file ({why}); re-download it")
+
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+    pos = 0
+
+    def take(fmt):
+        nonlocal pos
+        n = struct.calcsize(fmt)
+        if pos + n > size:
+            raise bad(f"header cut short at byte {pos}")
+        values = struct.unpack_from(fmt, buf, pos)
+        pos += n
+        return values[0] if len(values) == 1 else values
+
+    def string():
+        nonlocal pos
+        n = take("<Q")
+        if n > size - pos:
+            raise bad(f"a string of {n:,} bytes at byte {pos} runs past the end of the file")
+        pos += n
+        return bytes(buf[pos - n:pos])
+
+    def value(kind, depth=0):
+        nonlocal pos
+        if kind in GGUF_SCALARS:
+            return take("<" + GGUF_SCALARS[kind])
+        if kind == GGUF_STRING:
+            return string()
+        if kind != GGUF_ARRAY or depth > 0:
+            raise bad(f"metadata value type {kind} at byte {pos}")
+        item, count = take("<I"), take("<Q")
+        # an element takes at least this many bytes (a string: its 8-byte length)
+        least = struct.calcsize("<" + GGUF_SCALARS[item]) if item in GGUF_SCALARS else 8
+        if count * least > size - pos:
+            raise bad(f"an array claims {count:,} elements, more than the {size - pos:,} bytes left hold")
+        if item in GGUF_SCALARS:
+            pos += count * least
+            return count
+        for _ in range(count):
+            value(item, depth + 1)
+        return count
+
+    if take("<4s") != b"GGUF":
+        raise bad("no GGUF magic")
+    version, n_tensors, n_kv = take("<I"), take("<Q"), take("<Q")
+    if version not in (2, 3):
+        raise bad(f"version {version}; handtune reads versions 2 and 3")
+    if n_kv * 13 > size - pos or n_tensors * 29 > size - pos:  # the smallest entry of each kind
+        raise bad(f"{n_kv:,} metadata entries and {n_tensors:,} tensors cannot fit in {size:,} bytes")
+    alignment = gguf.GGUF_DEFAULT_ALIGNMENT
+    for _ in range(n_kv):
+        key, kind = string(), take("<I")
+        v = value(kind)
+        if key == b"general.alignment":
+            if not (isinstance(v, int) and 1 <= v <= 1 << 20 and v & (v - 1) == 0):
+                raise bad(f"general.alignment {v!r} is not a power of two")
+            alignment = v
+    infos = []
+    for _ in range(n_tensors):
+        name, n_dims = string().decode("utf-8", "replace"), take("<I")
+        if not 1 <= n_dims <= MAX_DIMS:
+            raise bad(f"tensor {name!r} has {n_dims} dimensions")
+        dims = [take("<Q") for _ in range(n_dims)]
+        kind, offset = take("<I"), take("<Q")
+        infos.append((name, dims, kind, offset))
+    data_start = pos + (-pos % alignment)
+    tensors, spans = {}, []
+    for name, dims, kind, offset in infos:
+        try:
+            block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(kind)]
+        except (ValueError, KeyError):
+            raise bad(f"tensor {name!r} has unknown type {kind}") from None
+        n = math.prod(dims)
+        if n == 0 or n % block or dims[0] % block:
+            raise bad(f"tensor {name!r} has shape {dims}, not whole blocks of {block}")
+        nbytes = n // block * type_size
+        begin = data_start + offset
+        if offset % alignment or begin + nbytes > size:
+            raise bad(f"tensor {name!r}: {nbytes:,} bytes at offset {offset:,} are misaligned or run "
+                      f"past the end of the {size:,}-byte file")
+        spans.append((begin, begin + nbytes, name))
+        tensors[name] = (tuple(reversed(dims)), (begin, begin + nbytes))
+    spans.sort()
+    for (_, end, a), (begin, _, b) in zip(spans, spans[1:]):
+        if begin < end:
+            raise bad(f"tensors {a!r} and {b!r} overlap")
+    if len(tensors) != len(infos):
+        raise bad("two tensors share a name")
+    return tensors
+
+
 def open_gguf(path):
-    """A gguf.GGUFReader over path. The file is memory-mapped: nothing is read until a field or tensor is used."""
+    """A gguf.GGUFReader over path, after scan_gguf has bounded every claim of its header. The file is
+    memory-mapped: nothing is read until a field or tensor is used."""
     gguf = gguf_package()
     refuse_lfs_pointer(path)
+    scan_gguf(path)
     try:
         return gguf.GGUFReader(path)
     except Exception as e:  # the parser raises assorted errors on a damaged file

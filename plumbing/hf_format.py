@@ -20,11 +20,24 @@ LLAMA_DEFAULTS = {"vocab_size": 32000, "max_position_embeddings": 2048, "hidden_
                   "rms_norm_eps": 1e-6, "rope_theta": 10000.0}
 
 
+def _check_sizes(d, keys, source):
+    """The size and count fields a config's arithmetic uses are positive integers (a crafted file may
+    say 0, -1, "768" or 1e400); GPTConfig checks the rest."""
+    for k in keys:
+        v = d.get(k)
+        if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            raise ValueError(f"{source}: {k}={v!r}; it must be a positive integer")
+
+
 def config_kwargs(d, source="config.json"):
     """(family, GPTConfig keyword arguments) from a config.json dict, GPT-2 or Llama, refusing variants
     handtune does not implement. family "llama" means: add model.LLAMA_SWITCHES."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{source}: not a JSON object")
     if d.get("model_type") == "llama":
-        return "llama", _llama_kwargs({**LLAMA_DEFAULTS, **d}, source)
+        d = {**LLAMA_DEFAULTS, **d}
+        _check_sizes(d, ("num_attention_heads", "hidden_size", "num_key_value_heads", "head_dim"), source)
+        return "llama", _llama_kwargs(d, source)
     if d.get("model_type") != "gpt2":
         raise ValueError(f"{source}: model_type is {d.get('model_type')!r}, expected 'gpt2' or 'llama'")
     d = {**GPT2_DEFAULTS, **d}
@@ -60,7 +73,7 @@ def _llama_kwargs(d, source):
     return dict(bias=bool(d.get("attention_bias", False)), block_size=d["max_position_embeddings"],
                 vocab_size=d["vocab_size"], n_layer=d["num_hidden_layers"], n_head=n_head, n_embd=n_embd,
                 n_kv_head=d.get("num_key_value_heads") or n_head, intermediate_size=d["intermediate_size"],
-                rope_theta=float(theta), layer_norm_epsilon=d["rms_norm_eps"],
+                rope_theta=float(theta) if type(theta) in (int, float) else theta, layer_norm_epsilon=d["rms_norm_eps"],
                 dropout=d.get("attention_dropout", 0.0),
                 tie_embeddings=d.get("tie_word_embeddings", False))  # LlamaConfig's default is untied
 

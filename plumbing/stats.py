@@ -20,7 +20,9 @@ def diversity(conversations, max_n=3):
                 if m["role"] != "user":
                     continue
                 words = m["content"].split()
-                grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+                # each n-gram kept as a hash, not a tuple of strings: memory grows with the distinct
+                # n-grams, not with every word of the corpus n times over
+                grams = [hash(tuple(words[i:i + n])) for i in range(len(words) - n + 1)]
                 seen.update(grams)
                 total += len(grams)
         out[f"distinct_{n}"] = len(seen) / max(total, 1)

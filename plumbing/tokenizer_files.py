@@ -12,7 +12,7 @@ from pathlib import Path
 
 import tiktoken
 
-from plumbing.files import atomic_write_bytes, atomic_write_text, refuse_lfs_pointer
+from plumbing.files import atomic_write_bytes, atomic_write_text, read_json, refuse_lfs_pointer
 from plumbing.gguf_io import open_gguf
 
 # GPT-2's one special token, <|endoftext|>, and its id: the last of the vocabulary. (data.py's GPT-2
@@ -51,17 +51,26 @@ def load_bpe_files(vocab_json, merges_txt):
     decode = _byte_decoder()
     for path in (vocab_json, merges_txt):
         refuse_lfs_pointer(path)
-    path = vocab_json
-    try:  # a damaged file is one line naming it (JSON and UTF-8 errors are ValueErrors)
-        vocab = json.loads(Path(vocab_json).read_text(encoding="utf-8"))
-        ranks = {bytes(decode[c] for c in token): i for token, i in vocab.items() if token != EOT_TEXT}
-        path = merges_txt
+    vocab = read_json(vocab_json)  # one line for a malformed, huge or deeply nested file
+    ranks = {}
+    for token, i in vocab.items():
+        if token == EOT_TEXT:
+            continue
+        if not (isinstance(i, int) and not isinstance(i, bool)) or any(c not in decode for c in token):
+            raise ValueError(f"{vocab_json}: entry {token[:40]!r}: {i!r} is not a byte-level token with an "
+                             "integer id; the file is damaged or not GPT-2's: copy it again from the model")
+        ranks[bytes(decode[c] for c in token)] = i
+    try:
         lines = Path(merges_txt).read_text(encoding="utf-8").split("\n")
-    except (ValueError, AttributeError, KeyError, TypeError) as e:
-        raise ValueError(f"{path}: not a GPT-2 tokenizer file ({type(e).__name__}: {e}); it is damaged or cut "
-                         "short: copy it again from the model") from None
-    merges = [(n, ln.split()) for n, ln in enumerate(lines, start=1) if ln.strip() and not ln.startswith("#version")]
-    for i, (n, (a, b)) in enumerate(merges):
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{merges_txt}: not UTF-8 text ({e.reason}); copy it again from the model") from None
+    merges = [(n, ln.split()) for n, ln in enumerate(lines, start=1)
+              if ln.strip() and not ln.startswith("#version")]
+    for i, (n, parts) in enumerate(merges):
+        if len(parts) != 2 or any(c not in decode for c in "".join(parts)):
+            raise ValueError(f"{merges_txt}:{n}: not a merge (two byte-level tokens separated by a space); "
+                             "the file is damaged or not GPT-2's")
+        a, b = parts
         merged = bytes(decode[c] for c in a + b)
         if ranks.get(merged) != 256 + i:
             raise ValueError(f"{merges_txt}:{n}: merge {a!r} {b!r} does not match vocab.json "
@@ -169,6 +178,10 @@ def byte_level_encoding(name, tokens, merges, pattern, source):
                              "tiktoken needs merge results with increasing ids")
         ordinary.add(i)
         previous = i
+    outside = next((tokens[i] for i in ordinary if any(c not in decode for c in tokens[i])), None)
+    if outside is not None:
+        raise ValueError(f"{source}: token {outside[:40]!r} has characters outside the byte alphabet; "
+                         "not a byte-level BPE vocabulary")
     ranks = {bytes(decode[c] for c in tokens[i]): i for i in ordinary}
     special = {t: i for i, t in enumerate(tokens) if i not in ordinary}
     drop = _unencodable_chars(ranks, source)
@@ -255,23 +268,25 @@ def smollm2_tokenizer_from_dir(model_dir):
     for path in (vocab_path, tok_path):
         if not path.is_file():
             continue
-        try:
-            obj = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{e.lineno}: bad JSON ({e.msg})") from None
+        obj = read_json(path)  # one line for a malformed, huge or deeply nested file
         if path == vocab_path:
             vocab.update(obj)
             continue
-        vocab.update({t["content"]: t["id"] for t in obj.get("added_tokens", [])})
+        added = obj.get("added_tokens", [])
+        if not (isinstance(added, list) and all(isinstance(a, dict) and isinstance(a.get("content"), str)
+                                                and type(a.get("id")) is int for a in added)):
+            raise ValueError(f"{path}: added_tokens must be a list of {{content: text, id: integer}}")
+        vocab.update({a["content"]: a["id"] for a in added})
         pre = obj.get("pre_tokenizer") or {}
-        steps = [(p.get("type"), p.get(key)) for p, (_, key, _) in zip(pre.get("pretokenizers", []),
-                                                                      SMOLLM2_HF_PRE_TOKENIZER)]
+        given = pre.get("pretokenizers", []) if isinstance(pre, dict) else []
+        steps = [(p.get("type"), p.get(key)) if isinstance(p, dict) else None
+                 for p, (_, key, _) in zip(given if isinstance(given, list) else [], SMOLLM2_HF_PRE_TOKENIZER)]
         if obj.get("normalizer") or steps != [(kind, value) for kind, _, value in SMOLLM2_HF_PRE_TOKENIZER]:
             raise ValueError(f"{path}: normalizer/pre-tokenizer are not SmolLM2's (none; Digits + ByteLevel); "
                              "handtune has GPT-2's and SmolLM2's tokenizers only")
     tokens = [None] * len(vocab)
     for t, i in vocab.items():
-        if not 0 <= i < len(tokens) or tokens[i] is not None:
+        if type(i) is not int or not 0 <= i < len(tokens) or tokens[i] is not None:
             raise ValueError(f"{vocab_path}: token ids are not 0..{len(vocab) - 1}, each used once ({t!r}: {i})")
         tokens[i] = t
     lines = merges_path.read_text(encoding="utf-8").split("\n")
@@ -284,14 +299,34 @@ def smollm2_tokenizer_from_dir(model_dir):
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json")
 
 
+def inside(path, folder):
+    """path itself, checked to be a plain file inside folder: a symbolic link may point within folder
+    (or, in a Hugging Face cache snapshot, into the cache's blobs/), never anywhere else, so no file
+    from outside a model directory reaches an output."""
+    real, home = os.path.realpath(path), os.path.realpath(folder)
+    allowed = [home]
+    if os.path.basename(os.path.dirname(home)) == "snapshots":  # hub cache: snapshots/REV -> ../../blobs
+        allowed.append(os.path.join(os.path.dirname(os.path.dirname(home)), "blobs"))
+    if not any(os.path.commonpath([real, a]) == a for a in allowed) or not os.path.isfile(real):
+        raise ValueError(f"{path}: a link to {real}, outside the model directory {folder} (or not a "
+                         "file); copy the real file into the directory instead")
+    return path
+
+
 def copy_tokenizer_files(model_path, out_dir):
-    """Give out_dir the tokenizer of model_path: its files copied from a directory, or written out of a
-    GGUF file's metadata (GPT-2 or SmolLM2)."""
+    """Give out_dir the tokenizer of model_path: its files copied from a directory (each a plain file
+    inside it, JSON files parsed first, written atomically), or written out of a GGUF file's metadata
+    (GPT-2 or SmolLM2)."""
     if os.path.isdir(model_path):
         for f in TOKENIZER_FILES:
-            if os.path.isfile(os.path.join(model_path, f)):
-                with open(os.path.join(model_path, f), "rb") as src:
-                    atomic_write_bytes(os.path.join(out_dir, f), src.read())
+            src = os.path.join(model_path, f)
+            if not os.path.lexists(src):
+                continue
+            inside(src, model_path)
+            if f.endswith(".json"):
+                read_json(src)  # a JSON object of sane size and depth, or one line naming the file
+            with open(src, "rb") as fh:
+                atomic_write_bytes(os.path.join(out_dir, f), fh.read())
     elif model_path.endswith(".gguf"):
         save_gguf_tokenizer_files(out_dir, model_path)
 
@@ -314,9 +349,9 @@ def get_tokenizer(model_path=None):
     model_type = None
     if (path / "config.json").is_file():
         try:
-            model_type = json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type")
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path / 'config.json'}:{e.lineno}: bad JSON ({e.msg})") from None
+            model_type = read_json(path / "config.json").get("model_type")
+        except KeyError:
+            pass
     if model_type == "llama" or (model_type is None and (path / "tokenizer.json").is_file()):
         return smollm2_tokenizer_from_dir(path)
     if model_type in (None, "gpt2"):

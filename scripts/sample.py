@@ -19,6 +19,7 @@ from lora import load_adapter  # noqa: E402
 from model import GPT, GPTConfig, Sampling, from_pretrained, generate, save_pretrained  # noqa: E402
 from plumbing import cli  # noqa: E402
 from plumbing.hub import resolve_pretrained  # noqa: E402
+from plumbing.report import printable  # noqa: E402
 from plumbing.tokenizer_files import get_tokenizer, save_tokenizer_files  # noqa: E402
 
 MODEL_HELP = ("preset (gpt2[-medium|-large|-xl], smollm2-135m[-instruct], smollm2-135m-instruct-gguf), "
@@ -68,7 +69,7 @@ def main(argv=None):
     idx = torch.tensor([enc.encode_ordinary(cfg.prompt)], dtype=torch.long)
     sampling = Sampling(cfg.temperature, cfg.top_k, seed=cfg.seed)
     out = generate(model, idx, cfg.max_new_tokens, sampling)
-    print(enc.decode(out[0].tolist()))
+    print(printable(enc.decode(out[0].tolist())))  # control characters escaped, never run
 
 
 if __name__ == "__main__":

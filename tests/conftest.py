@@ -5,12 +5,14 @@ sys.path here. Fixtures are hermetic: no network, nothing outside a tmp dir is w
 """
 
 import hashlib
-import io
+import http.server
 import json
 import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +24,7 @@ sys.path.insert(1, str(ROOT / "scripts"))  # the scripts' main() functions, call
 import train  # noqa: E402
 from lora import lora_layers  # noqa: E402
 from model import GPTConfig  # noqa: E402
-from plumbing.safetensors_io import load_safetensors  # noqa: E402
+from plumbing.safetensors_io import load_safetensors, save_safetensors  # noqa: E402
 from plumbing.tokenizer_files import get_tokenizer  # noqa: E402
 
 
@@ -244,16 +246,6 @@ def no_cache_greedy(model, idx, n):
     return idx
 
 
-class FakeResponse(io.BytesIO):
-    def __init__(self, data):
-        super().__init__(data)
-        self.headers = {"Content-Length": str(len(data))}
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        self.close()
 
 
 def run_main(args):
@@ -288,3 +280,80 @@ def run_script(args, env=None, timeout=120):
     env = dict(env or os.environ, OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, str(ROOT / "train.py"), *map(str, args)], capture_output=True,
                           text=True, env=env, cwd=ROOT, timeout=timeout)
+
+
+def run_limited(args, memory_gb=1, timeout=60):
+    """Run a handtune CLI (python args...) in the repository root under a memory cap (address space) and a
+    time limit; return the CompletedProcess. What hostile input must never do is exceed either."""
+    import resource
+
+    cap = memory_gb << 30
+    return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (cap, cap)))
+
+
+def one_error_line(r, *needles):
+    """r (a CompletedProcess) failed with exactly one line, `error: ...`, containing every needle."""
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr[-2000:]
+    for needle in needles:
+        assert str(needle) in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+# -----------------------------------------------------------------------------
+# A stand-in for the Hugging Face hub on the loopback address (tests/test_hub.py, the preset tests)
+
+
+def good_files(tmp_path):
+    """The bytes of a GPT-2 repository's four files, small: what the stand-in hub serves by default."""
+    save_safetensors({"wte.weight": torch.zeros(2, 2)}, str(tmp_path / "w.safetensors"))
+    return {"config.json": json.dumps({"model_type": "gpt2"}).encode(),
+            "model.safetensors": (tmp_path / "w.safetensors").read_bytes(),
+            "vocab.json": b"{}", "merges.txt": b"#version: 0.2\n", "tokenizer.json": b"{}",
+            "tokenizer_config.json": b"{}"}
+
+
+class StandIn(http.server.BaseHTTPRequestHandler):
+    """Serves server.files[name]; server.modes[name] changes how: "truncated" (announces more bytes than
+    it sends), "html" (a login page), "redirect-http" (to another host over http), "slow"."""
+
+    def do_GET(self):
+        name = self.path.rsplit("/", 1)[-1]
+        self.server.hits.append(self.path)
+        mode, body = self.server.modes.get(name), self.server.files.get(name)
+        if body is None:
+            self.send_error(404)
+            return
+        if mode == "redirect-http":
+            self.send_response(302)
+            self.send_header("Location", "http://example.invalid/" + name)
+            self.end_headers()
+            return
+        if mode == "html":
+            body = b"<!DOCTYPE html><html><body>Sign in to continue</body></html>"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body) + (100 if mode == "truncated" else 0)))
+        self.end_headers()
+        if mode == "slow":
+            time.sleep(0.5)
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def hub_server(tmp_path, monkeypatch):
+    """A stand-in hub on 127.0.0.1 serving good_files (HANDTUNE_HUB points at it, HANDTUNE_CACHE into
+    tmp_path); .modes[name] makes a file misbehave, .hits records the paths asked for."""
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), StandIn)
+    srv.files, srv.modes, srv.hits = good_files(tmp_path), {}, []
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{srv.server_address[1]}"
+    monkeypatch.setenv("HANDTUNE_HUB", url)
+    monkeypatch.setenv("HANDTUNE_CACHE", str(tmp_path / "cache"))
+    yield srv
+    srv.shutdown()

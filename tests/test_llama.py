@@ -13,7 +13,7 @@ import os
 
 import pytest
 import torch
-from conftest import FakeResponse, no_cache_greedy, permute_like_llama_cpp
+from conftest import no_cache_greedy, permute_like_llama_cpp
 
 import model as model_mod
 import plumbing.gguf_io
@@ -352,18 +352,12 @@ def test_smollm2_preset_size():
     assert u.num_params() == m.num_params() + c.vocab_size * c.n_embd
 
 
-def test_smollm2_preset_downloads_its_files(tmp_path, monkeypatch):
-    urls = []
-
-    def fake_urlopen(url, timeout=None):
-        urls.append(url)
-        return FakeResponse(b"x")
-
-    monkeypatch.setattr(plumbing.hub.urllib.request, "urlopen", fake_urlopen)
+def test_smollm2_preset_downloads_its_files(hub_server, tmp_path):
     d = resolve_pretrained("smollm2-135m-instruct", cache_dir=str(tmp_path))
-    assert sorted(os.listdir(d)) == sorted(plumbing.hub.SMOLLM2_HUB_FILES)
-    assert urls[0] == "https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct/resolve/main/config.json"
-    assert "https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct/resolve/main/tokenizer.json" in urls
+    got = sorted(f for f in os.listdir(d) if not f.endswith(".lock"))
+    assert got == sorted([*plumbing.hub.SMOLLM2_HUB_FILES, plumbing.hub.DOWNLOADS])
+    assert hub_server.hits[0] == "/HuggingFaceTB/SmolLM2-135M-Instruct/resolve/main/config.json"
+    assert "/HuggingFaceTB/SmolLM2-135M-Instruct/resolve/main/tokenizer.json" in hub_server.hits
 
 
 # -----------------------------------------------------------------------------

@@ -11,11 +11,10 @@ import math
 import os
 import subprocess
 import sys
-import urllib.error
 
 import pytest
 import torch
-from conftest import FakeResponse, no_cache_greedy
+from conftest import no_cache_greedy
 from torch.nn import functional as F
 
 import plumbing.files
@@ -24,7 +23,6 @@ from model import (GPT, IGNORE_INDEX, PRESETS, GPTConfig, KVCache, Sampling, fro
                    generate, load_hf_state_dict, sample_next, save_pretrained, stream)
 from plumbing.device import choose_device, choose_dtype
 from plumbing.files import atomic_write_bytes
-from plumbing.hub import resolve_pretrained
 from plumbing.safetensors_io import load_safetensors, save_safetensors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -428,38 +426,9 @@ def test_bad_weights_file_gives_one_line_error(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# Download, cache and atomic writes (no network: urlopen is replaced)
+# Atomic writes (the downloader: tests/test_hub.py)
 
 
-
-
-def test_preset_downloads_once_into_cache(tmp_path, monkeypatch):
-    urls = []
-
-    def fake_urlopen(url, timeout=None):
-        urls.append(url)
-        return FakeResponse(b"content of " + url.encode())
-
-    monkeypatch.setattr(plumbing.hub.urllib.request, "urlopen", fake_urlopen)
-    monkeypatch.setenv("HANDTUNE_CACHE", str(tmp_path))
-    d = resolve_pretrained("gpt2")
-    assert d == os.path.join(str(tmp_path), "gpt2")
-    assert sorted(os.listdir(d)) == sorted(plumbing.hub.HUB_FILES)  # no .part left behind
-    assert urls[0] == "https://huggingface.co/openai-community/gpt2/resolve/main/config.json"
-    resolve_pretrained("gpt2")
-    assert len(urls) == len(plumbing.hub.HUB_FILES)  # second call: all cached
-
-
-def test_offline_download_says_what_to_do(tmp_path, monkeypatch):
-    def offline(url, timeout=None):
-        raise urllib.error.URLError("Name or service not known")
-
-    monkeypatch.setattr(plumbing.hub.urllib.request, "urlopen", offline)
-    with pytest.raises(RuntimeError, match="Offline.*pass that directory"):
-        resolve_pretrained("gpt2-medium", cache_dir=str(tmp_path))
-    assert not any(f.endswith(".json") for f in os.listdir(tmp_path / "gpt2-medium"))
-    with pytest.raises(FileNotFoundError, match="neither a model directory nor a preset"):
-        resolve_pretrained(str(tmp_path / "nope"))
 
 
 def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
