@@ -16,7 +16,9 @@ import copy
 import dataclasses
 import json
 import os
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -41,6 +43,7 @@ from plumbing import cli  # noqa: E402
 from plumbing.device import setup_runtime  # noqa: E402
 from plumbing.files import atomic_write_text  # noqa: E402
 from plumbing.hub import resolve_pretrained  # noqa: E402
+from plumbing.intervals import wilson  # noqa: E402
 from plumbing.plots import save_figure  # noqa: E402
 from plumbing.records import general_tokens, text_windows  # noqa: E402
 from plumbing.report import hardware  # noqa: E402
@@ -55,20 +58,29 @@ from tasks import score, summarize  # noqa: E402
 class LabConfig:
     model: str = cli.opt("smollm2-135m-instruct-gguf", "base model: a preset, a Hugging Face directory or a .gguf",
                          group="lab")
-    out: str = cli.opt("results", "where NAME.json, NAME.md and NAME.png go")
+    out: str = cli.opt("results", "where NAME.json, NAME.md and NAME.png go (--quick: a temporary "
+                       "directory unless given)")
     quick: bool = cli.opt(False, "a tiny random model of --model's family and a handful of steps (CI, seconds)")
     batch_size: int = cli.opt(8, "conversations per optimizer step", min=1)
     eval_items: int = cli.opt(40, "test items scored per model (greedy)", min=1)
     seed: int = cli.opt(1337, "seed for data sampling, LoRA init and data order")
+    seeds: str = cli.opt("", "comma-separated seeds of LoRA init and data order, one run each (default: "
+                         "--seed); scripts that take it cache each (configuration, seed) run as it finishes")
     device: str = cli.opt("auto", "auto, cpu, cuda, cuda:N or mps")
     dtype: str = cli.opt("auto", "autocast precision", choices=("auto", "float32", "bfloat16", "float16"))
 
 
+# Where --quick writes when --out is not given: never results/, whose files are the real runs' numbers.
+QUICK_OUT = os.path.join(tempfile.gettempdir(), "handtune-lab-quick")
+
+
 def parse(config_cls, description, argv=None):
-    cfg, _ = cli.parse(config_cls, argv, description)
+    cfg, given = cli.parse(config_cls, argv, description)
     cli.check_ranges(cfg)
     if cfg.quick:
         cfg.batch_size, cfg.eval_items = 4, 4
+        if "--out" not in given:
+            cfg.out = QUICK_OUT
     return cfg
 
 
@@ -93,12 +105,13 @@ class Lab:
     base: GPT  # never trained: finetune() loads its own (with --quick: trains a copy)
     model_dir: str
     t0: float
+    dtype_reason: str = ""  # why plumbing.device chose the dtype (native bf16, requested, ...)
 
 
 def setup(cfg):
     t0 = time.time()
     model_dir = resolve_pretrained(cfg.model)
-    rt, _, _ = setup_runtime(cfg.device, cfg.dtype, print)
+    rt, _, dtype_reason = setup_runtime(cfg.device, cfg.dtype, print)
     tok = get_tokenizer(model_dir)
     config = load_config(model_dir)  # the family, vocabulary and context of --model
     if cfg.quick:  # the same family and tokenizer, 2 blocks of width 32: random weights, seconds per run
@@ -110,7 +123,7 @@ def setup(cfg):
         base = from_pretrained(model_dir)
     print(f"model: {cfg.model}{' (--quick: tiny random)' if cfg.quick else ''}, "
           f"{sum(p.numel() for p in base.parameters()) / 1e6:.1f}M parameters")
-    return Lab(cfg, rt, tok, data.chat_format(tok), base.to(rt.device).eval(), model_dir, t0)
+    return Lab(cfg, rt, tok, data.chat_format(tok), base.to(rt.device).eval(), model_dir, t0, dtype_reason)
 
 
 # -----------------------------------------------------------------------------
@@ -169,21 +182,75 @@ def val_loss(lab, model, conversations, train_on="all"):
 # Evaluation: eval.py's batched generation, the task's scorer
 
 
+def prompts_of(lab, records, max_new_tokens):
+    """Each record's prompt ids (its messages up to the last reply), leaving room for the reply."""
+    room = lab.base.config.block_size - max_new_tokens
+    return [fit_prompt(split_reply(r["messages"])[0], [], lab.tok, room)[0] for r in records]
+
+
 def replies(lab, model, records, max_new_tokens, sampling=Sampling(0.0, seed=0), desc="generate",
             replies_of=generate_replies):
     """The model's replies to each record's prompt (its messages up to the last reply); greedy unless
     sampling says otherwise. replies_of: see eval.run_rung."""
-    room = lab.base.config.block_size - max_new_tokens
-    prompts = [fit_prompt(split_reply(r["messages"])[0], [], lab.tok, room)[0] for r in records]
+    prompts = prompts_of(lab, records, max_new_tokens)
     dec = Decoding(lab.tok, max_new_tokens, lab.rt.device, lab.rt.dtype, 16, sampling)
     return run_rung(desc, model, prompts, dec, replies_of)
 
 
 def scored(lab, model, records, task="triage", max_new_tokens=48, desc="score", replies_of=generate_replies):
-    """(the task's summary over records: exact match, valid format, ...; the replies), greedy."""
+    """(the task's summary over records: exact match, valid format, ...; the replies), greedy. The
+    summary's "items" holds each record's own scores ({score name: [0/1 per record]}), so any result can
+    be compared item by item, or re-scored from the replies, without retraining."""
     out = replies(lab, model, records, max_new_tokens, desc=desc, replies_of=replies_of)
     scores = [score(task, reply, r) for reply, r in zip(out, records)]
-    return summarize(task, scores, [r.get("family", "") for r in records], set()), out
+    summary = summarize(task, scores, [r.get("family", "") for r in records], set())
+    name = lambda k: "exact_match" if k == "exact" else k  # noqa: E731 (the summary's name for it)
+    summary["items"] = {name(k): [s[k] for s in scores] for k in scores[0] if isinstance(scores[0][k], int)}
+    return summary, out
+
+
+# -----------------------------------------------------------------------------
+# Seeds: one run per seed, each cached as it finishes, merged into one row with per-item scores
+
+
+def seed_list(cfg):
+    """The seeds a script runs: --seeds, else --seed alone."""
+    try:
+        return [int(s) for s in cfg.seeds.split(",")] if cfg.seeds.strip() else [cfg.seed]
+    except ValueError:
+        raise ValueError(f"--seeds {cfg.seeds}: expected integers like 1337,1338,1339") from None
+
+
+def cached_runs(lab, name, config, run_one):
+    """[run_one(seed) for each seed], each loaded from OUT/cache/NAME/<config>-s<seed>.json when an earlier
+    sitting finished it, else run and saved there at once (atomically): a sweep stopped by a session's
+    end resumes where it stopped. run_one returns a JSON-able dict; the cache key holds every setting
+    that changes the result (config: a short string naming the configuration)."""
+    folder = os.path.join(lab.cfg.out, "cache", name)
+    runs = []
+    for seed in seed_list(lab.cfg):
+        model = os.path.basename(lab.cfg.model) + ("-quick" if lab.cfg.quick else "")
+        key = f"{model}-{config}-s{seed}".replace("/", "_").replace(" ", "_").replace(",", "")
+        path = os.path.join(folder, f"{key}.json")
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                runs.append(json.load(f))
+            print(f"{name} {config} seed {seed}: cached ({path})")
+            continue
+        result = {"seed": seed, **run_one(seed)}
+        os.makedirs(folder, exist_ok=True)
+        atomic_write_text(path, json.dumps(result) + "\n")
+        runs.append(result)
+    return runs
+
+
+def merge_seeds(runs, metrics):
+    """One row from per-seed runs: each metric the mean over seeds (and items), its per-seed values under
+    "per_seed", and the per-item scores of every seed under "items" ({metric: [[item scores] per seed]})."""
+    row = {"seeds": [r["seed"] for r in runs], "per_seed": {m: [r[m] for r in runs] for m in metrics}}
+    row.update({m: sum(r[m] for r in runs) / len(runs) for m in metrics})
+    row["items"] = {m: [r["items"][m] for r in runs] for m in metrics if all(m in r.get("items", {}) for r in runs)}
+    return row
 
 
 def general_windows(lab, n_tokens=4096):
@@ -202,20 +269,45 @@ def forgot(lab, model, windows):
 # Results: NAME.json, NAME.md, NAME.png
 
 
+def git_commit():
+    """The commit the code ran at ("+changes" if the tree differed from it), or "unknown"."""
+    try:
+        run = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True,  # noqa: E731
+                                        timeout=10).stdout.strip()
+        commit = run("rev-parse", "HEAD")
+        return (commit + ("+changes" if run("status", "--porcelain", "--untracked-files=no") else "")) or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def cpu_flags():
+    """The CPU features that decide bf16 numerics and speed here (avx512_bf16, amx_bf16, avx2, ...)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return []
+    return sorted(set(flags) & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "fma"})
+
+
 def save_results(lab, name, claim, settings, results, table, fig, notes=""):
-    """Write OUT/NAME.json, OUT/NAME.md and OUT/NAME.png (atomically) and print the table."""
+    """Write OUT/NAME.json, OUT/NAME.md and OUT/NAME.png (atomically) and print the table. Both name the
+    command, the git commit, the seeds, the CPU's relevant flags and the dtype with the reason for it."""
     cfg = lab.cfg
     wall = time.time() - lab.t0
     command = "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
     meta = {"name": name, "claim": claim, "model": cfg.model, "quick": cfg.quick, "hardware": hardware(lab.rt.device),
-            "device": lab.rt.device, "dtype": lab.rt.dtype, "command": command, "wall_time_s": wall,
-            "date": time.strftime("%Y-%m-%d"), "config": dataclasses.asdict(cfg), "settings": settings}
+            "device": lab.rt.device, "dtype": lab.rt.dtype, "dtype_reason": lab.dtype_reason,
+            "cpu_flags": cpu_flags(), "commit": git_commit(), "seeds": seed_list(cfg), "command": command,
+            "wall_time_s": wall, "date": time.strftime("%Y-%m-%d"), "config": dataclasses.asdict(cfg),
+            "settings": settings}
     os.makedirs(cfg.out, exist_ok=True)
     atomic_write_text(os.path.join(cfg.out, f"{name}.json"), json.dumps({**meta, "results": results}, indent=2) + "\n")
     md = [f"# {name}", "", f"Claim tested: {claim}", "",
           f"Model: {cfg.model}{' (--quick: a tiny random model; the numbers mean nothing)' if cfg.quick else ''}. "
-          f"Hardware: {meta['hardware']}; device {lab.rt.device}, {lab.rt.dtype}. Wall time {wall / 60:.1f} min, "
-          f"{meta['date']}.", "", "```bash", command, "```", "",
+          f"Hardware: {meta['hardware']}; CPU flags {', '.join(meta['cpu_flags']) or 'none listed'}; device "
+          f"{lab.rt.device}, {lab.rt.dtype} ({lab.dtype_reason}). Wall time {wall / 60:.1f} min, {meta['date']}. "
+          f"Commit {meta['commit']}; seeds {', '.join(map(str, meta['seeds']))}.", "", "```bash", command, "```", "",
           "Settings: " + ", ".join(f"{k} {v}" for k, v in settings.items()) + ".", "", table, "",
           f"![{name}]({name}.png)", ""] + ([notes, ""] if notes else [])
     atomic_write_text(os.path.join(cfg.out, f"{name}.md"), "\n".join(md))
@@ -224,11 +316,35 @@ def save_results(lab, name, claim, settings, results, table, fig, notes=""):
     print(f"\nresults: {cfg.out}/{name}.json, .md, .png ({wall:.0f} s)")
 
 
+def rate_interval(row, metric):
+    """(rate, low, high) of a row's metric: Wilson's interval over its per-item scores, all seeds pooled
+    (row["items"][metric]); None when the row holds no per-item scores for it."""
+    items = row.get("items", {}).get(metric)
+    if not items:
+        return None
+    flat = [x for seed in items for x in seed]
+    return wilson(sum(flat), len(flat))
+
+
+def rate_text(row, metric):
+    """A rate as the results tables print it: "35% [22, 50]" (its 95% interval), or "35%" alone for an
+    older row without per-item scores."""
+    ci = rate_interval(row, metric)
+    if ci is None:
+        return f"{row[metric]:.0%}"
+    return f"{ci[0]:.0%} [{100 * ci[1]:.0f}, {100 * ci[2]:.0f}]"
+
+
 def grouped_bars(ax, rows, cols, labels, name):
-    """One group of bars per metric (cols, shown as labels), one bar per row (a run, named by row[name]), in %."""
+    """One group of bars per metric (cols, shown as labels), one bar per row (a run, named by row[name]), in
+    %, each with its 95% interval as an error bar where the row holds per-item scores."""
     width = 0.8 / len(rows)
     for j, r in enumerate(rows):
-        ax.bar([i + j * width for i in range(len(cols))], [100 * r[c] for c in cols], width, label=r[name])
+        cis = [rate_interval(r, c) for c in cols]
+        err = [[100 * (r[c] - ci[1]) if ci else 0 for c, ci in zip(cols, cis)],
+               [100 * (ci[2] - r[c]) if ci else 0 for c, ci in zip(cols, cis)]]
+        ax.bar([i + j * width for i in range(len(cols))], [100 * r[c] for c in cols], width, label=r[name],
+               yerr=err, capsize=2)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cols))])
     ax.set_xticklabels(labels, fontsize=8)
     ax.grid(axis="y", alpha=0.3)

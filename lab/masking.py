@@ -19,8 +19,8 @@ to write the next turn (a role header, or ChatML's <|im_start|>).
 
 from dataclasses import dataclass
 
-from common import (LabConfig, finetune, grouped_bars, parse, run, save_results, scored, setup,
-                    training_settings)
+from common import (LabConfig, cached_runs, finetune, grouped_bars, merge_seeds, parse, prompts_of, rate_text, run,
+                    save_results, scored, seed_list, setup, training_settings)
 
 from eval import generate_tokens, reply_text
 from plumbing import cli
@@ -65,21 +65,28 @@ def main(argv=None):
     test = load_items("triage", "test", cfg.eval_items)[0]
     rows = []
     for name, mask_fn in masks.items():
-        model, losses = finetune(lab, train_convs, cfg.steps, desc=name, mask_fn=mask_fn, full=cfg.full)
-        recorder = StopRecorder(lab.fmt.stop_ids)
-        s, replies = scored(lab, model, test, max_new_tokens=cfg.max_new_tokens, desc=name,
-                            replies_of=recorder)
-        rows.append({"mask": name, "exact_match": s["exact_match"], "valid": s["valid"],
-                     "stops": sum(recorder.stopped.values()) / len(recorder.stopped),
-                     "writes_next_turn": sum(any(m in r for m in NEXT_TURN) for r in replies) / len(replies),
-                     "final_loss": sum(losses[-4:]) / len(losses[-4:]), "sample": replies[0]})
-        print(f"{name}: exact {s['exact_match']:.0%}, stops {rows[-1]['stops']:.0%}")
-        del model
+        def run_one(seed):
+            model, losses = finetune(lab, train_convs, cfg.steps, desc=f"{name} s{seed}", mask_fn=mask_fn,
+                                     full=cfg.full, seed=seed)
+            recorder = StopRecorder(lab.fmt.stop_ids)
+            s, replies = scored(lab, model, test, max_new_tokens=cfg.max_new_tokens, desc=name,
+                                replies_of=recorder)
+            stops = [int(recorder.stopped[tuple(p)]) for p in prompts_of(lab, test, cfg.max_new_tokens)]
+            nexts = [int(any(m in r for m in NEXT_TURN)) for r in replies]
+            return {"exact_match": s["exact_match"], "valid": s["valid"], "stops": sum(stops) / len(stops),
+                    "writes_next_turn": sum(nexts) / len(nexts), "final_loss": sum(losses[-4:]) / 4,
+                    "items": {**s["items"], "stops": stops, "writes_next_turn": nexts}, "replies": replies}
+
+        runs = cached_runs(lab, "masking", f"{name}-{cfg.steps}steps-{len(test)}items-full{int(cfg.full)}",
+                           run_one)
+        row = merge_seeds(runs, ("exact_match", "valid", "stops", "writes_next_turn", "final_loss"))
+        rows.append({"mask": name, **row, "sample": runs[0]["replies"][0]})
+        print(f"{name}: exact {row['exact_match']:.0%}, stops {row['stops']:.0%} over {len(runs)} seed(s)")
 
     cols = ("exact_match", "valid", "stops", "writes_next_turn")
-    table = markdown_table(["mask", "exact match", "valid JSON", "stops by itself", "writes the next turn",
+    table = markdown_table(["mask", "exact match [95%]", "valid JSON", "stops by itself", "writes the next turn",
                             "train loss (last 4)", "first reply"],
-                           [[r["mask"]] + [f"{r[c]:.0%}" for c in cols] + [f"{r['final_loss']:.3f}",
+                           [[r["mask"]] + [rate_text(r, c) for c in cols] + [f"{r['final_loss']:.3f}",
                             "`" + r["sample"][:60].replace("\n", "\\n").replace("|", "\\|") + "`"] for r in rows])
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4))
@@ -88,7 +95,8 @@ def main(argv=None):
     ax.set_title(f"What the loss mask teaches ({cfg.steps} steps each)")
     ax.legend()
     settings = {"steps": cfg.steps, "batch": cfg.batch_size, "max_new_tokens": cfg.max_new_tokens,
-                "training": training_settings(lab, cfg.steps, full=cfg.full), "test items": len(test), "decoding": "greedy"}
+                "training": training_settings(lab, cfg.steps, full=cfg.full), "test items": len(test),
+                "seeds": seed_list(cfg), "decoding": "greedy"}
     save_results(lab, "masking", "loss on the response tokens only teaches the model to answer, not to continue "
                  "the prompt; without the end-of-turn token it never learns to stop", settings, rows, table, fig)
 

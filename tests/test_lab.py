@@ -83,10 +83,10 @@ def test_overfitting_quick(quick_gguf, tmp_path):
         assert res["early_stop_epoch"] == best
 
 
-def test_quality_quick(quick_gguf, tmp_path):
-    r = run_lab("quality.py", tmp_path)
+def test_quality_quick(quick_gguf, quick_dir):
+    r = run_lab("quality.py", quick_dir)
     assert r.returncode == 0, r.stderr[-2000:]
-    rows = {x["data"]: x for x in check_outputs(tmp_path, "quality")}
+    rows = {x["data"]: x for x in check_outputs(quick_dir, "quality")}
     assert list(rows) == ["clean small", "noisy large", "repetitive", "clean large"]
     assert (rows["clean small"]["conversations"], rows["clean large"]["conversations"]) == (8, 32)
     assert rows["repetitive"]["distinct"] == 8 and rows["repetitive"]["conversations"] == 32  # 4 copies each
@@ -101,10 +101,16 @@ def test_self_generated_quick(quick_gguf, tmp_path):
     assert all(0 <= x[k] <= 1 for x in rows for k in ("distinct_1", "distinct_2", "quirk_share", "accuracy"))
 
 
-def test_masking_quick(quick_gguf, tmp_path):
-    r = run_lab("masking.py", tmp_path)
+@pytest.fixture(scope="module")
+def quick_dir(tmp_path_factory):
+    """One --out for the quick runs that lab/claims.py then reads (test_claims_on_quick_outputs)."""
+    return tmp_path_factory.mktemp("quick_results")
+
+
+def test_masking_quick(quick_gguf, quick_dir):
+    r = run_lab("masking.py", quick_dir)
     assert r.returncode == 0, r.stderr[-2000:]
-    rows = check_outputs(tmp_path, "masking")
+    rows = check_outputs(quick_dir, "masking")
     assert [x["mask"] for x in rows] == ["reply only", "every token", "reply, no stop"]
     assert all(0 <= x[k] <= 1 for x in rows for k in ("stops", "writes_next_turn", "exact_match", "valid"))
 
@@ -138,6 +144,78 @@ def test_instruct_vs_task_quick(quick_gguf, tmp_path):
     rows = check_outputs(tmp_path, "instruct_vs_task")
     assert [x["model"] for x in rows] == ["base (no tuning)", "instruction-tuned", "task-tuned (triage)",
                                          "both, mixed"]
+
+
+# -----------------------------------------------------------------------------
+# The claims table: computed from the results files, never by hand
+
+
+def run_claims(results, out):
+    return subprocess.run([sys.executable, str(ROOT / "lab" / "claims.py"), "--results", str(results), "--out",
+                           str(out)], capture_output=True, text=True, cwd=ROOT, timeout=120)
+
+
+def test_claims_regenerate_the_committed_files_exactly(tmp_path):
+    r = run_claims(ROOT / "results", tmp_path)
+    assert r.returncode == 0, r.stderr
+    for name in ("claims.json", "claims.md"):
+        assert (tmp_path / name).read_text() == (ROOT / "results" / name).read_text(), name
+    claims = json.loads((tmp_path / "claims.json").read_text())
+    assert [c["claim"] for c in claims] == list(range(1, 13))
+    keys = {"claim", "text", "experiment", "metric", "effect", "ci", "n", "seeds", "verdict"}
+    assert all(keys <= set(c) for c in claims)
+    for c in claims:  # each verdict follows from its interval by the stated rule
+        low, high = c["ci"]
+        want = "supported" if low > 0 else "contradicted" if high < 0 else "inconclusive"
+        assert c["verdict"] == want and low <= c["effect"] <= high, c
+
+
+def test_the_readme_shows_the_claims_table_first_in_its_lab_section():
+    readme = (ROOT / "README.md").read_text()
+    lab = readme.split("## Lab: the claims, measured", 1)[1].split("\n### ", 2)
+    table = next(b for b in (ROOT / "results" / "claims.md").read_text().split("\n\n") if b.startswith("| #"))
+    assert lab[1].startswith("The twelve claims") and table in lab[1]
+
+
+def test_claims_on_quick_outputs(quick_gguf, quick_dir):
+    """CI's run of the claims script on the --quick outputs: the claims those experiments test get a
+    number, an interval and a verdict; the others say they have not run."""
+    for script, name in (("masking.py", "masking"), ("quality.py", "quality")):
+        if not (quick_dir / f"{name}.json").exists():  # when this test runs alone
+            assert run_lab(script, quick_dir).returncode == 0
+    r = run_claims(quick_dir, quick_dir)
+    assert r.returncode == 0, r.stderr
+    claims = {c["claim"]: c for c in json.loads((quick_dir / "claims.json").read_text())}
+    assert all(claims[k]["verdict"] in ("supported", "contradicted", "inconclusive") for k in (1, 2, 8, 10))
+    assert claims[5]["verdict"] == "not measured" and claims[5]["settle"]
+
+
+def test_quick_without_out_never_writes_into_results(quick_gguf, tmp_path):
+    """--quick's numbers mean nothing: without --out they go to a temporary directory, not over the real
+    results in results/ (git status stays clean)."""
+    before = {p.name: p.read_bytes() for p in (ROOT / "results").glob("masking.*")}
+    env = dict(os.environ, OMP_NUM_THREADS="1", TMPDIR=str(tmp_path))
+    r = subprocess.run([sys.executable, str(ROOT / "lab" / "masking.py"), "--quick"], capture_output=True,
+                       text=True, env=env, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "handtune-lab-quick" / "masking.json").is_file()
+    assert {p.name: p.read_bytes() for p in (ROOT / "results").glob("masking.*")} == before
+
+
+def test_seeds_are_cached_as_they_finish_and_merged_with_per_item_scores(quick_gguf, tmp_path):
+    r = run_lab("masking.py", tmp_path, "--seeds", "1,2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    cache = sorted((tmp_path / "cache" / "masking").glob("*.json"))
+    assert len(cache) == 6 and all(p.name.endswith(("-s1.json", "-s2.json")) for p in cache)
+    report = json.loads((tmp_path / "masking.json").read_text())
+    row = report["results"][0]
+    assert row["seeds"] == [1, 2] and len(row["items"]["exact_match"]) == 2
+    assert len(row["items"]["stops"][0]) == report["config"]["eval_items"]
+    assert report["seeds"] == [1, 2] and report["commit"] and "cpu_flags" in report
+    first = (tmp_path / "masking.json").read_text()
+    r = run_lab("masking.py", tmp_path, "--seeds", "1,2")  # a second sitting: every run is cached
+    assert r.returncode == 0 and r.stdout.count(": cached (") == 6
+    assert json.loads((tmp_path / "masking.json").read_text())["results"] == json.loads(first)["results"]
 
 
 def test_far_held_out_families_are_whole_skills_missing_from_training():

@@ -1,0 +1,78 @@
+"""plumbing/intervals.py: 95% intervals for what the lab measures, written once for the lab, its claims
+table and the README: Wilson's interval for a rate, Newcombe's for the difference of two independent rates,
+a paired bootstrap for two models scored on the same items (and seeds), a t interval for a mean across
+seeds, and the rule that turns an interval into a verdict.
+
+A difference is read only when its interval excludes zero; inside the noise the verdict is "inconclusive".
+"""
+
+import math
+import random
+
+Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
+# Student's t 97.5% quantiles by degrees of freedom (1..30); beyond 30 the normal's is close enough.
+T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+        2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+        2.045, 2.042]
+
+
+def wilson(k, n, z=Z95):
+    """(rate, low, high): k successes of n, with Wilson's score interval (right near 0% and 100%, where
+    the textbook p +- z sqrt(p(1-p)/n) collapses to a point)."""
+    if n <= 0:
+        raise ValueError("a rate needs n > 0 items")
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return p, max(0.0, centre - half), min(1.0, centre + half)
+
+
+def newcombe(k1, n1, k2, n2):
+    """(difference p1 - p2, low, high) of two rates from independent samples: Newcombe's hybrid score
+    interval (method 10), built from the two Wilson intervals."""
+    p1, l1, u1 = wilson(k1, n1)
+    p2, l2, u2 = wilson(k2, n2)
+    d = p1 - p2
+    return d, d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2), d + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2)
+
+
+def mean_interval(values):
+    """(mean, low, high) of values (one per seed) with a t interval; a single value has no interval."""
+    n = len(values)
+    m = sum(values) / n
+    if n < 2:
+        return m, m, m
+    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1))
+    t = T975[n - 2] if n - 1 <= len(T975) else Z95
+    return m, m - t * sd / math.sqrt(n), m + t * sd / math.sqrt(n)
+
+
+def paired_bootstrap(a, b, n_boot=10_000, seed=0):
+    """(mean of a - b, low, high) for two models scored on the same items: a[s][i] and b[s][i] are the
+    scores of item i under seed s. Both levels are resampled (seeds, then items, the same items for both
+    models), so the interval holds the item-to-item and the seed-to-seed variation. Percentile interval."""
+    if len(a) != len(b) or any(len(x) != len(y) for x, y in zip(a, b)):
+        raise ValueError("paired scores need the same seeds and items on both sides")
+    diffs = [[x - y for x, y in zip(ra, rb)] for ra, rb in zip(a, b)]
+    mean = sum(map(sum, diffs)) / sum(map(len, diffs))
+    rng, stats = random.Random(seed), []
+    for _ in range(n_boot):
+        seeds = [diffs[rng.randrange(len(diffs))] for _ in diffs]
+        total = count = 0
+        for row in seeds:
+            picks = [row[rng.randrange(len(row))] for _ in row]
+            total += sum(picks)
+            count += len(picks)
+        stats.append(total / count)
+    stats.sort()
+    return mean, stats[int(0.025 * n_boot)], stats[int(0.975 * n_boot) - 1]
+
+
+def verdict(low, high):
+    """The stated rule: "supported" if the interval of the effect (signed so that positive is the
+    claim's direction) lies above zero, "contradicted" if below, else "inconclusive"."""
+    if low > 0:
+        return "supported"
+    if high < 0:
+        return "contradicted"
+    return "inconclusive"

@@ -1,0 +1,50 @@
+"""plumbing/intervals.py against values computed by hand or known from the literature.
+
+    python -m pytest tests/test_intervals.py -q
+"""
+
+import math
+
+import pytest
+
+from plumbing.intervals import mean_interval, newcombe, paired_bootstrap, verdict, wilson
+
+
+def test_wilson_matches_the_closed_form_and_stays_inside_0_1():
+    p, lo, hi = wilson(14, 40)
+    z = 1.959963984540054
+    centre = (0.35 + z * z / 80) / (1 + z * z / 40)
+    half = z / (1 + z * z / 40) * math.sqrt(0.35 * 0.65 / 40 + z * z / 6400)
+    assert (p, lo, hi) == pytest.approx((0.35, centre - half, centre + half))
+    assert wilson(0, 40)[1] == 0.0 and 0.08 < wilson(0, 40)[2] < 0.09  # 0/40 is not "exactly 0%"
+    assert wilson(40, 40)[2] == 1.0 and wilson(40, 40)[1] < 1
+    with pytest.raises(ValueError):
+        wilson(0, 0)
+
+
+def test_newcombe_reproduces_the_published_example():
+    # Newcombe (1998), Table II, example (a): 56/70 vs 48/80 -> difference 0.2, interval 0.0524 to 0.3339
+    d, lo, hi = newcombe(56, 70, 48, 80)
+    assert d == pytest.approx(0.2) and lo == pytest.approx(0.0524, abs=1e-4) and hi == pytest.approx(0.3339, abs=1e-4)
+
+
+def test_mean_interval_uses_students_t():
+    m, lo, hi = mean_interval([1.0, 2.0, 3.0])  # sd 1, n 3: half-width t(2) / sqrt(3) = 4.303 / 1.732
+    assert m == 2.0 and hi - m == pytest.approx(4.303 / math.sqrt(3), rel=1e-4) and m - lo == hi - m
+    assert mean_interval([0.5]) == (0.5, 0.5, 0.5)
+
+
+def test_paired_bootstrap_sees_what_the_items_share():
+    a = [[1, 1, 0, 1, 0, 1, 1, 0] * 5]  # the same items, b right on a subset of a's
+    b = [[1, 0, 0, 1, 0, 0, 1, 0] * 5]
+    d, lo, hi = paired_bootstrap(a, b, n_boot=2000)
+    assert d == pytest.approx(0.25) and 0 < lo < d < hi
+    assert paired_bootstrap(a, a, n_boot=200) == (0.0, 0.0, 0.0)  # identical models: no difference at all
+    with pytest.raises(ValueError, match="same seeds and items"):
+        paired_bootstrap(a, [[1, 0]], n_boot=10)
+
+
+def test_the_verdict_rule():
+    assert verdict(0.01, 0.2) == "supported"
+    assert verdict(-0.3, -0.01) == "contradicted"
+    assert verdict(-0.1, 0.1) == verdict(0.0, 0.1) == "inconclusive"
