@@ -337,6 +337,12 @@ def run_rung(name, model, prompts, dec, replies_of=generate_replies):
 FORGET_WINDOW = 1024
 
 
+def kl_divergence(logp_p, logp_q):
+    """KL(p || q) = sum_v p(v) * (log p(v) - log q(v)) at every position, from log-probabilities
+    (..., V) -> (...). Not symmetric: it weighs the words p (the base model) finds likely."""
+    return (logp_p.exp() * (logp_p - logp_q)).sum(dim=-1)
+
+
 @torch.no_grad()
 def forgetting(base, tuned, windows, device, dtype="float32"):
     """Mean next-token NLL of both models on general text, and the mean over positions of
@@ -355,7 +361,7 @@ def forgetting(base, tuned, windows, device, dtype="float32"):
         logp_t = F.log_softmax(logits_t.float(), dim=-1)
         nll_base -= float(logp_b.gather(-1, y.unsqueeze(-1)).sum())
         nll_tuned -= float(logp_t.gather(-1, y.unsqueeze(-1)).sum())
-        kl += float((logp_b.exp() * (logp_b - logp_t)).sum())
+        kl += float(kl_divergence(logp_b, logp_t).sum())
         n += y.numel()
     loss_b, loss_t = nll_base / n, nll_tuned / n
     ppl_b, ppl_t = perplexity(loss_b), perplexity(loss_t)

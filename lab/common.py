@@ -96,6 +96,27 @@ def run(main):
 # The base model, loaded once; each run fine-tunes a copy
 
 
+def git_commit():
+    """The commit the code ran at ("+changes" if the tree differed from it), or "unknown"."""
+    try:
+        run = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True,  # noqa: E731
+                                        timeout=10).stdout.strip()
+        commit = run("rev-parse", "HEAD")
+        return (commit + ("+changes" if run("status", "--porcelain", "--untracked-files=no") else "")) or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def cpu_flags():
+    """The CPU features that decide bf16 numerics and speed here (avx512_bf16, amx_bf16, avx2, ...)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return []
+    return sorted(set(flags) & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "fma"})
+
+
 @dataclass
 class Lab:
     cfg: LabConfig
@@ -106,6 +127,7 @@ class Lab:
     model_dir: str
     t0: float
     dtype_reason: str = ""  # why plumbing.device chose the dtype (native bf16, requested, ...)
+    commit: str = "unknown"  # the git commit the run started at (git_commit)
 
 
 def setup(cfg):
@@ -123,7 +145,8 @@ def setup(cfg):
         base = from_pretrained(model_dir)
     print(f"model: {cfg.model}{' (--quick: tiny random)' if cfg.quick else ''}, "
           f"{sum(p.numel() for p in base.parameters()) / 1e6:.1f}M parameters")
-    return Lab(cfg, rt, tok, data.chat_format(tok), base.to(rt.device).eval(), model_dir, t0, dtype_reason)
+    return Lab(cfg, rt, tok, data.chat_format(tok), base.to(rt.device).eval(), model_dir, t0, dtype_reason,
+               git_commit())
 
 
 # -----------------------------------------------------------------------------
@@ -269,27 +292,6 @@ def forgot(lab, model, windows):
 # Results: NAME.json, NAME.md, NAME.png
 
 
-def git_commit():
-    """The commit the code ran at ("+changes" if the tree differed from it), or "unknown"."""
-    try:
-        run = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True,  # noqa: E731
-                                        timeout=10).stdout.strip()
-        commit = run("rev-parse", "HEAD")
-        return (commit + ("+changes" if run("status", "--porcelain", "--untracked-files=no") else "")) or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def cpu_flags():
-    """The CPU features that decide bf16 numerics and speed here (avx512_bf16, amx_bf16, avx2, ...)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return []
-    return sorted(set(flags) & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "fma"})
-
-
 def save_results(lab, name, claim, settings, results, table, fig, notes=""):
     """Write OUT/NAME.json, OUT/NAME.md and OUT/NAME.png (atomically) and print the table. Both name the
     command, the git commit, the seeds, the CPU's relevant flags and the dtype with the reason for it."""
@@ -298,7 +300,7 @@ def save_results(lab, name, claim, settings, results, table, fig, notes=""):
     command = "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
     meta = {"name": name, "claim": claim, "model": cfg.model, "quick": cfg.quick, "hardware": hardware(lab.rt.device),
             "device": lab.rt.device, "dtype": lab.rt.dtype, "dtype_reason": lab.dtype_reason,
-            "cpu_flags": cpu_flags(), "commit": git_commit(), "seeds": seed_list(cfg), "command": command,
+            "cpu_flags": cpu_flags(), "commit": lab.commit, "seeds": seed_list(cfg), "command": command,
             "wall_time_s": wall, "date": time.strftime("%Y-%m-%d"), "config": dataclasses.asdict(cfg),
             "settings": settings}
     os.makedirs(cfg.out, exist_ok=True)

@@ -78,7 +78,7 @@ def test_every_script_has_help():
     import sys
 
     scripts = [f"{name}.py" for name in ("data", "train", "eval")]
-    scripts += sorted(str(p.relative_to(ROOT)) for d in ("lab", "scripts") for p in (ROOT / d).glob("*.py")
+    scripts += sorted(str(p.relative_to(ROOT)) for d in ("lab", "scripts", "workshop") for p in (ROOT / d).glob("*.py")
                       if "__main__" in p.read_text(encoding="utf-8"))  # lab/common.py is a module, not a script
     assert {"lab/ladder_report.py", "scripts/gpu_check.py", "lab/masking.py", "scripts/sample.py",
             "scripts/export_gguf.py"} <= set(scripts)
@@ -169,7 +169,7 @@ def test_no_module_re_exports_a_name_it_does_not_define():
     """`import data; data.X` and `from data import X` reach only names data.py defines itself (not names it
     imported from elsewhere), for every core module, everywhere in the project and its tests."""
     defined = {name: top_level_names(ROOT / f"{name}.py") for name in CORE}
-    files = [p for p in ROOT.glob("*.py")] + [p for d in ("plumbing", "tasks", "lab", "scripts", "tests")
+    files = [p for p in ROOT.glob("*.py")] + [p for d in ("plumbing", "tasks", "lab", "scripts", "tests", "workshop")
                                               for p in (ROOT / d).glob("*.py")]
     bad = []
     for p in files:
