@@ -7,11 +7,11 @@ each with its cost (same items, same scorer, greedy). And its price: response lo
 data (overfitting), and the tuned model's perplexity and KL from the base model on general English
 it was not tuned on (forgetting).
 
-    python eval.py                                   # after `python train.py`: reads out/, writes out/eval.json
-    python eval.py --adapter out/adapter --limit 50  # a LoRA adapter (its base model comes from its config)
+    python eval.py                                   # after train.py: reads out/, writes out/eval.json
+    python eval.py --adapter out/adapter --limit 50  # a LoRA adapter (its config names its base)
     python eval.py --adapter out/model --model gpt2  # a full fine-tune, against its base model
     python eval.py --data my_test.jsonl              # your own file, evaluated as given (no split)
-    python eval.py --chat                            # talk to the fine-tuned model in its training template
+    python eval.py --chat                            # talk to the tuned model in its training template
 
 Nothing here is specific to one model family: templates, stop and pad
 ids come from data.chat_format.
@@ -60,24 +60,28 @@ RUNGS = ("base_zero_shot", "base_few_shot", "base_retrieval", "fine_tuned", "fin
 
 @dataclass
 class EvalConfig:
-    out: str = cli.opt("out", "train.py's output directory: default home of the tuned model, run.json, eval.json",
-                       group="what to evaluate")
-    adapter: str | None = cli.opt(None, "a LoRA adapter or a full fine-tuned model directory (default: "
-                                  "OUT/adapter, else OUT/model)")
-    model: str | None = cli.opt(None, "the base model (default: the adapter's base_model_name_or_path, or "
-                                "OUT/run.json's)")
-    data: str | None = cli.opt(None, "built-in dataset or a chat JSONL / Alpaca file, evaluated as given "
-                               "(default: OUT/run.json's, else triage)")
-    task: str = cli.opt("auto", "scorer: triage (JSON fields), instruct (per family), exact; auto: from the data",
-                        choices=("auto", "triage", "instruct", "exact"))
+    out: str = cli.opt("out", "train.py's output directory: default home of the tuned model, run.json, "
+                       "eval.json", group="what to evaluate")
+    adapter: str | None = cli.opt(None, "a LoRA adapter or a full fine-tuned model directory "
+                                  "(default: OUT/adapter, else OUT/model)")
+    model: str | None = cli.opt(None, "the base model (default: the adapter's "
+                                "base_model_name_or_path, or OUT/run.json's)")
+    data: str | None = cli.opt(None, "built-in dataset or a chat JSONL / Alpaca file, evaluated as "
+                               "given (default: OUT/run.json's, else triage)")
+    task: str = cli.opt("auto", "scorer: triage (JSON fields), instruct (per family), exact; auto: from "
+                        "the data", choices=("auto", "triage", "instruct", "exact"))
     split: str = cli.opt("test", "split of a built-in dataset", choices=("train", "val", "test"))
     limit: int = cli.opt(100, "evaluate the first N items (0: all)", group="evaluation", min=0)
     shots: int = cli.opt(3, "solved examples in the few-shot prompt (0: skip that rung)", min=0)
-    shots_data: str | None = cli.opt(None, "where few-shot examples come from (default: the training data)")
+    shots_data: str | None = cli.opt(None, "where few-shot examples come from (default: the training "
+                                     "data)")
     samples: int = cli.opt(3, "test prompts shown side by side", min=0)
-    max_new_tokens: int | None = cli.opt(None, "generation cap (default: longest reference + 16; chat 256)", min=1)
-    batch_size: int = cli.opt(16, "examples per forward pass (losses) and per batched generation", min=1)
-    general_text: str | None = cli.opt(None, "plain text for forgetting (default: data/general.txt)")
+    max_new_tokens: int | None = cli.opt(None, "generation cap (default: longest reference + 16; chat "
+                                         "256)", min=1)
+    batch_size: int = cli.opt(16, "examples per forward pass (losses) and per batched generation",
+                              min=1)
+    general_text: str | None = cli.opt(None, "plain text for forgetting (default: "
+                                       "data/general.txt)")
     general_tokens: int = cli.opt(8192, "at most this many tokens of it", min=1)
     report: str | None = cli.opt(None, "JSON report path (default: OUT/eval.json)")
     seed: int = cli.opt(0, "seed for the few-shot pick and chat sampling")
@@ -85,7 +89,8 @@ class EvalConfig:
     dtype: str = cli.opt("auto", "precision of generation; losses and KL are always fp32",
                          choices=("auto", "float32", "bfloat16", "float16"))
     chat: bool = cli.opt(False, "chat with the tuned model (/reset, /quit, Ctrl-D)", group="chat")
-    system: str | None = cli.opt(None, "chat system prompt (\"\": none; default: the training data's)")
+    system: str | None = cli.opt(None, "chat system prompt (\"\": none; default: the training "
+                                 "data's)")
     temperature: float = cli.opt(0.7, "chat sampling temperature (0: greedy)", min=0)
     top_k: int | None = cli.opt(50, "sample among the k most likely tokens", min=1)
     top_p: float | None = cli.opt(None, "nucleus sampling probability mass", above=0)
@@ -119,7 +124,8 @@ def load_models(cfg, tuned_dir, kind, run):
         tuned = from_pretrained(tuned_dir)
     # The tokenizer files next to the tuned weights (train.py writes them
     # there), else the base model's.
-    has_files = lambda d: all(os.path.isfile(os.path.join(d, f)) for f in ("vocab.json", "merges.txt"))
+    has_files = lambda d: all(os.path.isfile(os.path.join(d, f))  # noqa: E731
+                              for f in ("vocab.json", "merges.txt"))
     tok = get_tokenizer(tuned_dir if has_files(tuned_dir) else base_dir)
     check_vocab(tok, base.config.vocab_size, base_name)
     check_vocab(tok, tuned.config.vocab_size, tuned_dir)
@@ -415,7 +421,8 @@ def run_eval(cfg):
     if not records:
         raise ValueError(f"{data_path}: no records to evaluate")
     task = detect_task(records, data) if cfg.task == "auto" else cfg.task
-    general = cfg.general_text or os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "general.txt")
+    here = os.path.dirname(os.path.abspath(__file__))
+    general = cfg.general_text or os.path.join(here, "data", "general.txt")
     if not os.path.isfile(general):
         raise FileNotFoundError(f"--general-text {general}: no such file")
     base, tuned, base_name, tok = load_models(cfg, tuned_dir, kind, run)
