@@ -5,7 +5,9 @@ weights. The loss of a step is the summed next-token loss over every trained (as
 the step divided by how many there are, across micro-batches and processes: not a mean of per-batch
 means, which would weigh a token in a short reply more than one in a long reply. Checkpoints carry
 everything (weights, optimizer, schedule, random generators, data position), so a stopped run
-resumes to exactly the same result.
+resumes to exactly the same result. With --dtype float16 the gradient scaler skips a step whose gradient overflowed: the
+weights stay as they were while the step counter and the learning rate move on; skipped steps are
+counted in the progress bar and the final line, and logged with "skipped": true and grad_norm null.
 
 The file reads setup -> data -> model -> optimizer -> step -> loop: train_loop() is the loop on one
 screen, run_training() sets it up and writes the outputs.
@@ -428,6 +430,7 @@ class Progress:
     bad_evals: int = 0  # evaluations since best_val last improved (early stopping)
     # CPU copy of the trainable weights at best_val (early stopping)
     best_weights: dict | None = None
+    skipped: int = 0  # fp16 steps the gradient scaler skipped in this sitting (overflow)
 
     def update_best(self, val_loss, named_params, keep_weights):
         """Early stopping's bookkeeping after an evaluation: a new best (its weights kept when
@@ -503,7 +506,11 @@ def train_loop(run):
             bar.update(1)
             tokens_since += counts[1].item()
             flops_since += step_flops(costs, micro, IGNORE_INDEX) * rt.world_size
-            record = {"step": step, "loss": loss, "lr": lr, "grad_norm": norm}
+            # fp16 only: an overflowing step is skipped by the scaler (weights unchanged, lr moves on)
+            skipped = s.scaler.is_enabled() and not math.isfinite(norm)
+            progress.skipped += skipped
+            record = {"step": step, "loss": loss, "lr": lr, "grad_norm": norm if not skipped else None,
+                      **({"skipped": True} if skipped else {})}
 
             # evaluation: the validation loss (every process takes part); its time is not training's
             if (cfg.eval_every and step % cfg.eval_every == 0) or step == max_steps:
@@ -523,6 +530,8 @@ def train_loop(run):
                 seconds = max(time.time() - t_last, 1e-9)
                 record["tokens_per_s"] = tokens_since / seconds
                 post = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "tok/s": f"{record['tokens_per_s']:,.0f}"}
+                if progress.skipped:
+                    post["skipped"] = progress.skipped
                 if peak:  # model FLOPs per second over the GPUs' peak
                     post["mfu"] = f"{flops_since / seconds / (peak * rt.world_size):.1%}"
                 bar.set_postfix(post)
@@ -639,9 +648,22 @@ def finish(run, status, val_loss, model_dir, t_start):
     run.info.update(final_val_loss=val_loss, best_val_loss=run.progress.best_val)
     save_status(status)
     vl = f"{val_loss:.4f}" if val_loss is not None else "n/a (no validation set)"
-    log(f"done: {step} steps in {time.time() - t_start:.0f}s, final val loss {vl}; "
+    skipped = f" ({run.progress.skipped} fp16 steps skipped by the scaler)" if run.progress.skipped else ""
+    log(f"done: {step} steps{skipped} in {time.time() - t_start:.0f}s, final val loss {vl}; "
         f"{'model' if cfg.full else 'adapter'} in {out_dir}")
     return 0
+
+
+OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
+
+def oom_advice(cfg, rt):
+    """What to change when a step does not fit in memory: the same step in smaller pieces first."""
+    same = (f"--batch-size {max(cfg.batch_size // 2, 1)} --grad-accum {cfg.grad_accum * 2} (the same step "
+            "in smaller pieces)")
+    other = ["LoRA instead of --full" if cfg.full else "--lora-dropout 0 (no copy of each adapter's input)",
+             "a shorter --max-len", "a smaller model"]
+    return f"out of memory on {rt.device} at batch {cfg.batch_size}: try {same}, or {', or '.join(other)}"
 
 
 def run_training(cfg, flags_given=()):
@@ -662,7 +684,11 @@ def run_training(cfg, flags_given=()):
     run = prepare_run(cfg, rt, model_dir, saved)
     run.info.update(device_reason=device_reason, dtype_reason=dtype_reason)
     write_run_json(cfg.out, rt.master, run.info, "running", run.progress.step, t_start)
-    status, val_loss = train_loop(run)
+    try:
+        status, val_loss = train_loop(run)
+    except OUT_OF_MEMORY:
+        write_run_json(cfg.out, rt.master, run.info, "out_of_memory", run.progress.step, t_start)
+        raise RuntimeError(oom_advice(cfg, rt)) from None
     return finish(run, status, val_loss, model_dir, t_start)
 
 

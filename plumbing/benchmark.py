@@ -116,6 +116,22 @@ def cuda_sync(rt):
         torch.cuda.synchronize(rt.device)
 
 
+def busy_fraction(events, wall_us):
+    """The share of wall time the GPU was running a kernel, from a torch.profiler run's events
+    (prof.events()): only device-side events count (a CPU op's "CUDA time" is its kernels again), and
+    overlapping kernels (several streams) count once, as the union of their time ranges. At most 1."""
+    from torch.autograd import DeviceType
+
+    spans = sorted((e.time_range.start, e.time_range.end) for e in events
+                   if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start)
+    busy, end = 0.0, float("-inf")
+    for start, stop in spans:
+        if stop > end:
+            busy += stop - max(start, end)
+            end = stop
+    return min(busy / wall_us, 1.0) if wall_us > 0 else 0.0
+
+
 def reset_peak_memory(rt):
     """Start a new peak-memory window; return the memory in use now (the baseline: weights, optimizer
     state). CUDA: the caching allocator's counters. CPU (Linux): hand freed heap pages back to the OS

