@@ -144,9 +144,8 @@ def claim_rows(results):
     def overfit(d):
         n = items_of(d)
         a, b = row(d["results"], data="clean large"), row(d["results"], data="repetitive")
-        fa, fb = dict(a["fields"]), dict(b["fields"])
-        return compare({"product": fa["product"]}, {"product": fb["product"]}, "product", n, n,
-                       seeds_of(d)), n
+        field = lambda r: r if "items" in r else {"product": r["fields"]["product"]}  # noqa: E731 (old rows)
+        return compare(field(a), field(b), "product", n, n, seeds_of(d)), n
     add(8, "Overfitting to surface patterns: repetitive data teaches a template, not the task", "quality",
         "product-field accuracy, diverse minus repetitive data (equal compute)", overfit, "")
     add(9, "Model-generated data amplifies the base model's quirks", "self_generated",

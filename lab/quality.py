@@ -22,7 +22,8 @@ import random
 import time
 from dataclasses import dataclass
 
-from common import LabConfig, finetune, parse, run, save_results, scored, setup, training_settings
+from common import (LabConfig, cached_runs, finetune, merge_seeds, parse, rate_interval, rate_text, run,
+                    save_results, scored, seed_list, setup, training_settings)
 
 from plumbing import cli
 from plumbing.plots import pyplot
@@ -71,27 +72,39 @@ def main(argv=None):
         cfg.n_small, cfg.n_large, cfg.steps = 8, 32, 2
     lab = setup(cfg)
     test = load_items("triage", "test", cfg.eval_items)[0]
-    rows = []
+    rows, metrics = [], ("exact_match", "valid", *TRIAGE_FIELDS, "final_loss")
     for name, convs in datasets(cfg).items():
-        t0 = time.time()
-        model, losses = finetune(lab, convs, cfg.steps, desc=name, dedup=False, full=cfg.full)
-        s, _ = scored(lab, model, test, desc=name)
+        def run_one(seed):
+            t0 = time.time()
+            model, losses = finetune(lab, convs, cfg.steps, desc=f"{name} s{seed}", dedup=False,
+                                     full=cfg.full, seed=seed)
+            s, replies = scored(lab, model, test, desc=name)
+            return {"exact_match": s["exact_match"], "valid": s["valid"], **s["fields"],
+                    "final_loss": sum(losses[-4:]) / len(losses[-4:]), "train_s": time.time() - t0,
+                    "items": s["items"], "replies": replies}
+
+        key = (f"{name}-{cfg.n_small}-{cfg.n_large}-noise{cfg.noise}-{cfg.steps}steps-{len(test)}items-"
+               f"full{int(cfg.full)}-data{cfg.seed}")
+        row = merge_seeds(cached_runs(lab, "quality", key, run_one), metrics)
+        row["fields"] = {f: row[f] for f in TRIAGE_FIELDS}
         distinct = len({json.dumps(c) for c in convs})
-        rows.append({"data": name, "conversations": len(convs), "distinct": distinct, "exact_match": s["exact_match"],
-                     "valid": s["valid"], "fields": s["fields"], "final_loss": sum(losses[-4:]) / len(losses[-4:]),
-                     "train_s": time.time() - t0})
-        print(f"{name}: exact {s['exact_match']:.0%}, valid {s['valid']:.0%}")
-        del model
+        rows.append({"data": name, "conversations": len(convs), "distinct": distinct, **row})
+        print(f"{name}: exact {row['exact_match']:.0%}, valid {row['valid']:.0%} over {len(row['seeds'])} seed(s)")
 
     table = markdown_table(
-        ["data", "conversations", "distinct", "exact match", "valid JSON"] + list(TRIAGE_FIELDS) + ["train loss"],
-        [[r["data"], r["conversations"], r["distinct"], f"{r['exact_match']:.0%}", f"{r['valid']:.0%}"] +
-         [f"{r['fields'][f]:.0%}" for f in TRIAGE_FIELDS] + [f"{r['final_loss']:.3f}"] for r in rows])
+        ["data", "conversations", "distinct", "exact match [95%]", "valid JSON"] + list(TRIAGE_FIELDS) +
+        ["train loss"],
+        [[r["data"], r["conversations"], r["distinct"], rate_text(r, "exact_match"), rate_text(r, "valid")] +
+         [rate_text(r, f) for f in TRIAGE_FIELDS] + [f"{r['final_loss']:.3f}"] for r in rows])
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4))
     xs = range(len(rows))
-    ax.bar([x - 0.2 for x in xs], [100 * r["exact_match"] for r in rows], 0.4, label="exact match")
-    ax.bar([x + 0.2 for x in xs], [100 * r["valid"] for r in rows], 0.4, label="valid JSON")
+    for offset, metric, label in ((-0.2, "exact_match", "exact match"), (0.2, "valid", "valid JSON")):
+        cis = [rate_interval(r, metric) for r in rows]
+        err = [[100 * (r[metric] - c[1]) if c else 0 for r, c in zip(rows, cis)],
+               [100 * (c[2] - r[metric]) if c else 0 for r, c in zip(rows, cis)]]
+        ax.bar([x + offset for x in xs], [100 * r[metric] for r in rows], 0.4, label=label, yerr=err,
+               capsize=2)
     ax.set_xticks(list(xs))
     ax.set_xticklabels([f"{r['data']}\n{r['conversations']:,} ({r['distinct']:,} distinct)" for r in rows], fontsize=8)
     ax.set_ylabel(f"% of {len(test)} test messages")
@@ -99,7 +112,8 @@ def main(argv=None):
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
     settings = {"n_small": cfg.n_small, "n_large": cfg.n_large, "noise": cfg.noise, "steps": cfg.steps,
-                "batch": cfg.batch_size, "training": training_settings(lab, cfg.steps, full=cfg.full), "test items": len(test), "decoding": "greedy"}
+                "batch": cfg.batch_size, "training": training_settings(lab, cfg.steps, full=cfg.full),
+                "test items": len(test), "seeds": seed_list(cfg), "decoding": "greedy"}
     save_results(lab, "quality", "small, clean, diverse data beats large, messy data", settings, rows, table, fig)
 
 
