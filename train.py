@@ -599,8 +599,7 @@ def prepare_run(cfg, rt, model_dir, saved):
     run = Run(cfg, s, stream, val_examples, fmt.pad_id, schedule, progress, {}, log)
     if rt.master:  # a new log, or the resumed one without the steps about to be redone
         keep_metrics(run.metrics_path, progress.step)
-    # "tokenizer": where get_tokenizer reads the base model's
-    # tokenizer from (a directory or a .gguf)
+    # "tokenizer": where get_tokenizer reads the base model's tokenizer (a directory or a .gguf)
     run.info = {"args": asdict(cfg), "model_dir": os.path.abspath(model_dir),
                 "tokenizer": os.path.abspath(model_dir), "device": rt.device, "dtype": rt.dtype,
                 "world_size": rt.world_size, "kind": "full" if cfg.full else "lora",
