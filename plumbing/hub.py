@@ -177,6 +177,9 @@ def download(url, path, expected_sha256=None):
         try:
             sha256, n = fetch(url, tmp)
             check_download(path, tmp, sha256, expected_sha256)
+        except urllib.error.HTTPError as e:  # the server answered, with an error: not an offline machine
+            os.remove(tmp)
+            raise RuntimeError(f"could not download {url}: HTTP {e.code} {e.reason}") from None
         except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
             os.remove(tmp)
             raise RuntimeError(
@@ -190,7 +193,16 @@ def download(url, path, expected_sha256=None):
                 raise ValueError(f"{url}: {e}; nothing was kept, run again to retry") from None
             raise
         os.replace(tmp, path)
-        record = os.path.join(folder, DOWNLOADS)
+        remember(path, n, sha256)
+
+
+def remember(path, n, sha256):
+    """Add a verified file to its folder's DOWNLOADS record, under a lock of the record's own (two
+    processes fetching different files of one preset must not overwrite each other's entry)."""
+    folder, name = os.path.split(path)
+    record = os.path.join(folder, DOWNLOADS)
+    with open(record + ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
         done = read_json(record) if os.path.isfile(record) else {}
         done[name] = {"bytes": n, "sha256": sha256}
         atomic_write_text(record, json.dumps(done, indent=2) + "\n")
@@ -210,8 +222,7 @@ def check_cached(path, expected_sha256=None):
             check_download(path, path, sha256, expected_sha256)
         except ValueError as e:
             raise ValueError(f"{path}: a cached download that does not verify ({e}); {fix}") from None
-        done[name] = {"bytes": os.path.getsize(path), "sha256": sha256}
-        atomic_write_text(record, json.dumps(done, indent=2) + "\n")
+        remember(path, os.path.getsize(path), sha256)
     elif os.path.getsize(path) != done[name]["bytes"]:
         raise ValueError(f"{path}: {os.path.getsize(path):,} bytes, but {done[name]['bytes']:,} were "
                          f"downloaded and verified (damaged or replaced); {fix}")

@@ -100,3 +100,10 @@ def test_offline_download_says_what_to_do(tmp_path, monkeypatch):
     assert os.listdir(tmp_path / "gpt2-medium") in ([], ["config.json.lock"])
     with pytest.raises(FileNotFoundError, match="neither a model directory nor a preset"):
         hub.resolve_pretrained(str(tmp_path / "nope"))
+
+
+def test_an_http_error_is_named_not_taken_for_being_offline(hub_server, tmp_path):
+    del hub_server.files["merges.txt"]  # the stand-in answers 404
+    with pytest.raises(RuntimeError, match=r"merges.txt: HTTP 404"):
+        hub.resolve_pretrained("gpt2-medium")
+    assert "merges.txt" not in cached(tmp_path) and not any(f.endswith(".part") for f in cached(tmp_path))
