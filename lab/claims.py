@@ -143,11 +143,11 @@ def claim_rows(results):
 
     def overfit(d):
         n = items_of(d)
-        a, b = row(d["results"], data="clean large"), row(d["results"], data="repetitive")
+        a, b = row(d["results"], data="clean small"), row(d["results"], data="repetitive")
         field = lambda r: r if "items" in r else {"product": r["fields"]["product"]}  # noqa: E731 (old rows)
         return compare(field(a), field(b), "product", n, n, seeds_of(d)), n
     add(8, "Overfitting to surface patterns: repetitive data teaches a template, not the task", "quality",
-        "product-field accuracy, diverse minus repetitive data (equal compute)", overfit, "")
+        "product-field accuracy, clean small minus repetitive data (same size, equal compute)", overfit, "")
     add(9, "Model-generated data amplifies the base model's quirks", "self_generated",
         "quirk-phrase share, last generation minus the base model",
         lambda d: (compare(d["results"][-2], d["results"][0], "quirk_share", items_of(d), items_of(d),

@@ -6,11 +6,17 @@ number of steps of the same batch (equal compute), then scored on the same held-
 
     clean small   N_SMALL distinct conversations from the built-in train split
     noisy large   N_LARGE conversations, NOISE of them with one label changed to another value at random
-    repetitive    N_LARGE conversations: N_SMALL messages from one problem sentence per category, two names,
-                  one way to name each product, no greeting or sign-off (tasks/triage.py's knobs), each 10 times
+    repetitive    N_SMALL conversations: N_SMALL / REPEATS narrow messages (one problem sentence per category,
+                  two names, one way to name each product, no greeting or sign-off: tasks/triage.py's
+                  knobs), each REPEATS times
     clean large   N_LARGE distinct conversations from the built-in train split
 
-Exact duplicates are kept as given (train.py would drop them: dedup): the experiment measures the data.
+The pairs separate the three things "messy" mixes: size (clean small vs clean large), label noise (clean
+large vs noisy large) and repetition of narrow data (clean small vs repetitive: same size, same steps). The
+run sees STEPS x batch conversations, about one pass over the small sets, so every repeat of a repetitive
+message is seen (REPEATS times), while the large sets are sampled a tenth of the way through: at equal
+compute "large" buys diversity, not more updates. Exact duplicates are kept as given (train.py would drop
+them: dedup): the experiment measures the data.
 
     python lab/quality.py                            # SmolLM2-135M-Instruct, LoRA -> results/quality.*
     python lab/quality.py --steps 60 --noise 0.5
@@ -37,6 +43,7 @@ class Config(LabConfig):
     n_small: int = cli.opt(300, "conversations in the small sets", group="experiment", min=1)
     n_large: int = cli.opt(3000, "conversations in the large sets (at most the train split's 3000)", min=1)
     noise: float = cli.opt(0.3, "share of the noisy set with a wrong label", min=0)
+    repeats: int = cli.opt(10, "copies of each message in the repetitive set", min=1)
     steps: int = cli.opt(40, "optimizer steps of every run (equal compute)", min=1)
     full: bool = cli.opt(False, "full fine-tuning instead of LoRA")
 
@@ -58,11 +65,11 @@ def datasets(cfg):
     rng.shuffle(pool)
     large = pool[:cfg.n_large]
     wrong = set(rng.sample(range(len(large)), round(cfg.noise * len(large))))
-    few = build_triage(seed=cfg.seed, n_train=cfg.n_small, n_val=0, n_test=0, templates=(0,), n_names=2, n_mentions=1,
-                       frame=False)["train"]
+    narrow = build_triage(seed=cfg.seed, n_train=max(1, cfg.n_small // cfg.repeats), n_val=0, n_test=0,
+                          templates=(0,), n_names=2, n_mentions=1, frame=False)["train"]
     return {"clean small": pool[:cfg.n_small],
             "noisy large": [with_wrong_label(c, rng) if i in wrong else c for i, c in enumerate(large)],
-            "repetitive": [r["messages"] for r in few] * (cfg.n_large // cfg.n_small),
+            "repetitive": [r["messages"] for r in narrow] * cfg.repeats,
             "clean large": large}
 
 
@@ -83,8 +90,8 @@ def main(argv=None):
                     "final_loss": sum(losses[-4:]) / len(losses[-4:]), "train_s": time.time() - t0,
                     "items": s["items"], "replies": replies}
 
-        key = (f"{name}-{cfg.n_small}-{cfg.n_large}-noise{cfg.noise}-{cfg.steps}steps-{len(test)}items-"
-               f"full{int(cfg.full)}-data{cfg.seed}")
+        key = (f"{name}-{cfg.n_small}-{cfg.n_large}-noise{cfg.noise}-x{cfg.repeats}-{cfg.steps}steps-"
+               f"{len(test)}items-full{int(cfg.full)}-data{cfg.seed}")
         row = merge_seeds(cached_runs(lab, "quality", key, run_one), metrics)
         row["fields"] = {f: row[f] for f in TRIAGE_FIELDS}
         distinct = len({json.dumps(c) for c in convs})
@@ -111,7 +118,8 @@ def main(argv=None):
     ax.set_title(f"Equal compute: {cfg.steps} steps x {cfg.batch_size} conversations each")
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
-    settings = {"n_small": cfg.n_small, "n_large": cfg.n_large, "noise": cfg.noise, "steps": cfg.steps,
+    settings = {"n_small": cfg.n_small, "n_large": cfg.n_large, "noise": cfg.noise, "repeats": cfg.repeats,
+                "steps": cfg.steps,
                 "batch": cfg.batch_size, "training": training_settings(lab, cfg.steps, full=cfg.full),
                 "test items": len(test), "seeds": seed_list(cfg), "decoding": "greedy"}
     save_results(lab, "quality", "small, clean, diverse data beats large, messy data", settings, rows, table, fig)
