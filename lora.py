@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 from plumbing.hf_format import check_shapes, hf_name
 from plumbing.peft_format import (check_architecture, is_target, peft_key, read_adapter_config, read_adapter_weights,
@@ -88,16 +89,30 @@ class LoRALinear(nn.Module):
         """The update in W's layout (out, in): B @ A * scaling."""
         return (self.lora_B @ self.lora_A) * self.scaling
 
+    def update(self, x):
+        """The low-rank branch: dropout(x) @ A.T @ B.T * alpha / rank, (..., in) -> (..., out).
+        Left to right: (x @ A.T) is (..., r), then (..., out). Computing B @ A first would build the
+        full (out, in) matrix on every call, the cost LoRA avoids. The scale is applied to the narrow
+        (..., r) activations rather than the wide (..., out) result: the same product, r/out as many
+        multiplies."""
+        return (self.lora_dropout(x) @ self.lora_A.T * self.scaling) @ self.lora_B.T
+
     def forward(self, x):
+        device = x.device.type
+        if torch.is_autocast_enabled(device):
+            # one low-precision copy of x for both paths, the copy a full fine-tune's matmul keeps
+            x = x.to(torch.get_autocast_dtype(device))
         y = self.base(x)
         # base.weight already holds the update. Footgun: A and B then get no gradient.
         if self.merged:
             return y
-        # Left to right: (x @ A.T) is (..., r), then (..., out). Computing B @ A first would build
-        # the full (out, in) matrix on every call, the cost LoRA avoids. The scale is applied to
-        # the narrow (..., r) activations rather than the wide (..., out) result: the same
-        # product, r/out as many multiplies.
-        return y + (self.lora_dropout(x) @ self.lora_A.T * self.scaling) @ self.lora_B.T
+        if not (torch.is_grad_enabled() and self.lora_A.requires_grad):
+            return y + self.update(x)
+        # Training: the branch's inner tensors (dropout's mask and its copy of x, the (..., r)
+        # product) are recomputed in backward instead of kept, from x alone, with dropout's random
+        # state replayed. The frozen W needs no x for a gradient, so LoRA then keeps no more per
+        # token than a full fine-tune does (tested), at the price of the small branch run twice.
+        return y + checkpoint(self.update, x, use_reentrant=False)
 
     @torch.no_grad()
     def merge(self):
@@ -184,7 +199,7 @@ def _target_linears(model, targets, hf_names=False):
     return found
 
 
-def apply_lora(model, rank=8, alpha=16, dropout=0.05, targets=None):
+def apply_lora(model, rank=8, alpha=16, dropout=0.0, targets=None):
     """Wrap every Linear layer named by targets (see is_target; None: default_targets(model)) in a
     LoRALinear, in place, and freeze every other parameter (the tied wte/lm_head included). Returns
     a LoRASummary; prints nothing."""

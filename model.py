@@ -331,7 +331,7 @@ class GPT(nn.Module):
             x = block(x, cache, layer, rope, mask)
         return self.transformer.ln_f(x)
 
-    def forward(self, idx, targets=None, reduction="mean"):
+    def forward(self, idx, targets=None, reduction="mean", n_trained=None):
         """idx (B, T) -> logits (B, T, vocab_size).
 
         With targets (B, T) (already shifted: targets[b, t] is the token after idx[b, t]) returns
@@ -339,17 +339,24 @@ class GPT(nn.Module):
         IGNORE_INDEX, averaged ("mean") or summed ("sum"), and logits (N, vocab_size) are computed
         only at those N trained positions: response-only SFT trains a fraction of the positions,
         and the head is ~30% of GPT-2 small's FLOPs. With no trained position the loss is 0 (still
-        part of the graph), never NaN.
+        part of the graph), never NaN. n_trained: N if the caller counted it on the host (the
+        training batches do): without it, counting reads a number back from the device, which
+        makes the host wait for the GPU (a sync) in the middle of every forward.
         """
         x = self.trunk(idx)  # (B, T, C)
         if targets is None:
             return self.lm_head(x)  # (B, T, vocab_size)
-        keep = targets != IGNORE_INDEX  # (B, T) bool
-        logits = self.lm_head(x[keep])  # (N, vocab_size): only the trained positions
+        keep = targets.flatten() != IGNORE_INDEX  # (B*T,) bool
+        if n_trained is None:
+            n_trained = int(keep.sum())  # a device -> host read
+        # the trained positions, in order; with their number given, the result's size is known
+        # before the kernel runs (x[keep] would have to ask the device)
+        rows = torch.nonzero_static(keep, size=n_trained).squeeze(1)  # (N,)
+        logits = self.lm_head(x.flatten(0, 1)[rows])  # (N, vocab_size): only the trained positions
         # Cross-entropy in fp32 even under autocast: a 50k-way softmax in bf16 loses precision.
-        loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+        loss = F.cross_entropy(logits.float(), targets.flatten()[rows], reduction="sum")
         if reduction == "mean":
-            loss = loss / max(int(keep.sum()), 1)
+            loss = loss / max(n_trained, 1)
         elif reduction != "sum":
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
         return logits, loss

@@ -84,7 +84,7 @@ class TrainConfig:
                             choices=("drop", "truncate"))
     lora_rank: int = cli.opt(16, "rank r of each adapter", group="LoRA", min=1)
     lora_alpha: float = cli.opt(32.0, "the update is B A * alpha / r")
-    lora_dropout: float = cli.opt(0.05, "dropout on the adapters' input", min=0)
+    lora_dropout: float = cli.opt(0.0, "dropout on the adapters' input (PEFT's default is 0 too)", min=0)
     lora_targets: str = cli.opt("", "comma-separated Linear names (default: every block projection)")
     batch_size: int = cli.opt(16, "examples per micro-batch, per process", group="optimisation", min=1)
     grad_accum: int = cli.opt(1, "micro-batches per optimizer step", min=1)
@@ -161,7 +161,8 @@ def load_split(cfg, split, tokenizer, block_size):
 
 
 class BatchStream:
-    """This process's micro-batches, epoch after epoch, as (input_ids, targets) on the device.
+    """This process's micro-batches, epoch after epoch, as (input_ids, targets, n_trained): tensors
+    on the device, and the number of trained targets counted on the host (never read back).
 
     The position is (epoch, index of the next batch in that epoch). An epoch's batch order is a
     function of (seed, epoch) alone (data.batches), so a resumed run rebuilds it and continues at
@@ -195,7 +196,10 @@ class BatchStream:
         batch = [self.examples[i] for i in self.order[self.index]]
         self.index += 1
         x, y = data.collate(batch, pad_id=self.pad_id)  # (B, T) each
-        return x.to(self.rt.device), y.to(self.rt.device)
+        n_trained = sum(sum(mask[1:]) for _, mask in batch)  # collate's targets at mask[1:] == 1
+        if self.rt.device.startswith("cuda"):  # page-locked: the copy need not wait for the GPU
+            x, y = x.pin_memory(), y.pin_memory()
+        return x.to(self.rt.device, non_blocking=True), y.to(self.rt.device, non_blocking=True), n_trained
 
 
 def eval_batches(examples, batch_size, rt, pad_id):
@@ -295,47 +299,51 @@ def lr_at(step, schedule):
 
 
 def accumulate(model, micro_batches, autocast, scaler, rt=None):
-    """Forward + backward every micro-batch of one optimizer step, leaving in .grad the gradient of
+    """Forward + backward every micro-batch (x, y, n_trained) of one optimizer step, leaving in
+    .grad the gradient of
 
         (sum of the token losses over the trained tokens of all micro-batches of all processes)
         / (number of those tokens)
 
     i.e. the same gradient one big batch would give. Each micro-batch's summed loss is divided by
-    the whole window's trained-token count, counted before any backward (and summed over processes).
-    DDP averages gradients over processes, so each process scales its loss up by world_size to undo
-    that mean. A window with no trained token contributes exactly zero (0 / 1), never 0 / 0 = NaN.
-    rt: the Runtime (None: one process). Returns (summed loss over this process's micro-batches
-    (detached), global counts tensor [trained tokens, all input positions])."""
+    the whole window's trained-token count, known before any backward (counted on the host, summed
+    over processes). DDP averages gradients over processes, so each process scales its loss up by
+    world_size to undo that mean. A window with no trained token contributes exactly zero (0 / 1),
+    never 0 / 0 = NaN. rt: the Runtime (None: one process). Returns (summed loss over this
+    process's micro-batches (a detached device tensor), counts [trained tokens, all input
+    positions] over all processes (float64; on the device under DDP, else on the host))."""
     device = micro_batches[0][0].device
-    counts = torch.zeros(2, dtype=torch.float64, device=device)
-    for x, y in micro_batches:
-        counts[0] += (y != IGNORE_INDEX).sum()
-        counts[1] += y.numel()
+    counts = torch.tensor([float(sum(n for _, _, n in micro_batches)),
+                           float(sum(x.numel() for x, _, _ in micro_batches))], dtype=torch.float64)
     ddp, world_size = (rt.ddp, rt.world_size) if rt is not None else (False, 1)
-    if ddp:
-        dist.all_reduce(counts, op=dist.ReduceOp.SUM)
-    scale = world_size / max(counts[0].item(), 1.0)
+    if ddp:  # every process's counts, summed on the device (the host never waits for the sum)
+        counts = all_reduce_sum(counts.to(device), rt)
+    scale = world_size / counts[0].clamp(min=1.0)  # a tensor: reading it would be a sync under DDP
     loss_sum = torch.zeros((), dtype=torch.float32, device=device)
-    for i, (x, y) in enumerate(micro_batches):
+    for i, (x, y, n_trained) in enumerate(micro_batches):
         # DDP all-reduces gradients at every backward; only the last micro-batch needs it
         last = i == len(micro_batches) - 1
         grad_sync = nullcontext() if not ddp or last else model.no_sync()
         with grad_sync:
-            with autocast:
-                _, nll = model(x, y, reduction="sum")  # summed over trained positions (0 if none)
-            scaler.scale(nll * scale).backward()
+            with autocast:  # the loss summed over trained positions (0 if none)
+                _, nll = model(x, y, reduction="sum", n_trained=n_trained)
+            scaler.scale(nll * scale.to(nll.dtype)).backward()
         loss_sum += nll.detach().float()
     return loss_sum, counts
 
 
-def optimizer_step(optimizer, scaler, params, grad_clip):
+def optimizer_step(optimizer, scaler, params, grad_clip, loss=None):
     """The end of every step: unscale (fp16), clip the global gradient norm, update, clear the
-    gradients. Returns the norm. A non-finite norm raises FloatingPointError before the weights
-    change (not under fp16, whose scaler skips an overflowing step itself)."""
+    gradients. Returns the norm before clipping (a device tensor). A non-finite norm (or loss)
+    raises FloatingPointError before the weights change; that check is the step's one read from
+    the device, the host waiting for the GPU to finish the backward. fp16 skips it: its scaler
+    reads the gradients itself and skips an overflowing step."""
     scaler.unscale_(optimizer)  # clip the true gradient, not the fp16-scaled one
-    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or float("inf")).item()
-    if not scaler.is_enabled() and not math.isfinite(norm):
-        raise FloatingPointError(f"gradient norm ({norm})")
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or float("inf"))
+    checked = norm if loss is None else torch.stack([norm.double(), loss.double()])
+    if not scaler.is_enabled() and not torch.isfinite(checked).all():  # the read
+        bad = ("loss", loss) if loss is not None and not torch.isfinite(loss) else ("gradient norm", norm)
+        raise FloatingPointError(f"{bad[0]} ({bad[1].item()})")
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
@@ -362,9 +370,7 @@ def setup_training(cfg, rt, base, log):
     log(f"model: {cfg.model}: {summary}")  # the summary counts parameters (LoRA adds its own)
     model = raw_model
     if cfg.compile:
-        # Trace x[keep] (a data-dependent shape: the trained positions) into the graph instead of
-        # breaking it there, and compile for any batch length at once instead of recompiling.
-        torch._dynamo.config.capture_dynamic_output_shape_ops = True
+        # compile for any batch length (and number of trained positions) at once, not once each
         model = torch.compile(raw_model, dynamic=True)
     if rt.ddp:
         model = DDP(model, device_ids=[rt.device] if rt.device.startswith("cuda") else None)
@@ -376,17 +382,16 @@ def setup_training(cfg, rt, base, log):
 
 def train_step(s, micro_batches, lr, grad_clip):
     """One optimizer step of Setup s on a window of micro-batches. Returns (loss, gradient norm,
-    counts), where loss is the mean over the window's trained tokens on all processes. A non-finite
-    loss or gradient raises FloatingPointError before the weights are touched, so the last
-    checkpoint stays the last good state."""
+    counts): loss is the mean over the window's trained tokens on all processes; loss and norm are
+    device tensors, read by the caller only when it logs them. A non-finite loss or gradient raises
+    FloatingPointError before the weights are touched, so the last checkpoint stays the last good
+    state."""
     for group in s.optimizer.param_groups:
         group["lr"] = lr
     loss_sum, counts = accumulate(s.model, micro_batches, autocast(s.rt.device, s.rt.dtype), s.scaler,
                                   s.rt)
-    loss = all_reduce_sum(loss_sum.double(), s.rt).item() / max(counts[0].item(), 1.0)
-    if not math.isfinite(loss):
-        raise FloatingPointError(f"loss ({loss})")
-    norm = optimizer_step(s.optimizer, s.scaler, [p for _, p in s.named], grad_clip)
+    loss = all_reduce_sum(loss_sum.double(), s.rt) / counts[0].clamp(min=1.0).to(loss_sum.device)
+    norm = optimizer_step(s.optimizer, s.scaler, [p for _, p in s.named], grad_clip, loss)
     return loss, norm, counts
 
 
@@ -430,7 +435,7 @@ class Progress:
     bad_evals: int = 0  # evaluations since best_val last improved (early stopping)
     # CPU copy of the trainable weights at best_val (early stopping)
     best_weights: dict | None = None
-    skipped: int = 0  # fp16 steps the gradient scaler skipped in this sitting (overflow)
+    skipped: int = 0  # fp16 steps the scaler skipped this sitting (a device count until logged)
 
     def update_best(self, val_loss, named_params, keep_weights):
         """Early stopping's bookkeeping after an evaluation: a new best (its weights kept when
@@ -449,6 +454,15 @@ def nonfinite_message(error, step, ckpt_dir):
     keep = f"the last good checkpoint is {ckpt_dir}/{latest}" if latest else "no checkpoint was written yet"
     return (f"non-finite {error} at step {step + 1}: stopped before updating the weights; {keep}. "
             "Lower --lr, or use --dtype float32, then --resume")
+
+
+def logged_numbers(loss, norm, fp16):
+    """A logging step's loss and gradient norm, read from the device: the only reads of a step
+    besides the non-finite check. A step the fp16 scaler skipped logs grad_norm null (JSON has
+    no NaN) and "skipped": true."""
+    loss, norm = float(loss), float(norm)
+    skipped = fp16 and not math.isfinite(norm)
+    return {"loss": loss, "grad_norm": None if skipped else norm, **({"skipped": True} if skipped else {})}
 
 
 # -----------------------------------------------------------------------------
@@ -504,13 +518,13 @@ def train_loop(run):
             progress.step += 1
             step = progress.step
             bar.update(1)
-            tokens_since += counts[1].item()
-            flops_since += step_flops(costs, micro, IGNORE_INDEX) * rt.world_size
+            # speed from the host's own counts; loss and norm stay on the device until logged
+            tokens_since += counts[1]
+            flops_since += step_flops(costs, micro) * rt.world_size
             # fp16 only: an overflowing step is skipped by the scaler (weights unchanged, lr moves on)
-            skipped = s.scaler.is_enabled() and not math.isfinite(norm)
-            progress.skipped += skipped
-            record = {"step": step, "loss": loss, "lr": lr, "grad_norm": norm if not skipped else None,
-                      **({"skipped": True} if skipped else {})}
+            if s.scaler.is_enabled():
+                progress.skipped += ~torch.isfinite(norm)  # counted on the device
+            record = {"step": step, "lr": lr}
 
             # evaluation: the validation loss (every process takes part); its time is not training's
             if (cfg.eval_every and step % cfg.eval_every == 0) or step == max_steps:
@@ -521,15 +535,20 @@ def train_loop(run):
                 if val_loss is not None:
                     record["val_loss"] = val_loss
                     if rt.master:
-                        bar.write(f"step {step}: train loss {loss:.4f}, val loss {val_loss:.4f}")
+                        bar.write(f"step {step}: train loss {float(loss):.4f}, val loss {val_loss:.4f}")
                     # early stopping: remember the best loss (and its weights, if it may stop)
                     progress.update_best(val_loss, s.named, keep_weights=cfg.early_stop_patience > 0)
 
-            # logging: speed since the last record, to the progress bar and metrics.jsonl (rank 0)
-            if "val_loss" in record or step % cfg.log_every == 0 or step == end_step:
+            # logging: loss, norm and speed since the last record, read from the device only now,
+            # to the progress bar and metrics.jsonl (rank 0)
+            logged = "val_loss" in record or step % cfg.log_every == 0 or step == end_step
+            if logged:
                 seconds = max(time.time() - t_last, 1e-9)
-                record["tokens_per_s"] = tokens_since / seconds
-                post = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "tok/s": f"{record['tokens_per_s']:,.0f}"}
+                record.update(logged_numbers(loss, norm, s.scaler.is_enabled()),
+                              tokens_per_s=float(tokens_since) / seconds)
+                progress.skipped = int(progress.skipped)
+                post = {"loss": f"{record['loss']:.4f}", "lr": f"{lr:.2e}",
+                        "tok/s": f"{record['tokens_per_s']:,.0f}"}
                 if progress.skipped:
                     post["skipped"] = progress.skipped
                 if peak:  # model FLOPs per second over the GPUs' peak
@@ -539,8 +558,9 @@ def train_loop(run):
                 if rt.master:
                     append_metrics(run.metrics_path, record)
 
-            # stopping: Ctrl-C on any process, or too many evaluations without a better val loss
-            if any_process(stop.requested, rt):
+            # stopping: Ctrl-C on any process (asked across processes at logging steps only: a
+            # device round trip), or too many evaluations without a better val loss
+            if (logged or not rt.ddp) and any_process(stop.requested, rt):
                 status = "interrupted"
             elif cfg.early_stop_patience and progress.bad_evals >= cfg.early_stop_patience:
                 status = "early_stopped"
@@ -647,7 +667,8 @@ def finish(run, status, val_loss, model_dir, t_start):
     run.info.update(final_val_loss=val_loss, best_val_loss=run.progress.best_val)
     save_status(status)
     vl = f"{val_loss:.4f}" if val_loss is not None else "n/a (no validation set)"
-    skipped = f" ({run.progress.skipped} fp16 steps skipped by the scaler)" if run.progress.skipped else ""
+    n_skipped = int(run.progress.skipped)
+    skipped = f" ({n_skipped} fp16 steps skipped by the scaler)" if n_skipped else ""
     log(f"done: {step} steps{skipped} in {time.time() - t_start:.0f}s, final val loss {vl}; "
         f"{'model' if cfg.full else 'adapter'} in {out_dir}")
     return 0
@@ -660,8 +681,7 @@ def oom_advice(cfg, rt):
     """What to change when a step does not fit in memory: the same step in smaller pieces first."""
     same = (f"--batch-size {max(cfg.batch_size // 2, 1)} --grad-accum {cfg.grad_accum * 2} (the same step "
             "in smaller pieces)")
-    other = ["LoRA instead of --full" if cfg.full else "--lora-dropout 0 (no copy of each adapter's input)",
-             "a shorter --max-len", "a smaller model"]
+    other = ["LoRA instead of --full"] * cfg.full + ["a shorter --max-len", "a smaller model"]
     return f"out of memory on {rt.device} at batch {cfg.batch_size}: try {same}, or {', or '.join(other)}"
 
 
@@ -705,7 +725,7 @@ def benchmark(cfg, rt, model_dir):
         stream = BatchStream(examples, cfg.batch_size, cfg.seed, rt, fmt.pad_id)
     s = setup_training(cfg, rt, model_dir, log)
     hooks = bench.Hooks(
-        step=lambda window: train_step(s, window, default_lr(cfg), cfg.grad_clip)[0],
+        step=lambda window: float(train_step(s, window, default_lr(cfg), cfg.grad_clip)[0]),
         make_optimizer=lambda ps: adamw([{"params": ps, "weight_decay": cfg.weight_decay}], cfg,
                                         rt.device),
         optimizer_step=optimizer_step, save_adapter=lora.save_adapter, ignore_index=IGNORE_INDEX)

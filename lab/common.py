@@ -68,6 +68,8 @@ class LabConfig:
                          "--seed); scripts that take it cache each (configuration, seed) run as it finishes")
     device: str = cli.opt("auto", "auto, cpu, cuda, cuda:N or mps")
     dtype: str = cli.opt("auto", "autocast precision", choices=("auto", "float32", "bfloat16", "float16"))
+    lora_dropout: float = cli.opt(0.0, "LoRA dropout (train.py's default; the sweeps cached before "
+                                  "2026-12-03 used 0.05: pass it to resume them)", min=0)
 
 
 # Where --quick writes when --out is not given: never results/, whose files are the real runs' numbers.
@@ -176,7 +178,7 @@ def finetune(lab, conversations, steps, on_step=None, every=0, desc="train", ded
     model.train()
     for step in tqdm(range(steps), desc=desc, leave=False):
         loss, _, _ = train.train_step(s, [stream.next()], train.lr_at(step, schedule), cfg.grad_clip)
-        losses.append(loss)
+        losses.append(float(loss))
         if on_step and every and (step + 1) % every == 0:
             model.eval()
             on_step(step + 1, model, losses, s.optimizer)
@@ -185,9 +187,11 @@ def finetune(lab, conversations, steps, on_step=None, every=0, desc="train", ded
 
 
 def train_config(lab, steps, **overrides):
-    """The TrainConfig of a lab run: train.py's defaults, the lab's batch and seed, warmup steps/8."""
+    """The TrainConfig of a lab run: train.py's defaults, the lab's batch, seed and LoRA dropout,
+    warmup steps/8."""
     return train.TrainConfig(**{"batch_size": lab.cfg.batch_size, "seed": lab.cfg.seed,
-                                "warmup": max(1, steps // 8), **overrides})
+                                "lora_dropout": lab.cfg.lora_dropout, "warmup": max(1, steps // 8),
+                                **overrides})
 
 
 def training_settings(lab, steps, **overrides):
@@ -244,6 +248,13 @@ def seed_list(cfg):
         raise ValueError(f"--seeds {cfg.seeds}: expected integers like 1337,1338,1339") from None
 
 
+def dropout_suffix(lab):
+    """The cache key's note of the LoRA dropout: none for 0.05, train.py's default when the first sweeps
+    were cached, so those files still name their runs and a run at another dropout never reads them."""
+    dropout = lab.cfg.lora_dropout
+    return "" if dropout == 0.05 else f"-dropout{dropout:g}"
+
+
 def cached_runs(lab, name, config, run_one):
     """[run_one(seed) for each seed], each loaded from OUT/cache/NAME/<config>-s<seed>.json when an earlier
     sitting finished it, else run and saved there at once (atomically): a sweep stopped by a session's
@@ -253,7 +264,7 @@ def cached_runs(lab, name, config, run_one):
     runs = []
     for seed in seed_list(lab.cfg):
         model = os.path.basename(lab.cfg.model) + ("-quick" if lab.cfg.quick else "")
-        key = f"{model}-{config}-s{seed}".replace("/", "_").replace(" ", "_").replace(",", "")
+        key = f"{model}-{config}{dropout_suffix(lab)}-s{seed}".replace("/", "_").replace(" ", "_").replace(",", "")
         path = os.path.join(folder, f"{key}.json")
         if os.path.isfile(path):
             with open(path, encoding="utf-8") as f:

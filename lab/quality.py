@@ -76,7 +76,7 @@ def datasets(cfg):
 def main(argv=None):
     cfg = parse(Config, "Small and clean vs large and messy triage data, at equal compute.", argv)
     if cfg.quick:
-        cfg.n_small, cfg.n_large, cfg.steps = 8, 32, 2
+        cfg.n_small, cfg.n_large, cfg.steps, cfg.repeats = 8, 32, 2, 4
     lab = setup(cfg)
     test = load_items("triage", "test", cfg.eval_items)[0]
     rows, metrics = [], ("exact_match", "valid", *TRIAGE_FIELDS, "final_loss")

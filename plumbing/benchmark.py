@@ -22,8 +22,8 @@ from plumbing.flops import flop_costs, padding_flops, peak_flops, step_flops
 
 
 def synthetic_windows(n, grad_accum, batch_size, seq_len, vocab_size, seed, device, ignore_index):
-    """n optimizer steps of grad_accum micro-batches of random tokens (B, T), the second half of every row
-    trained (a prompt, then a reply)."""
+    """n optimizer steps of grad_accum micro-batches (x, y, trained positions) of random tokens (B, T), the
+    second half of every row trained (a prompt, then a reply)."""
     gen = torch.Generator().manual_seed(seed)
     T = seq_len
     windows = []
@@ -33,7 +33,7 @@ def synthetic_windows(n, grad_accum, batch_size, seq_len, vocab_size, seed, devi
             ids = torch.randint(0, vocab_size, (batch_size, T + 1), generator=gen)
             y = ids[:, 1:].clone()
             y[:, :T // 2] = ignore_index
-            window.append((ids[:, :-1].to(device), y.to(device)))
+            window.append((ids[:, :-1].to(device), y.to(device), int((y != ignore_index).sum())))
         windows.append(window)
     return windows
 
@@ -66,14 +66,13 @@ def make_hf_step(cfg, rt, model_dir, arch, adapter_dir, hooks):
     scaler = torch.amp.GradScaler(rt.device.split(":")[0], enabled=rt.dtype == "float16")
 
     def hf_step(window):
-        n_total = sum(int((y != ignore_index).sum()) for _, y in window)
+        n_total = sum(n for _, _, n in window)
         loss = 0.0
-        for x, y in window:
+        for x, y, n_mb in window:
             # HF convention: labels are the input ids (masked), shifted inside the model: label t+1 is the
             # target of position t. Our targets are already shifted, so move them one to the right.
             labels = torch.full_like(y, ignore_index)
             labels[:, 1:] = y[:, :-1]
-            n_mb = int((y != ignore_index).sum())
             with autocast(rt.device, rt.dtype):
                 out = hf(input_ids=x, labels=labels)
             part = out.loss * n_mb / n_total  # HF's mean over this micro-batch -> share of the window's sum
@@ -100,8 +99,8 @@ def time_steps(step_fns, windows, cfg, rt, ignore_index):
             cuda_sync(rt)
             r["step_seconds"].append(time.perf_counter() - t0)
     timed = windows[cfg.benchmark_warmup:]
-    tokens = sum(x.numel() for w in timed for x, _ in w) * rt.world_size
-    trained = sum(int((y != ignore_index).sum()) for w in timed for _, y in w) * rt.world_size
+    tokens = sum(x.numel() for w in timed for x, _, _ in w) * rt.world_size
+    trained = sum(n for w in timed for _, _, n in w) * rt.world_size
     peak, how = peak_memory(rt) if len(step_fns) == 1 else (None, "")
     for r in results:
         dt = sum(r["step_seconds"])
@@ -130,6 +129,64 @@ def busy_fraction(events, wall_us):
             busy += stop - max(start, end)
             end = stop
     return min(busy / wall_us, 1.0) if wall_us > 0 else 0.0
+
+
+class HostReads:
+    """Counts the times the host waits for the device inside a `with` block, per iteration (mark()
+    starts the next one). On CUDA: torch's sync debug mode, which warns at every synchronizing call.
+    On the CPU nothing waits, so it counts the operations that would make the host wait for a GPU:
+    reading a value back (.item(), float(), int(), bool(): aten._local_scalar_dense), and results
+    whose size depends on the data (nonzero, boolean-mask indexing, masked_select, unique). Not seen
+    on the CPU: .tolist(), .numpy(), .cpu() (no operation is dispatched for them there)."""
+
+    SIZED_BY_DATA = ("aten::nonzero", "aten::masked_select", "aten::_unique2", "aten::unique_dim",
+                     "aten::unique_consecutive", "aten::equal", "aten::_local_scalar_dense")
+
+    def __init__(self, device):
+        self.cuda = device.startswith("cuda")
+        self.counts = [[]]  # per iteration: the name of each wait
+
+    def mark(self):
+        self.counts.append([])
+
+    def __enter__(self):
+        if self.cuda:
+            import warnings
+            self._warnings = warnings.catch_warnings()
+            self._warnings.__enter__()
+            warnings.simplefilter("always")
+            warnings.showwarning = self._warned
+            torch.cuda.set_sync_debug_mode("warn")
+        else:
+            from torch.utils._python_dispatch import TorchDispatchMode
+
+            reads = self
+
+            class Mode(TorchDispatchMode):
+                def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                    reads._saw(func, args)
+                    return func(*args, **(kwargs or {}))
+            self._mode = Mode()
+            self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.set_sync_debug_mode(0)
+            self._warnings.__exit__(*exc)
+        else:
+            self._mode.__exit__(*exc)
+
+    def _warned(self, message, *args, **kwargs):
+        if "synchroniz" in str(message):
+            self.counts[-1].append(str(message).splitlines()[0])
+
+    def _saw(self, func, args):
+        name = func.name()
+        masked = name.startswith(("aten::index.", "aten::index_put")) and any(
+            i is not None and i.dtype == torch.bool for i in args[1])
+        if name.split(".")[0] in self.SIZED_BY_DATA or masked:
+            self.counts[-1].append(name)
 
 
 def reset_peak_memory(rt):
@@ -250,8 +307,9 @@ def run(cfg, rt, model_dir, model, stream, hooks, log):
         # transformers shifts labels inside the model, so it cannot see the target of the last position.
         # Drop that target for both models: then both train exactly the same tokens.
         for window in windows:
-            for _, y in window:
+            for i, (x, y, _) in enumerate(window):
                 y[:, -1] = ignore_index
+                window[i] = (x, y, int((y != ignore_index).sum()))
         adapter_dir = tempfile.mkdtemp(prefix="handtune-bench-")
         try:  # PEFT starts from our initial adapter: the same A (random) and B (zero)
             save_adapter(model, adapter_dir, base_model_name_or_path=model_dir)
@@ -261,7 +319,7 @@ def run(cfg, rt, model_dir, model, stream, hooks, log):
     results = time_steps(steps, windows, cfg, rt, ignore_index)
     costs = flop_costs(model)
     timed = windows[cfg.benchmark_warmup:]
-    flops = sum(step_flops(costs, w, ignore_index) for w in timed)
+    flops = sum(step_flops(costs, w) for w in timed)
     flops_per_step = flops / len(timed) * rt.world_size
     padding_share = sum(padding_flops(costs, w, ignore_index) for w in timed) / max(flops, 1)
     return report(cfg, rt, results, flops_per_step, padding_share, source, log)

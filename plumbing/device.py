@@ -129,5 +129,8 @@ def all_reduce_sum(t, rt):
 
 
 def any_process(flag, rt):
-    """True if flag is set on any process (so that all of them stop at the same step)."""
+    """True if flag is set on any process (so that all of them stop at the same step). One process:
+    the flag itself, without a trip to the device and back."""
+    if not rt.ddp:
+        return bool(flag)
     return all_reduce_sum(torch.tensor([float(flag)], device=rt.device), rt).item() > 0

@@ -4,7 +4,8 @@ The usual 6N per token (forward 2, backward 4 per weight) is right for pretraini
 a LoRA step. Each matmul y = x W costs 2 FLOPs per weight and row forward; backward it costs 2 more for the
 input's gradient only if x needs one, and 2 more for W's gradient only if W is trained. A frozen weight
 thus costs 4, not 6; the first layer's projections (whose input, frozen embeddings, needs no gradient) cost 2.
-The output head runs only at the trained positions (model.forward selects them). Attention's QK^T and AV
+LoRA's x @ A.T runs forward twice: lora.py recomputes its branch in backward rather than keep its tensors,
+and the recompute stops once it has what backward needs (x @ A.T, not the @ B.T after it). The output head runs only at the trained positions (model.forward selects them). Attention's QK^T and AV
 cost 4 T hs per query position per head forward, twice that backward. Padding positions are computed too,
 so they are counted, and reported apart. tests/test_train.py checks the count against torch's
 FlopCounterMode.
@@ -15,7 +16,8 @@ from torch import nn
 
 
 def matmul_flops(model):
-    """[(name, in_features x out_features, input needs a gradient, weight is trained)] for every matmul with a
+    """[(name, in_features x out_features, input needs a gradient, weight is trained, forward run twice)] for
+    every matmul with a
     weight, seen by running one token through the model with hooks (autograd knows which inputs need a
     gradient), in eval mode so that no dropout draws a random number. LoRA's A and B are listed as
     name.lora_A and name.lora_B."""
@@ -26,11 +28,11 @@ def matmul_flops(model):
             x = inputs[0]
             if isinstance(module, nn.Linear):
                 seen.append((name, module.in_features * module.out_features, x.requires_grad,
-                             module.weight.requires_grad))
+                             module.weight.requires_grad, False))
             else:  # LoRALinear: x @ A.T (in -> r), then @ B.T (r -> out); B's input comes from trained A
                 r = module.lora_A.size(0)
-                seen.append((name + ".lora_A", r * module.lora_A.size(1), x.requires_grad, True))
-                seen.append((name + ".lora_B", r * module.lora_B.size(0), True, True))
+                seen.append((name + ".lora_A", r * module.lora_A.size(1), x.requires_grad, True, True))
+                seen.append((name + ".lora_B", r * module.lora_B.size(0), True, True, False))
         return record
 
     for name, module in model.named_modules():
@@ -53,8 +55,8 @@ def flop_costs(model):
     """(FLOPs per position in the blocks' matmuls, per trained position in the head, attention's forward
     FLOPs per query position per key): forward + backward, measured once per model."""
     per_position, head = 0, 0
-    for name, weights, input_grad, trained in matmul_flops(model):
-        flops = 2 * weights * (1 + input_grad + trained)
+    for name, weights, input_grad, trained, twice in matmul_flops(model):
+        flops = 2 * weights * (1 + twice + input_grad + trained)
         if name == "lm_head":
             head += flops
         else:
@@ -63,15 +65,15 @@ def flop_costs(model):
     return per_position, head, 4 * cfg.n_layer * cfg.n_head * cfg.head_size
 
 
-def step_flops(costs, micro_batches, ignore_index):
+def step_flops(costs, micro_batches):
     """FLOPs of one optimizer step on this process. costs: flop_costs(model); micro_batches: [(x (B, T),
-    targets (B, T))]."""
+    targets (B, T), trained positions counted on the host)]: nothing is read from the device."""
     per_position, head, attention = costs
     total = 0
-    for x, y in micro_batches:
+    for x, _, n_trained in micro_batches:
         B, T = x.size()  # batch, time
         block = per_position + 3 * attention * T  # every position, forward + backward (2x) of attention
-        total += block * B * T + head * int((y != ignore_index).sum())
+        total += block * B * T + head * n_trained
     return total
 
 
@@ -80,7 +82,7 @@ def padding_flops(costs, micro_batches, ignore_index):
     on the right). Reported by --benchmark, not computed in the training loop."""
     per_position, _, attention = costs
     padding = 0
-    for x, y in micro_batches:
+    for x, y, _ in micro_batches:
         T = x.size(1)
         trained = y != ignore_index  # (B, T)
         upto_last = (trained * torch.arange(1, T + 1, device=y.device)).amax(1)  # (B,) 0 if nothing trained

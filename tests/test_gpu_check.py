@@ -1,6 +1,7 @@
-"""What the first GPU run needs, checked on the CPU: the busy fraction counts device kernels once (never
-above 100%), out of memory says what to change and run.json records it, fp16's skipped steps are counted
-and metrics.jsonl stays valid JSON.
+"""What the first GPU run needs, checked on the CPU: a training step waits for the device at most once
+outside logging steps, the busy fraction counts device kernels once (never above 100%), out of memory says
+what to change and run.json records it, fp16's skipped steps are counted and metrics.jsonl stays valid
+JSON.
 
     python -m pytest tests/test_gpu_check.py -q
 """
@@ -14,8 +15,35 @@ from torch.autograd import DeviceType
 from torch.autograd.profiler_util import FunctionEvent
 
 import train
-from plumbing.benchmark import busy_fraction
+from plumbing.benchmark import HostReads, busy_fraction
 from plumbing.runs import append_metrics
+
+
+def test_host_reads_sees_what_would_make_the_host_wait_for_a_gpu():
+    t = torch.arange(-3.0, 5.0)
+    with HostReads("cpu") as reads:
+        t[t > 0]  # boolean-mask indexing: the result's size depends on the data
+        t.sum().item()  # a value read back
+        reads.mark()
+        torch.nonzero_static(t > 0, size=4)  # the size given: nothing to wait for
+        t[torch.tensor([1, 2])] * 2  # integer indices: the size is known
+    assert reads.counts == [["aten::index.Tensor", "aten::_local_scalar_dense"], []]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_a_training_step_waits_for_the_device_at_most_once_outside_logging(dtype, tiny_model_dir, chats,
+                                                                           tmp_path):
+    """train.py's loop, 2 micro-batches per step, every wait counted per iteration: the non-finite check is
+    the only one (fp16 leaves it to the scaler, whose own read of its CPU flag is not dispatched); loss,
+    norm, speed and the skipped-step count are read when logged."""
+    import gpu_check
+
+    args = base_args(tiny_model_dir, chats, tmp_path / "s", **{"--log-every": 4, "--eval-every": 0,
+                                                                 "--save-every": 0, "--dtype": dtype})
+    r = gpu_check.loop_reads(args, "cpu")
+    assert r["logged"] == [4, 8] and len(r["per_step"]) == 8
+    quiet = [n for step, n in enumerate(r["per_step"], 1) if step not in (4, 8)]
+    assert quiet == [1 if dtype == "float32" else 0] * 6, r
 
 
 def event(start, end, device):
@@ -41,7 +69,8 @@ def test_out_of_memory_says_what_to_change_and_run_json_records_it(tiny_model_di
     assert run_main(base_args(tiny_model_dir, chats, out, **{"--batch-size": 4})) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1:]  # (the progress bar writes to stderr too)
     assert err[0].startswith("error: out of memory on cpu at batch 4")
-    assert "--batch-size 2 --grad-accum 4" in err[0] and "--lora-dropout 0" in err[0]
+    assert "--batch-size 2 --grad-accum 4" in err[0] and "a shorter --max-len" in err[0]
+    assert "LoRA instead" not in err[0]  # a LoRA run: advice it can follow
     assert json.loads((out / "run.json").read_text())["status"] == "out_of_memory"
 
 
@@ -85,7 +114,9 @@ def test_gpu_check_runs_every_stage_with_the_device_swapped_and_ends_in_a_summar
     rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in summary.splitlines()
             if line.startswith("| ") and not line.startswith("| stage")}
     assert set(rows) == {"tokenizer", "random gpt2", "step lora", "step full", "random gpt2-xl",
-                         "peak lora (gpt2-xl, 2 x 64)", "peak full (gpt2-xl, 2 x 64)"}
+                         "host waits per step (train.py's loop, LoRA)", "peak lora (gpt2-xl, 2 x 64)",
+                         "peak full (gpt2-xl, 2 x 64)"}
+    assert rows["host waits per step (train.py's loop, LoRA)"].startswith("1 per step outside logging")
     assert not any(v.startswith("FAILED") for v in rows.values())
     for kind in ("lora", "full"):
         ratio = float(rows[f"step {kind}"].split("FLOPs vs FlopCounterMode ")[1].split(",")[0])

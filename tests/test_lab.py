@@ -89,7 +89,8 @@ def test_quality_quick(quick_gguf, quick_dir):
     rows = {x["data"]: x for x in check_outputs(quick_dir, "quality")}
     assert list(rows) == ["clean small", "noisy large", "repetitive", "clean large"]
     assert (rows["clean small"]["conversations"], rows["clean large"]["conversations"]) == (8, 32)
-    assert rows["repetitive"]["distinct"] == 8 and rows["repetitive"]["conversations"] == 32  # 4 copies each
+    # the small set's size, from 8 / 4 narrow messages, 4 copies each
+    assert rows["repetitive"]["distinct"] == 2 and rows["repetitive"]["conversations"] == 8
     assert rows["noisy large"]["distinct"] == 32
 
 
@@ -303,3 +304,18 @@ def test_triage_knobs_that_allow_too_few_messages_are_an_error_not_an_endless_lo
     monkeypatch.setattr(triage, "triage_example", lambda rng, **knobs: ("the same message", label))
     with pytest.raises(ValueError, match="too few distinct messages for 2"):
         triage.build_triage(n_train=2, n_val=0, n_test=0, frame=False)
+
+
+def test_the_lab_trains_with_train_pys_lora_dropout_and_keys_other_dropouts_apart():
+    """LabConfig's help says its LoRA dropout is train.py's default; the cache keys of runs at another
+    dropout than the first sweeps' 0.05 say so, so those never read each other's files."""
+    import common
+
+    import train
+    assert common.LabConfig().lora_dropout == train.TrainConfig().lora_dropout
+
+    class Lab:
+        cfg = common.LabConfig()
+    assert common.dropout_suffix(Lab) == "-dropout0"
+    Lab.cfg.lora_dropout = 0.05
+    assert common.dropout_suffix(Lab) == ""

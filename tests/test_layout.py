@@ -237,10 +237,12 @@ def test_the_training_loop_reads_on_one_screen():
 
 
 def test_core_files_stay_within_the_learning_path_budget():
-    """The five core files: at most 2,700 lines and 115,000 non-blank characters together. The budget
-    is by concept: wrapping and comments may grow the lines, content may not grow the characters."""
+    """The five core files: at most 2,750 lines and 115,000 non-blank characters together. The budget
+    is by concept: wrapping and comments may grow the lines, content may not grow the characters.
+    (Issue 23 set 2,700 lines; issue 26's one-wait step and recomputed LoRA branch added ~35 lines of
+    mechanism and their comments, within the same character budget.)"""
     texts = core_texts()
-    assert sum(len(t.splitlines()) for t in texts.values()) <= 2700
+    assert sum(len(t.splitlines()) for t in texts.values()) <= 2750
     assert sum(len("".join(t.split())) for t in texts.values()) <= 115_000
 
 

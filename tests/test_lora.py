@@ -139,6 +139,58 @@ def test_dropout_only_on_lora_input_and_only_in_train_mode():
     assert torch.equal(layer(x), layer(x))
 
 
+def test_recomputed_dropout_gives_the_gradient_of_the_mask_used_in_forward():
+    """Training recomputes the branch in backward (no stored mask): the replayed mask must be the one the
+    forward drew, so the gradients equal those of the branch written out with that mask."""
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(32, 16), rank=4, alpha=8, dropout=0.5).train()
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(6, 32, requires_grad=True)
+    torch.manual_seed(7)
+    layer(x).square().sum().backward()
+    got = [t.grad.clone() for t in (x, layer.lora_A, layer.lora_B)]
+    for t in (x, layer.lora_A, layer.lora_B):
+        t.grad = None
+    torch.manual_seed(7)
+    written_out = layer.base(x) + (F.dropout(x, 0.5, training=True) @ layer.lora_A.T @ layer.lora_B.T) * layer.scaling
+    written_out.square().sum().backward()
+    for g, t in zip(got, (x, layer.lora_A, layer.lora_B)):
+        torch.testing.assert_close(g, t.grad, rtol=1e-5, atol=1e-6)
+
+
+def saved_bytes_per_token_per_block(full, dropout, autocast_dtype):
+    """Bytes autograd keeps for backward per token per block (the slope over batch size and depth, so
+    weights and their autocast copies drop out), at gpt2's width and train.py's LoRA rank."""
+    kept = {}
+    for B in (2, 4):
+        for n_layer in (1, 2):
+            torch.manual_seed(0)
+            m = GPT(GPTConfig(block_size=32, vocab_size=128, n_layer=n_layer, n_head=12, n_embd=768)).train()
+            m.requires_grad_(True) if full else apply_lora(m, 16, 32.0, dropout)
+            params = {p.untyped_storage().data_ptr() for p in m.parameters()}
+            storages = {}
+
+            def keep(t):
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+                return t
+            x = torch.randint(0, 128, (B, 16))
+            with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), \
+                    torch.autocast("cpu", dtype=autocast_dtype or torch.float32, enabled=bool(autocast_dtype)):
+                m(x, x)[1].backward()
+            kept[B, n_layer] = sum(n for ptr, n in storages.items() if ptr not in params)
+    return ((kept[4, 2] - kept[4, 1]) - (kept[2, 2] - kept[2, 1])) / (2 * 16)
+
+
+@pytest.mark.parametrize("autocast_dtype", [None, torch.bfloat16])
+def test_lora_keeps_no_more_per_token_than_a_full_fine_tune(autocast_dtype):
+    """With or without dropout: the branch is recomputed in backward, so LoRA keeps one copy of each
+    adapted layer's input, as full fine-tuning does for its weight gradient."""
+    full = saved_bytes_per_token_per_block(True, 0.0, autocast_dtype)
+    assert full > 0
+    for dropout in (0.0, 0.05):
+        assert saved_bytes_per_token_per_block(False, dropout, autocast_dtype) <= full
+
+
 def test_merge_unmerge_layer():
     torch.manual_seed(0)
     base = nn.Linear(16, 24)

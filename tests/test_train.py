@@ -73,7 +73,8 @@ def test_weight_decay_groups_exclude_biases_and_norms():
 
 
 def micro_batches(vocab, trained_counts, T=12, B=2, seed=0):
-    """One micro-batch per entry of trained_counts, each with that many trained target positions."""
+    """One micro-batch (x, y, trained positions) per entry of trained_counts, each with that many trained
+    target positions."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for n in trained_counts:
@@ -81,7 +82,7 @@ def micro_batches(vocab, trained_counts, T=12, B=2, seed=0):
         y = torch.full((B, T), IGNORE_INDEX)
         flat = torch.randperm(B * T, generator=g)[:n]
         y.view(-1)[flat] = torch.randint(0, vocab, (n,), generator=g)
-        out.append((x, y))
+        out.append((x, y, n))
     return out
 
 
@@ -99,8 +100,8 @@ def test_accumulation_is_token_weighted_like_one_big_batch():
     assert counts[0].item() == 29 and counts[1].item() == 3 * 2 * 12
 
     model.zero_grad()
-    x = torch.cat([x for x, _ in mbs])
-    y = torch.cat([y for _, y in mbs])
+    x = torch.cat([x for x, _, _ in mbs])
+    y = torch.cat([y for _, y, _ in mbs])
     _, loss = model(x, y, reduction="mean")  # the whole window as one batch: mean over its 29 tokens
     loss.backward()
     big = grads(model)
@@ -109,7 +110,7 @@ def test_accumulation_is_token_weighted_like_one_big_batch():
         torch.testing.assert_close(ours[n], big[n], rtol=1e-5, atol=1e-7)
 
     model.zero_grad()  # the classic bug: the mean of per-micro-batch means
-    for x, y in mbs:
+    for x, y, _ in mbs:
         _, m = model(x, y, reduction="mean")
         (m / len(mbs)).backward()
     wrong = grads(model)
@@ -170,7 +171,7 @@ def test_optimizer_and_rng_state_round_trip_through_files(tmp_path):
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=16))
     opt = train.make_optimizer(model, train.TrainConfig(weight_decay=0.1), "cpu")
-    for x, y in micro_batches(64, [5, 6, 7]):
+    for x, y, _ in micro_batches(64, [5, 6, 7]):
         _, loss = model(x, y)
         loss.backward()
         opt.step()
@@ -323,8 +324,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_model_dir
     out = tmp_path / "nan"
     real_forward, calls = GPT.forward, []
 
-    def forward(self, idx, targets=None, reduction="mean"):
-        logits, loss = real_forward(self, idx, targets, reduction)
+    def forward(self, idx, targets=None, reduction="mean", n_trained=None):
+        logits, loss = real_forward(self, idx, targets, reduction, n_trained)
         if self.training:
             calls.append(1)
             if len(calls) > 6:  # steps 1-3 are fine (2 micro-batches each), step 4 goes NaN
@@ -405,7 +406,8 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tiny_model_dir, chats, tmp_
 def test_compile_traces_once_for_variable_length_batches(tiny_model_dir, chats, tmp_path):
     """--compile: 8 steps of batches whose lengths and trained positions vary (chats' replies differ in
     length), one graph, at most one recompile.
-    (Without the two settings in setup_training: 4 graph breaks at x[keep] and 3 recompiles in 8 steps.)"""
+    (setup_training compiles with dynamic=True, and the forward selects the trained positions with a
+    size the host counted, so no shape depends on the data.)"""
     env = dict(os.environ, TORCH_LOGS="recompiles,graph_breaks")
     r = run_script(base_args(tiny_model_dir, chats, tmp_path / "c", **{"--compile": True, "--eval-every": 0,
                                                                         "--save-every": 0}), env=env, timeout=600)
@@ -482,7 +484,7 @@ def test_benchmark_flops_per_step_agree_with_flop_counter_mode(full, tiny_model_
         lora.apply_lora(m, 16, 32.0, 0.05)  # train.py's defaults
     window = synthetic_windows(1, 2, 2, 24, TINY.vocab_size, 0, "cpu", IGNORE_INDEX)[0]
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:  # the math path is counted
-        for x, y in window:
+        for x, y, _ in window:
             m(x, y, reduction="sum")[1].backward()
     assert abs(printed / fc.get_total_flops() - 1) < 0.10
 

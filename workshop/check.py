@@ -52,7 +52,8 @@ class Reference:
     @staticmethod
     def accumulate(model, micro_batches):
         scaler = torch.amp.GradScaler("cpu", enabled=False)
-        loss_sum, counts = train.accumulate(model, micro_batches, nullcontext(), scaler)
+        counted = [(x, y, int((y != IGNORE_INDEX).sum())) for x, y in micro_batches]  # train.py's triples
+        loss_sum, counts = train.accumulate(model, counted, nullcontext(), scaler)
         return float(loss_sum) / max(float(counts[0]), 1.0)
 
     @staticmethod
