@@ -152,7 +152,8 @@ def claim_rows(results):
         "quirk-phrase share, last generation minus the base model",
         lambda d: (compare(d["results"][-2], d["results"][0], "quirk_share", items_of(d), items_of(d),
                            seeds_of(d)), items_of(d)),
-        "sampling until the end of turn over 5+ generations and measuring diversity collapse")
+        "the redesigned lab/self_generated.py (samples to the end of turn, 5 generations, diversity measures) "
+        "with 3 seeds: about 45 CPU-minutes per seed here")
     add(10, "Small, clean, diverse data beats large, messy data", "quality",
         "exact match, clean small minus noisy large", pair("clean small", "noisy large", "data", "exact_match"),
         "the full triage test split with 3 seeds")

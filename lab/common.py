@@ -35,6 +35,8 @@ from eval import (  # noqa: E402
     fit_prompt,
     forgetting,
     generate_replies,
+    generate_tokens,
+    reply_text,
     run_rung,
     split_reply,
 )
@@ -222,6 +224,20 @@ def replies(lab, model, records, max_new_tokens, sampling=Sampling(0.0, seed=0),
     prompts = prompts_of(lab, records, max_new_tokens)
     dec = Decoding(lab.tok, max_new_tokens, lab.rt.device, lab.rt.dtype, 16, sampling)
     return run_rung(desc, model, prompts, dec, replies_of)
+
+
+class StopRecorder:
+    """eval.py's batch generation, recording its raw tokens: for each prompt, did the reply end with a
+    stop token before the cap? (The reply text alone cannot say: it is cut at the stop.)"""
+
+    def __init__(self, stop_ids):
+        self.stop_ids, self.stopped = set(stop_ids), {}
+
+    def __call__(self, model, prompts, dec):
+        rows = generate_tokens(model, prompts, dec)
+        for prompt, row in zip(prompts, rows):
+            self.stopped[tuple(prompt)] = any(t in self.stop_ids for t in row)
+        return [reply_text(row, dec.tok) for row in rows]
 
 
 def scored(lab, model, records, task="triage", max_new_tokens=48, desc="score", replies_of=generate_replies):

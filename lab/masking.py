@@ -19,30 +19,15 @@ to write the next turn (a role header, or ChatML's <|im_start|>).
 
 from dataclasses import dataclass
 
-from common import (LabConfig, cached_runs, finetune, grouped_bars, merge_seeds, parse, prompts_of, rate_text, run,
-                    save_results, scored, seed_list, setup, training_settings)
+from common import (LabConfig, StopRecorder, cached_runs, finetune, grouped_bars, merge_seeds, parse, prompts_of,
+                    rate_text, run, save_results, scored, seed_list, setup, training_settings)
 
-from eval import generate_tokens, reply_text
 from plumbing import cli
 from plumbing.plots import pyplot
 from plumbing.report import markdown_table
 from tasks import load_items
 
 NEXT_TURN = ("<|im_start|>", "User:", "user\n", "Assistant:", "assistant\n")  # how a new turn starts in text
-
-
-class StopRecorder:
-    """eval.py's batch generation, recording its raw tokens: for each prompt, did the reply end with a
-    stop token before the cap? (The reply text alone cannot say: it is cut at the stop.)"""
-
-    def __init__(self, stop_ids):
-        self.stop_ids, self.stopped = set(stop_ids), {}
-
-    def __call__(self, model, prompts, dec):
-        rows = generate_tokens(model, prompts, dec)
-        for prompt, row in zip(prompts, rows):
-            self.stopped[tuple(prompt)] = any(t in self.stop_ids for t in row)
-        return [reply_text(row, dec.tok) for row in rows]
 
 
 @dataclass

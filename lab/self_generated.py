@@ -1,44 +1,61 @@
 """lab/self_generated.py: fine-tuning on the model's own replies, generation after generation.
 
 The claim: "fine-tuning on model-generated data can amplify the base model's quirks rather than correct
-them" (Shumailov et al.'s recursive training on OPT-125m). Generation 0 is the base model. Generation g is
-the base model fine-tuned (LoRA) on replies that generation g-1 sampled for the same training prompts of the
-instruct mix; a control is fine-tuned on the human-written reference replies of those prompts instead.
-Every model answers the same held-out prompts (greedy), and each generation is measured on them:
+them" (Shumailov et al.'s recursive training on OPT-125m: the tails of the distribution vanish, the replies
+grow alike). Generation 0 is the base model. Generation g is the base model fine-tuned (LoRA) on replies
+that generation g-1 sampled for the same training prompts of the instruct mix; a control is fine-tuned on
+the human-written reference replies of those prompts instead. Every model answers the same held-out
+prompts (greedy), measured per item and over all replies:
 
-    distinct-1/2   unique words (word pairs) / all of them, over all replies: low = a narrow vocabulary
-    words          mean reply length in words
     quirk share    replies containing one of the base model's most frequent 3-word phrases (found from
-                   generation 0's training samples; phrases that occur in the reference replies are not quirks)
-    repetition     share of each reply's 3-word phrases that repeat an earlier one in the same reply
+                   generation 0's samples; phrases that occur in the reference replies are not quirks)
     accuracy       exact answer (the instruct task's scorer)
+    distinct-1/2   unique words (word pairs) / all of them, over all replies: low = a narrow vocabulary
+    entropy        bits of the word distribution over all replies: its tails are what collapse first
+    char repeats   1 - zlib's compressed size / raw size of a reply: high = character loops ("!!!!", "aaaa")
+    stops          replies that end with the end-of-turn token before the cap
 
-    python lab/self_generated.py                     # SmolLM2-135M-Instruct -> results/self_generated.*
-    python lab/self_generated.py --generations 4 --temperature 1.0
+Training replies are sampled until the end of turn, under a generous cap, and a sample that hits the cap is
+left out of the next generation's data (never cut and closed with an end token, which would teach shortness
+by itself): how many were kept is reported. Each seed runs the whole chain (its own sampling, LoRA init and
+data order) and is cached as it finishes; the claim is read per item and seed (paired).
+
+    python lab/self_generated.py --seeds 1337,1338,1339 --dtype bfloat16   # SmolLM2 -> results/self_generated.*
+    python lab/self_generated.py --generations 3 --temperature 1.0
     python lab/self_generated.py --quick --out /tmp/lab   # a tiny random model, seconds (what CI runs)
 """
 
+import math
+import zlib
 from collections import Counter
 from dataclasses import dataclass
 
-from common import LabConfig, finetune, parse, replies, run, save_results, setup, training_settings
+from common import (LabConfig, StopRecorder, cached_runs, finetune, merge_seeds, parse, prompts_of, rate_text,
+                    replies, run, save_results, seed_list, setup, training_settings)
 
 from eval import split_reply
 from model import Sampling
 from plumbing import cli
 from plumbing.plots import pyplot
 from plumbing.report import markdown_table
-from tasks import load_items, score, summarize
+from tasks import load_items, score
 
 
 @dataclass
 class Config(LabConfig):
-    generations: int = cli.opt(3, "fine-tuned generations after the base model", group="experiment", min=1)
+    generations: int = cli.opt(5, "fine-tuned generations after the base model", group="experiment", min=1)
     prompts: int = cli.opt(64, "training prompts (instruct train split), one sampled reply each", min=1)
     temperature: float = cli.opt(0.7, "sampling temperature of the training replies", above=0)
     steps: int = cli.opt(16, "optimizer steps per generation (and for the control)", min=1)
-    max_new_tokens: int = cli.opt(64, "longest reply, sampled or greedy", min=1)
+    max_new_tokens: int = cli.opt(256, "cap of every reply; a training sample that reaches it is left out",
+                                  min=1)
     n_quirks: int = cli.opt(5, "how many of the base model's frequent phrases to follow", min=1)
+    keep_cut: bool = cli.opt(False, "train on samples cut at the cap too (closed with an end token: teaches "
+                             "shortness by itself; --quick's random model never stops)")
+
+
+# -----------------------------------------------------------------------------
+# The measures: per reply (quirk, accuracy, char repeats, stops) and over all replies (diversity)
 
 
 def trigrams(text):
@@ -51,72 +68,127 @@ def distinct(texts, n):
     return len(set(grams)) / max(len(grams), 1)
 
 
-def repetition(text):
-    grams = trigrams(text)
-    return (len(grams) - len(set(grams))) / len(grams) if grams else 0.0
+def word_entropy(texts):
+    """Bits per word of the word distribution over all texts."""
+    counts = Counter(w for t in texts for w in t.lower().split())
+    total = sum(counts.values())
+    return -sum(c / total * math.log2(c / total) for c in counts.values()) if total else 0.0
 
 
-def measure(gen, out, records, quirks):
-    scores = [score("instruct", reply, r) for reply, r in zip(out, records)]
-    acc = summarize("instruct", scores, [r.get("family", "") for r in records], set())["accuracy"]
-    return {"generation": gen, "distinct_1": distinct(out, 1), "distinct_2": distinct(out, 2),
-            "words": sum(len(t.split()) for t in out) / len(out),
-            "quirk_share": sum(any(q in " ".join(t.lower().split()) for q in quirks) for t in out) / len(out),
-            "repetition": sum(map(repetition, out)) / len(out), "accuracy": acc,
-            "samples": out[:3]}
+def char_repeats(text):
+    """1 - compressed / raw bytes: near 0 for ordinary prose this short, high for a character loop."""
+    raw = text.encode("utf-8")
+    return max(0.0, 1 - len(zlib.compress(raw, 9)) / len(raw)) if len(raw) > 20 else 0.0
 
 
-def main(argv=None):
-    cfg = parse(Config, "Fine-tuning on the model's own replies, generation after generation, vs a human-data control.",
-                argv)
-    if cfg.quick:
-        cfg.generations, cfg.prompts, cfg.steps, cfg.max_new_tokens = 2, 8, 2, 8
-    lab = setup(cfg)
-    train_records = load_items("instruct", "train", cfg.prompts)[0]
-    held_out = load_items("instruct", "test", cfg.eval_items)[0]
+def measure(out, records, quirks, stopped):
+    """Per-item scores and the distribution measures of one model's replies to records."""
+    items = {"quirk": [int(any(q in " ".join(t.lower().split()) for q in quirks)) for t in out],
+             "accuracy": [int(score("instruct", reply, r)["exact"]) for reply, r in zip(out, records)],
+             "stops": [int(s) for s in stopped]}
+    row = {k.replace("quirk", "quirk_share"): sum(v) / len(v) for k, v in items.items()}
+    return {**row, "distinct_1": distinct(out, 1), "distinct_2": distinct(out, 2), "entropy": word_entropy(out),
+            "char_repeats": sum(map(char_repeats, out)) / len(out), "words": sum(len(t.split()) for t in out) / len(out),
+            "items": {"quirk_share": items["quirk"], "accuracy": items["accuracy"], "stops": items["stops"]},
+            "replies": out}
+
+
+# -----------------------------------------------------------------------------
+# One chain: generation 0 (the base model), generations 1..G, and the human-data control, for one seed
+
+
+def chain(lab, cfg, seed, train_records, held_out):
     prompts = [split_reply(r["messages"])[0] for r in train_records]
     references = [split_reply(r["messages"])[1] for r in train_records]
 
-    def sample(model, gen):  # generation gen's training data: the model's own reply to every training prompt
-        sampling = Sampling(cfg.temperature, seed=cfg.seed + gen)
-        out = replies(lab, model, train_records, cfg.max_new_tokens, sampling, f"sample g{gen}")
-        return out, [p + [{"role": "assistant", "content": o}] for p, o in zip(prompts, out)]
+    def answers(model, records, desc, sampling=Sampling(0.0, seed=0)):
+        recorder = StopRecorder(lab.fmt.stop_ids)
+        out = replies(lab, model, records, cfg.max_new_tokens, sampling, desc, replies_of=recorder)
+        return out, [recorder.stopped[tuple(p)] for p in prompts_of(lab, records, cfg.max_new_tokens)]
+
+    def sample(model, gen):  # the next generation's data: replies that ended by themselves, nothing cut
+        out, stopped = answers(model, train_records, f"sample g{gen} s{seed}",
+                               Sampling(cfg.temperature, seed=seed * 1000 + gen))
+        kept = [p + [{"role": "assistant", "content": o}] for p, o, s in zip(prompts, out, stopped)
+                if s or cfg.keep_cut]
+        if len(kept) < cfg.batch_size:
+            raise RuntimeError(f"generation {gen} ended only {len(kept)} of {len(out)} samples by itself under "
+                               f"the cap of {cfg.max_new_tokens} tokens: raise --max-new-tokens")
+        return out, kept
 
     base_samples, data = sample(lab.base, 0)
     in_refs = {g for ref in references for g in trigrams(ref)}
     counts = Counter(g for t in base_samples for g in set(trigrams(t)) if g not in in_refs)
     quirks = [g for g, _ in counts.most_common(cfg.n_quirks)]
-    print("the base model's frequent phrases:", quirks)
-
-    rows = [measure(0, replies(lab, lab.base, held_out, cfg.max_new_tokens, desc="g0"), held_out, quirks)]
+    out, stopped = answers(lab.base, held_out, "g0")
+    rows = [{"generation": 0, "trained_on": 0, **measure(out, held_out, quirks, stopped)}]
     for gen in range(1, cfg.generations + 1):
-        model, _ = finetune(lab, data, cfg.steps, desc=f"train g{gen}", dedup=False)
-        rows.append(measure(gen, replies(lab, model, held_out, cfg.max_new_tokens, desc=f"g{gen}"), held_out, quirks))
+        model, _ = finetune(lab, data, cfg.steps, desc=f"train g{gen} s{seed}", dedup=False, seed=seed)
+        out, stopped = answers(model, held_out, f"g{gen}")
+        rows.append({"generation": gen, "trained_on": len(data), **measure(out, held_out, quirks, stopped)})
         if gen < cfg.generations:
             _, data = sample(model, gen)
         del model
-    control, _ = finetune(lab, [r["messages"] for r in train_records], cfg.steps, desc="train control")
-    rows.append({**measure("control", replies(lab, control, held_out, cfg.max_new_tokens, desc="control"), held_out,
-                           quirks), "generation": "human replies (control)"})
+    control, _ = finetune(lab, [r["messages"] for r in train_records], cfg.steps, desc=f"control s{seed}",
+                          seed=seed)
+    out, stopped = answers(control, held_out, "control")
+    rows.append({"generation": "human replies (control)", "trained_on": len(train_records),
+                 **measure(out, held_out, quirks, stopped)})
+    return {"rows": rows, "quirks": quirks}
 
-    cols = ("distinct_1", "distinct_2", "words", "quirk_share", "repetition", "accuracy")
-    table = markdown_table(["generation", "distinct-1", "distinct-2", "words", "quirk share", "repetition",
-                            "accuracy"],
-                           [[r["generation"]] + [f"{r[c]:.1f}" if c == "words" else f"{r[c]:.2f}" for c in cols]
-                            for r in rows])
+
+# -----------------------------------------------------------------------------
+
+
+METRICS = ("quirk_share", "accuracy", "stops", "distinct_1", "distinct_2", "entropy", "char_repeats", "words",
+           "trained_on")
+
+
+def main(argv=None):
+    cfg = parse(Config, "Fine-tuning on the model's own replies, generation after generation, vs a human-data "
+                "control.", argv)
+    if cfg.quick:
+        cfg.generations, cfg.prompts, cfg.steps, cfg.max_new_tokens, cfg.keep_cut = 2, 8, 2, 8, True
+    lab = setup(cfg)
+    train_records = load_items("instruct", "train", cfg.prompts)[0]
+    held_out = load_items("instruct", "test", cfg.eval_items)[0]
+    key = (f"g{cfg.generations}-{cfg.prompts}prompts-t{cfg.temperature}-{cfg.steps}steps-cap{cfg.max_new_tokens}-"
+           f"{len(held_out)}items-q{cfg.n_quirks}{'-cut' if cfg.keep_cut else ''}")
+    runs = cached_runs(lab, "self_generated", key, lambda seed: chain(lab, cfg, seed, train_records, held_out))
+    rows = []
+    for i, first in enumerate(runs[0]["rows"]):
+        row = merge_seeds([{"seed": r["seed"], **r["rows"][i]} for r in runs], METRICS)
+        rows.append({"generation": first["generation"], **row, "sample": first["replies"][0]})
+    quirks = {r["seed"]: r["quirks"] for r in runs}
+    print("the base model's frequent phrases, per seed:", quirks)
+
+    rated = ("quirk_share", "accuracy", "stops")
+    table = markdown_table(
+        ["generation", "trained on (replies kept)", "quirk share [95%]", "accuracy [95%]", "stops [95%]",
+         "distinct-1", "distinct-2", "entropy (bits)", "char repeats", "words"],
+        [[r["generation"], f"{r['trained_on']:.0f}"] + [rate_text(r, c) for c in rated] +
+         [f"{r[c]:.3f}" for c in ("distinct_1", "distinct_2")] + [f"{r['entropy']:.2f}", f"{r['char_repeats']:.3f}",
+                                                                  f"{r['words']:.1f}"] for r in rows])
     plt = pyplot()
-    fig, axes = plt.subplots(1, len(cols), figsize=(15, 3.2))
+    cols = ("quirk_share", "accuracy", "distinct_2", "entropy", "char_repeats", "stops")
+    fig, axes = plt.subplots(1, len(cols), figsize=(17, 3.2))
     gens = rows[:-1]
     for ax, c in zip(axes, cols):
-        ax.plot([r["generation"] for r in gens], [r[c] for r in gens], "o-", label="own replies")
+        per_seed = [r["per_seed"][c] for r in gens]
+        means = [r[c] for r in gens]
+        spread = [max(v) - min(v) if len(v) > 1 else 0 for v in per_seed]
+        ax.errorbar([r["generation"] for r in gens], means, yerr=[[m - min(v) for m, v in zip(means, per_seed)],
+                    [max(v) - m for m, v in zip(means, per_seed)]], fmt="o-", capsize=2,
+                    label="own replies (bars: seed range)" if any(spread) else "own replies")
         ax.axhline(rows[-1][c], color="C2", ls="--", label="control (human)")
         ax.set(title=c.replace("_", " "), xlabel="generation")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     settings = {"generations": cfg.generations, "training prompts": cfg.prompts, "temperature": cfg.temperature,
-                "steps": cfg.steps, "batch": cfg.batch_size, "training": training_settings(lab, cfg.steps) + ", from the "
-                "base model every generation", "held-out prompts": len(held_out), "max_new_tokens": cfg.max_new_tokens,
-                "quirk phrases": quirks}
+                "steps": cfg.steps, "batch": cfg.batch_size, "training": training_settings(lab, cfg.steps) +
+                ", from the base model every generation", "held-out prompts": len(held_out),
+                "max_new_tokens": cfg.max_new_tokens, "quirk phrases per seed": quirks, "seeds": seed_list(cfg),
+                "decoding": f"samples at temperature {cfg.temperature}, held-out replies greedy"}
     save_results(lab, "self_generated", "fine-tuning on model-generated data amplifies the base model's quirks",
                  settings, rows, table, fig)
 

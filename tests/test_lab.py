@@ -99,7 +99,9 @@ def test_self_generated_quick(quick_gguf, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     rows = check_outputs(tmp_path, "self_generated")
     assert [x["generation"] for x in rows] == [0, 1, 2, "human replies (control)"]
-    assert all(0 <= x[k] <= 1 for x in rows for k in ("distinct_1", "distinct_2", "quirk_share", "accuracy"))
+    assert all(0 <= x[k] <= 1 for x in rows for k in ("distinct_1", "distinct_2", "quirk_share", "accuracy",
+                                                      "stops", "char_repeats"))
+    assert all(len(x["items"]["quirk_share"]) == 1 and len(x["items"]["quirk_share"][0]) == 4 for x in rows)
 
 
 @pytest.fixture(scope="module")
