@@ -303,6 +303,26 @@ def merge_seeds(runs, metrics):
     return row
 
 
+@torch.no_grad()
+def reply_nll(lab, model, records):
+    """Per record: the mean next-token NLL (nats) of its reference reply, teacher-forced, in fp32. A
+    measure of what the model knows that needs no output format: a model can lose a task's answers in
+    its likelihoods while its greedy replies still fail for other reasons, or the other way round."""
+    out = []
+    for r in records:
+        ids, mask = data.render_conversation(r["messages"], lab.tok, train_on="last")
+        x, y = data.collate([(ids[:lab.base.config.block_size + 1], mask[:lab.base.config.block_size + 1])],
+                            pad_id=lab.fmt.pad_id)
+        out.append(float(model(x.to(lab.rt.device), y.to(lab.rt.device), reduction="mean")[1]))
+    return out
+
+
+@torch.no_grad()
+def window_nll(lab, model, windows):
+    """Per window of general text: the mean next-token NLL (nats), fp32."""
+    return [float(model(x.to(lab.rt.device), y.to(lab.rt.device), reduction="mean")[1]) for x, y in windows]
+
+
 def general_windows(lab, n_tokens=4096):
     """eval.py's forgetting text (data/general.txt) as windows, n_tokens predicted tokens in all."""
     path = os.path.join(ROOT, "data", "general.txt")

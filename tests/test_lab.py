@@ -135,10 +135,12 @@ def test_forgetting_quick(quick_gguf, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     rows = check_outputs(tmp_path, "forgetting")
     assert [(x["run"], x["step"]) for x in rows] == [
-        ("base", 0), ("lora lr 0.0005", 1), ("lora lr 0.0005", 2), ("full lr 5e-05", 1), ("full lr 5e-05", 2),
-        ("lora lr 0.0005 + 25% instruct", 1), ("lora lr 0.0005 + 25% instruct", 2),
-        ("full lr 5e-05 + 25% instruct", 1), ("full lr 5e-05 + 25% instruct", 2)]
+        ("base", 0), ("lora lr 0.0005", 2), ("full lr 5e-05", 2), ("lora lr 0.0005 + 25% instruct", 2),
+        ("full lr 5e-05 + 25% instruct", 2)]
     assert rows[0]["kl"] == 0 and rows[0]["perplexity_change"] == 0  # the base model against itself
+    # per item, per seed: the instruct items' reference-reply NLL and the general-text windows
+    assert all(len(x["items"]["instruct_nll"][0]) == 4 and x["items"]["general_nll"][0] for x in rows)
+    assert all(v > 0 for x in rows for v in x["items"]["instruct_nll"][0])
 
 
 def test_instruct_vs_task_quick(quick_gguf, tmp_path):
