@@ -158,15 +158,19 @@ def setup(cfg):
 
 
 def finetune(lab, conversations, steps, on_step=None, every=0, desc="train", dedup=True, mask_fn=None,
-             **overrides):
+             render=None, **overrides):
     """A fine-tuned copy of lab.base after `steps` optimizer steps on the conversations. overrides: any
     TrainConfig field (full, lr, lora_rank, train_on, warmup, ...). on_step(step, model, losses, optimizer) runs
     every `every` steps (the model in eval mode; training resumes after). dedup=False keeps exact duplicate
-    conversations (train.py drops them); mask_fn(ids, mask) -> mask changes what is trained (lab/masking.py).
-    Returns (model in eval mode, per-step losses)."""
+    conversations (train.py drops them); mask_fn(ids, mask) -> mask changes what is trained (lab/masking.py);
+    render(messages) -> (ids, mask) renders with another template than data.py's (workshop/see.py: a
+    learner's). Returns (model in eval mode, per-step losses)."""
     cfg = train_config(lab, steps, **overrides)
-    examples, _ = data.tokenize_dataset(conversations, lab.tok, lab.base.config.block_size, cfg.train_on,
-                                        dedup=dedup)
+    if render is None:
+        examples, _ = data.tokenize_dataset(conversations, lab.tok, lab.base.config.block_size, cfg.train_on,
+                                            dedup=dedup)
+    else:  # whole examples that fit the context, as tokenize_dataset keeps them
+        examples = [e for e in map(render, conversations) if len(e[0]) <= lab.base.config.block_size + 1]
     if mask_fn is not None:
         examples = [(ids, mask_fn(ids, mask)) for ids, mask in examples]
     # train.py's setup: the same seeds, LoRA init (the base loaded from disk: its init draws random numbers

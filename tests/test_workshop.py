@@ -116,3 +116,55 @@ def test_a_learners_exception_is_one_line_with_where(gpt2_tokenizer_dir, tmp_pat
     f.write_text("def bm25_scores(documents, query, k1=1.5, b=0.75):\n    return 1 / 0\n")
     r = check(gpt2_tokenizer_dir, 7, "--file", f)
     assert r.returncode == 1 and "your code raised ZeroDivisionError" in r.stdout and "mine.py:2" in r.stdout
+
+
+# -----------------------------------------------------------------------------
+# see.py: each exercise plugged into the real pipeline (--quick: a tiny random model of SmolLM2's family)
+
+
+def see(*args):
+    return subprocess.run([sys.executable, "workshop/see.py", *map(str, args), "--quick"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_every_see_run_works_with_handtunes_code(smollm2_gguf):
+    r = see("all", "--reference")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert r.stdout.count("== see ") == 8 and "Traceback" not in r.stdout + r.stderr
+    for shown in ("EOT not trained:", "unshifted labels: loss", "your accumulate vs one big batch",
+                  "logits differ from the base model's by at most 0.00e+00", "unmerge(merge(W)) - W",
+                  "lr        loss", "facts right", "your KL(base || tuned)"):
+        assert shown in r.stdout, shown
+
+
+def test_see_on_the_shipped_stubs_says_not_written_yet(smollm2_gguf):
+    r = see("all")
+    assert r.returncode == 1 and r.stdout.count("not written yet") == 8
+    assert "Traceback" not in r.stdout + r.stderr
+
+
+TEMPLATE = """
+EOT_ID = 50256
+HEADERS = {"system": "System:\\n", "user": "User:\\n", "assistant": "Assistant:\\n"}
+
+def render_conversation(messages, tokenizer):
+    ids, mask = [], []
+    for i, m in enumerate(messages):
+        ids.append(EOT_ID); mask.append(int(i > 0 and messages[i - 1]["role"] == "assistant"))
+        h, c = tokenizer.encode_ordinary(HEADERS[m["role"]]), tokenizer.encode_ordinary(m["content"])
+        ids += h + c
+        mask += [0] * len(h) + [int(m["role"] == "assistant")] * len(c)
+    ids.append(EOT_ID); mask.append(int(messages[-1]["role"] == "assistant"))
+    return ids, mask
+"""
+
+
+def test_see_trains_a_learners_template_with_smollm2s_end_token(smollm2_gguf, tmp_path):
+    mine = tmp_path / "mine.py"
+    mine.write_text(TEMPLATE)
+    r = see(1, "--file", mine)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "EOT trained:" in r.stdout and "EOT not trained:" in r.stdout and "a format SmolLM2 never saw" in r.stdout
+    mine.write_text(TEMPLATE.replace("ids.append(EOT_ID)", "ids.append(50256)"))  # the id written out
+    r = see(1, "--file", mine)
+    assert r.returncode == 1 and "use EOT_ID, not the number 50256" in r.stdout and "Traceback" not in r.stderr
