@@ -168,3 +168,17 @@ def test_see_trains_a_learners_template_with_smollm2s_end_token(smollm2_gguf, tm
     mine.write_text(TEMPLATE.replace("ids.append(EOT_ID)", "ids.append(50256)"))  # the id written out
     r = see(1, "--file", mine)
     assert r.returncode == 1 and "use EOT_ID, not the number 50256" in r.stdout and "Traceback" not in r.stderr
+
+
+def test_the_notebook_runs_end_to_end(smollm2_gguf, gpt2_tokenizer_dir, monkeypatch):
+    """workshop/workshop.ipynb executed as Jupyter would, with quick settings (a tiny random model and
+    handtune's code in place of the learner's): every check passes and every see-run prints."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    monkeypatch.setenv("HANDTUNE_WORKSHOP_QUICK", "1")
+    monkeypatch.setenv("HANDTUNE_TOKENIZER_DIR", str(gpt2_tokenizer_dir))
+    nb = nbformat.read(ROOT / "workshop" / "workshop.ipynb", as_version=4)
+    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+                            resources={"metadata": {"path": str(ROOT / "workshop")}}).execute()
+    out = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert out.count("  passed") == 8 and out.count("== see ") == 8 and "Traceback" not in out
