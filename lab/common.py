@@ -78,9 +78,14 @@ class LabConfig:
 QUICK_OUT = os.path.join(tempfile.gettempdir(), "handtune-lab-quick")
 
 
-def parse(config_cls, description, argv=None):
+def parse(config_cls, description, argv=None, takes_seeds=False):
+    """The script's config from argv. takes_seeds: the script runs each configuration once per --seeds
+    seed (cached_runs); the others refuse --seeds rather than quietly run one seed."""
     cfg, given = cli.parse(config_cls, argv, description)
     cli.check_ranges(cfg)
+    if cfg.seeds.strip() and not takes_seeds:
+        raise SystemExit(f"error: --seeds: {os.path.basename(sys.argv[0])} runs one seed (--seed) until it is "
+                         "converted; masking, quality, self_generated and forgetting take --seeds")
     if cfg.quick:
         cfg.batch_size, cfg.eval_items = 4, 4
         if "--out" not in given:

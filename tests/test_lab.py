@@ -323,3 +323,10 @@ def test_the_lab_trains_with_train_pys_lora_dropout_and_keys_other_dropouts_apar
     assert common.dropout_suffix(Lab) == "-dropout0"
     Lab.cfg.lora_dropout = 0.05
     assert common.dropout_suffix(Lab) == ""
+
+
+def test_a_script_not_converted_to_seeds_refuses_them_in_one_line():
+    r = subprocess.run([sys.executable, str(ROOT / "lab" / "data_size.py"), "--quick", "--seeds", "1,2"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().startswith("error: --seeds: data_size.py runs one seed")
