@@ -15,11 +15,14 @@ for each, and a results file. The pieces are train.py's and eval.py's own, calle
 import copy
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
 import tempfile
 import time
+import zlib
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -259,6 +262,35 @@ def scored(lab, model, records, task="triage", max_new_tokens=48, desc="score", 
     name = lambda k: "exact_match" if k == "exact" else k  # noqa: E731 (the summary's name for it)
     summary["items"] = {name(k): [s[k] for s in scores] for k in scores[0] if isinstance(scores[0][k], int)}
     return summary, out
+
+
+# -----------------------------------------------------------------------------
+# Text measures of a set of replies: how varied, how repetitive
+
+
+def trigrams(text):
+    """The word 3-grams of a text, lower-cased, in order."""
+    words = text.lower().split()
+    return [" ".join(words[i:i + 3]) for i in range(len(words) - 2)]
+
+
+def distinct(texts, n):
+    """Unique word n-grams / all word n-grams over texts (distinct-n): low = a narrow vocabulary."""
+    grams = [tuple(t.lower().split()[i:i + n]) for t in texts for i in range(len(t.split()) - n + 1)]
+    return len(set(grams)) / max(len(grams), 1)
+
+
+def word_entropy(texts):
+    """Bits per word of the word distribution over all texts."""
+    counts = Counter(w for t in texts for w in t.lower().split())
+    total = sum(counts.values())
+    return -sum(c / total * math.log2(c / total) for c in counts.values()) if total else 0.0
+
+
+def char_repeats(text):
+    """1 - compressed / raw bytes: low (about 0.1) for a sentence of prose, high for a character loop."""
+    raw = text.encode("utf-8")
+    return max(0.0, 1 - len(zlib.compress(raw, 9)) / len(raw)) if len(raw) > 20 else 0.0
 
 
 # -----------------------------------------------------------------------------

@@ -1,37 +1,32 @@
 """lab/self_generated.py: fine-tuning on the model's own replies, generation after generation.
 
 The claim: "fine-tuning on model-generated data can amplify the base model's quirks rather than correct
-them" (Shumailov et al.'s recursive training on OPT-125m: the tails of the distribution vanish, the replies
-grow alike). Generation 0 is the base model. Generation g is the base model fine-tuned (LoRA) on replies
-that generation g-1 sampled for the same training prompts of the instruct mix; a control is fine-tuned on
-the human-written reference replies of those prompts instead. Every model answers the same held-out
-prompts (greedy), measured per item and over all replies:
+them" (Shumailov et al. on OPT-125m: the distribution's tails vanish). Generation g is the base model
+fine-tuned (LoRA) on the replies generation g-1 sampled for the same instruct prompts (generation 0: the
+base model); a control is fine-tuned on the human replies. All answer the same held-out prompts (greedy):
 
     quirk share    replies containing one of the base model's most frequent 3-word phrases (found from
                    generation 0's samples; phrases that occur in the reference replies are not quirks)
     accuracy       exact answer (the instruct task's scorer)
-    distinct-1/2   unique words (word pairs) / all of them, over all replies: low = a narrow vocabulary
-    entropy        bits of the word distribution over all replies: its tails are what collapse first
+    distinct-1/2   unique words (word pairs) / all of them; entropy: bits of the word distribution
     char repeats   1 - zlib's compressed size / raw size of a reply: high = character loops ("!!!!", "aaaa")
     stops          replies that end with the end-of-turn token before the cap
 
-Training replies are sampled until the end of turn, under a generous cap, and a sample that hits the cap is
-left out of the next generation's data (never cut and closed with an end token, which would teach shortness
-by itself): how many were kept is reported. Each seed runs the whole chain (its own sampling, LoRA init and
-data order) and is cached as it finishes; the claim is read per item and seed (paired).
+Training replies are sampled until the end of turn (under a generous cap); a sample that hits the cap is
+left out, never cut and closed with an end token (that would teach shortness by itself). Each seed runs the
+whole chain and is cached as it finishes; the claim is read per item and seed (paired).
 
     python lab/self_generated.py --seeds 1337,1338,1339 --dtype bfloat16   # SmolLM2 -> results/self_generated.*
     python lab/self_generated.py --generations 3 --temperature 1.0
     python lab/self_generated.py --quick --out /tmp/lab   # a tiny random model, seconds (what CI runs)
 """
 
-import math
-import zlib
 from collections import Counter
 from dataclasses import dataclass
 
-from common import (LabConfig, StopRecorder, cached_runs, finetune, merge_seeds, parse, prompts_of, rate_text,
-                    replies, run, save_results, seed_list, setup, training_settings)
+from common import (LabConfig, StopRecorder, cached_runs, char_repeats, distinct, finetune, merge_seeds, parse,
+                    prompts_of, rate_text, replies, run, save_results, seed_list, setup, training_settings,
+                    trigrams, word_entropy)
 
 from eval import split_reply
 from model import Sampling
@@ -47,57 +42,24 @@ class Config(LabConfig):
     prompts: int = cli.opt(64, "training prompts (instruct train split), one sampled reply each", min=1)
     temperature: float = cli.opt(0.7, "sampling temperature of the training replies", above=0)
     steps: int = cli.opt(16, "optimizer steps per generation (and for the control)", min=1)
-    max_new_tokens: int = cli.opt(256, "cap of every reply; a training sample that reaches it is left out",
-                                  min=1)
+    max_new_tokens: int = cli.opt(256, "cap of every reply (a sample that reaches it is left out)", min=1)
     n_quirks: int = cli.opt(5, "how many of the base model's frequent phrases to follow", min=1)
-    keep_cut: bool = cli.opt(False, "train on samples cut at the cap too (closed with an end token: teaches "
-                             "shortness by itself; --quick's random model never stops)")
-
-
-# -----------------------------------------------------------------------------
-# The measures: per reply (quirk, accuracy, char repeats, stops) and over all replies (diversity)
-
-
-def trigrams(text):
-    words = text.lower().split()
-    return [" ".join(words[i:i + 3]) for i in range(len(words) - 2)]
-
-
-def distinct(texts, n):
-    grams = [tuple(t.lower().split()[i:i + n]) for t in texts for i in range(len(t.split()) - n + 1)]
-    return len(set(grams)) / max(len(grams), 1)
-
-
-def word_entropy(texts):
-    """Bits per word of the word distribution over all texts."""
-    counts = Counter(w for t in texts for w in t.lower().split())
-    total = sum(counts.values())
-    return -sum(c / total * math.log2(c / total) for c in counts.values()) if total else 0.0
-
-
-def char_repeats(text):
-    """1 - compressed / raw bytes: near 0 for ordinary prose this short, high for a character loop."""
-    raw = text.encode("utf-8")
-    return max(0.0, 1 - len(zlib.compress(raw, 9)) / len(raw)) if len(raw) > 20 else 0.0
+    keep_cut: bool = cli.opt(False, "train on samples cut at the cap too (biased; --quick: nothing stops)")
 
 
 def measure(out, records, quirks, stopped):
-    """Per-item scores and the distribution measures of one model's replies to records."""
-    items = {"quirk": [int(any(q in " ".join(t.lower().split()) for q in quirks)) for t in out],
+    """Per-item scores (quirk, accuracy, stops) and the text measures (lab/common) of one model's replies."""
+    items = {"quirk_share": [int(any(q in " ".join(t.lower().split()) for q in quirks)) for t in out],
              "accuracy": [int(score("instruct", reply, r)["exact"]) for reply, r in zip(out, records)],
              "stops": [int(s) for s in stopped]}
-    row = {k.replace("quirk", "quirk_share"): sum(v) / len(v) for k, v in items.items()}
-    return {**row, "distinct_1": distinct(out, 1), "distinct_2": distinct(out, 2), "entropy": word_entropy(out),
-            "char_repeats": sum(map(char_repeats, out)) / len(out), "words": sum(len(t.split()) for t in out) / len(out),
-            "items": {"quirk_share": items["quirk"], "accuracy": items["accuracy"], "stops": items["stops"]},
-            "replies": out}
-
-
-# -----------------------------------------------------------------------------
-# One chain: generation 0 (the base model), generations 1..G, and the human-data control, for one seed
+    return {**{k: sum(v) / len(v) for k, v in items.items()}, "distinct_1": distinct(out, 1),
+            "distinct_2": distinct(out, 2), "entropy": word_entropy(out),
+            "char_repeats": sum(map(char_repeats, out)) / len(out),
+            "words": sum(len(t.split()) for t in out) / len(out), "items": items, "replies": out}
 
 
 def chain(lab, cfg, seed, train_records, held_out):
+    """One seed's chain: generation 0 (the base model), generations 1..G, and the human-data control."""
     prompts = [split_reply(r["messages"])[0] for r in train_records]
     references = [split_reply(r["messages"])[1] for r in train_records]
 
@@ -112,12 +74,12 @@ def chain(lab, cfg, seed, train_records, held_out):
         kept = [p + [{"role": "assistant", "content": o}] for p, o, s in zip(prompts, out, stopped)
                 if s or cfg.keep_cut]
         if len(kept) < cfg.batch_size:
-            raise RuntimeError(f"generation {gen} ended only {len(kept)} of {len(out)} samples by itself under "
-                               f"the cap of {cfg.max_new_tokens} tokens: raise --max-new-tokens")
+            raise RuntimeError(f"generation {gen}: {len(kept)} of {len(out)} samples ended by themselves "
+                               f"within --max-new-tokens {cfg.max_new_tokens}: raise it")
         return out, kept
 
     base_samples, data = sample(lab.base, 0)
-    in_refs = {g for ref in references for g in trigrams(ref)}
+    in_refs = {g for ref in references for g in trigrams(ref)}  # phrases people write too are no quirks
     counts = Counter(g for t in base_samples for g in set(trigrams(t)) if g not in in_refs)
     quirks = [g for g, _ in counts.most_common(cfg.n_quirks)]
     out, stopped = answers(lab.base, held_out, "g0")
@@ -135,9 +97,6 @@ def chain(lab, cfg, seed, train_records, held_out):
     rows.append({"generation": "human replies (control)", "trained_on": len(train_records),
                  **measure(out, held_out, quirks, stopped)})
     return {"rows": rows, "quirks": quirks}
-
-
-# -----------------------------------------------------------------------------
 
 
 METRICS = ("quirk_share", "accuracy", "stops", "distinct_1", "distinct_2", "entropy", "char_repeats", "words",
@@ -161,25 +120,19 @@ def main(argv=None):
         rows.append({"generation": first["generation"], **row, "sample": first["replies"][0]})
     quirks = {r["seed"]: r["quirks"] for r in runs}
     print("the base model's frequent phrases, per seed:", quirks)
-
-    rated = ("quirk_share", "accuracy", "stops")
-    table = markdown_table(
-        ["generation", "trained on (replies kept)", "quirk share [95%]", "accuracy [95%]", "stops [95%]",
-         "distinct-1", "distinct-2", "entropy (bits)", "char repeats", "words"],
-        [[r["generation"], f"{r['trained_on']:.0f}"] + [rate_text(r, c) for c in rated] +
-         [f"{r[c]:.3f}" for c in ("distinct_1", "distinct_2")] + [f"{r['entropy']:.2f}", f"{r['char_repeats']:.3f}",
-                                                                  f"{r['words']:.1f}"] for r in rows])
+    plain = ("distinct_1", "distinct_2", "entropy", "char_repeats", "words")
+    table = markdown_table(["generation", "trained on (replies kept)", "quirk share [95%]", "accuracy [95%]",
+                            "stops [95%]", "distinct-1", "distinct-2", "entropy (bits)", "char repeats", "words"],
+                           [[r["generation"], f"{r['trained_on']:.0f}"] + [rate_text(r, c) for c in METRICS[:3]] +
+                            [f"{r[c]:.3f}" for c in plain] for r in rows])
     plt = pyplot()
     cols = ("quirk_share", "accuracy", "distinct_2", "entropy", "char_repeats", "stops")
     fig, axes = plt.subplots(1, len(cols), figsize=(17, 3.2))
     gens = rows[:-1]
-    for ax, c in zip(axes, cols):
-        per_seed = [r["per_seed"][c] for r in gens]
-        means = [r[c] for r in gens]
-        spread = [max(v) - min(v) if len(v) > 1 else 0 for v in per_seed]
-        ax.errorbar([r["generation"] for r in gens], means, yerr=[[m - min(v) for m, v in zip(means, per_seed)],
-                    [max(v) - m for m, v in zip(means, per_seed)]], fmt="o-", capsize=2,
-                    label="own replies (bars: seed range)" if any(spread) else "own replies")
+    for ax, c in zip(axes, cols):  # bars: the range over seeds
+        spread = [[r[c] - min(r["per_seed"][c]) for r in gens], [max(r["per_seed"][c]) - r[c] for r in gens]]
+        ax.errorbar([r["generation"] for r in gens], [r[c] for r in gens], yerr=spread, fmt="o-", capsize=2,
+                    label="own replies")
         ax.axhline(rows[-1][c], color="C2", ls="--", label="control (human)")
         ax.set(title=c.replace("_", " "), xlabel="generation")
         ax.grid(alpha=0.3)

@@ -330,3 +330,13 @@ def test_a_script_not_converted_to_seeds_refuses_them_in_one_line():
                        capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.strip().startswith("error: --seeds: data_size.py runs one seed")
+
+
+def test_text_measures_see_a_narrow_vocabulary_and_a_character_loop():
+    import common
+
+    prose = "The router drops the connection every evening, so I restarted it twice and it still fails."
+    assert common.char_repeats("!" * 60) >= 0.75 and common.char_repeats(prose) < 0.3
+    assert common.distinct(["a b a b", "a b"], 1) == 2 / 6 and common.distinct(["x y z"], 2) == 1.0
+    assert common.word_entropy(["a a a a"]) == 0 and common.word_entropy(["a b c d"]) == 2.0
+    assert common.trigrams("One two three four") == ["one two three", "two three four"]
