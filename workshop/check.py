@@ -364,6 +364,28 @@ def ready(tokenizer_dir):
     return 0 if not problems else 1
 
 
+def exercise_numbers(arg, file):
+    """[N] or every exercise for "all"; anything else (or --file with several) exits in one line."""
+    numbers = list(EXERCISES) if arg == "all" else [arg]
+    try:
+        numbers = [int(n) for n in numbers]
+        if not set(numbers) <= set(EXERCISES) or (file and len(numbers) > 1):
+            raise ValueError
+    except ValueError:
+        sys.exit(f"error: exercise {arg}: choose 1-{len(EXERCISES)} or all (--file: one exercise)")
+    return numbers
+
+
+def learner_module(n, file):
+    """The learner's module for exercise n (file, else the shipped stub); a file that does not load exits in
+    one line."""
+    path = file or os.path.join(ROOT, "workshop", "exercises", EXERCISES[n])
+    try:
+        return load_exercise(n, path)
+    except Exception as e:  # a syntax error in the learner's file: one line, where
+        sys.exit(f"error: {path}: {type(e).__name__}: {e}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Check a workshop exercise against handtune's own code.")
     p.add_argument("exercise", help="1-8, all, or ready (is this machine ready for the workshop?)")
@@ -373,27 +395,14 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.exercise == "ready":
         return ready(args.tokenizer_dir)
-    numbers = list(EXERCISES) if args.exercise == "all" else [args.exercise]
-    try:
-        numbers = [int(n) for n in numbers]
-        if not set(numbers) <= set(EXERCISES) or (args.file and len(numbers) > 1):
-            raise ValueError
-    except ValueError:
-        sys.exit(f"error: exercise {args.exercise}: choose 1-{len(EXERCISES)} or all (--file: one exercise)")
+    numbers = exercise_numbers(args.exercise, args.file)
     try:
         tok = get_tokenizer(args.tokenizer_dir)
     except (OSError, ValueError, RuntimeError) as e:
         sys.exit(f"error: {e}")
     ok = True
     for n in numbers:
-        if args.reference:
-            impl = Reference
-        else:
-            path = args.file or os.path.join(ROOT, "workshop", "exercises", EXERCISES[n])
-            try:
-                impl = load_exercise(n, path)
-            except Exception as e:  # a syntax error in the learner's file: one line, where
-                sys.exit(f"error: {path}: {type(e).__name__}: {e}")
+        impl = Reference if args.reference else learner_module(n, args.file)
         ok = run_checks(n, impl, tok) and ok
     return 0 if ok else 1
 

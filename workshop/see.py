@@ -28,7 +28,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(1, os.path.join(ROOT, "lab"))
 sys.path.insert(2, os.path.join(ROOT, "workshop"))
 import common  # noqa: E402  (lab/common.py: the lab's in-process fine-tuning and scoring)
-from check import EXERCISES, TITLES, Reference, load_exercise  # noqa: E402
+from check import TITLES, Reference, exercise_numbers, learner_module  # noqa: E402
 
 import data  # noqa: E402
 import eval as ev  # noqa: E402
@@ -288,13 +288,7 @@ def main(argv=None):
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
     args = p.parse_args(argv)
-    numbers = list(RUNS) if args.exercise == "all" else [args.exercise]
-    try:
-        numbers = [int(n) for n in numbers]
-        if not set(numbers) <= set(RUNS) or (args.file and len(numbers) > 1):
-            raise ValueError
-    except ValueError:
-        sys.exit(f"error: exercise {args.exercise}: choose 1-{len(RUNS)} or all (--file: one exercise)")
+    numbers = exercise_numbers(args.exercise, args.file)  # RUNS has one run per exercise
     if args.quick:
         args.steps, args.items, args.max_new = 2, 2, 6
     cfg = common.LabConfig(quick=args.quick, batch_size=4, device=args.device, dtype=args.dtype, out="")
@@ -304,12 +298,8 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     written = True
     for n in numbers:
-        path = args.file or os.path.join(ROOT, "workshop", "exercises", EXERCISES[n])
-        try:
-            impl = Reference if args.reference else load_exercise(n, path)
-        except Exception as e:  # a syntax error in the learner's file: one line, where
-            sys.exit(f"error: {path}: {type(e).__name__}: {e}")
-        print(f"\n== see {n}: {TITLES[n]} ({'handtune' if args.reference else os.path.relpath(path)})")
+        impl = Reference if args.reference else learner_module(n, args.file)
+        print(f"\n== see {n}: {TITLES[n]} ({'handtune' if args.reference else os.path.relpath(impl.__file__)})")
         t0 = time.time()
         try:
             RUNS[n](impl, lab, args)
