@@ -72,11 +72,12 @@ def main(argv=None):
     runs += [(f"full lr {float(lr):g}", "full", float(lr), triage) for lr in cfg.full_lrs.split(",")]
     if cfg.mix > 0:
         runs += [(f"{m} lr {lr:g} + {cfg.mix:.0%} instruct", m, lr, mixed) for m, lr in (("lora", 5e-4), ("full", 5e-5))]
-    rows = []
+    rows, base = [], {}
     for name, method, lr, convs in runs:
         def run_one(seed):
-            if convs is None:  # the base model: no training, the same for every seed
-                return measure(lab.base, name)
+            if convs is None:  # the base model: no training and greedy replies, so measured once for all seeds
+                base.update(base or measure(lab.base, name))
+                return dict(base)
             model, _ = finetune(lab, convs, cfg.steps, desc=f"{name} s{seed}", full=method == "full", lr=lr,
                                 seed=seed)
             return measure(model, name)
