@@ -101,7 +101,7 @@ def claim_rows(results):
         "a template whose end token the base model never emits (an instruct model already stops)")
 
     def instruct(d):
-        n = 20  # seen instruct items per model (settings: 20 seen, 20 held out, 40 triage)
+        n = d["settings"].get("seen items", 20)  # the first one-seed file: 20 seen, 20 held out, 40 triage
         a, b = row(d["results"], model="instruction-tuned"), row(d["results"], model="task-tuned (triage)")
         return compare(a, b, "instruct_seen", n, n, seeds_of(d)), n
     add(3, "Instruction tuning (a broad mix) teaches many tasks; task tuning teaches one", "instruct_vs_task",

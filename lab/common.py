@@ -67,7 +67,8 @@ class LabConfig:
                        "directory unless given)")
     quick: bool = cli.opt(False, "a tiny random model of --model's family and a handful of steps (CI, seconds)")
     batch_size: int = cli.opt(8, "conversations per optimizer step", min=1)
-    eval_items: int = cli.opt(40, "test items scored per model (greedy)", min=1)
+    eval_items: int = cli.opt(250, "test items scored per model (greedy; 250: triage's whole test split, at most "
+                              "each split's size)", min=1)
     seed: int = cli.opt(1337, "seed for data sampling, LoRA init and data order")
     seeds: str = cli.opt("", "comma-separated seeds of LoRA init and data order, one run each (default: "
                          "--seed); scripts that take it cache each (configuration, seed) run as it finishes")
@@ -88,7 +89,8 @@ def parse(config_cls, description, argv=None, takes_seeds=False):
     cli.check_ranges(cfg)
     if cfg.seeds.strip() and not takes_seeds:
         raise SystemExit(f"error: --seeds: {os.path.basename(sys.argv[0])} runs one seed (--seed) until it is "
-                         "converted; masking, quality, self_generated and forgetting take --seeds")
+                         "converted; masking, quality, self_generated, forgetting, data_size and instruct_vs_task take "
+                         "--seeds")
     if cfg.quick:
         cfg.batch_size, cfg.eval_items = 4, 4
         if "--out" not in given:

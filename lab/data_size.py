@@ -1,90 +1,118 @@
 """lab/data_size.py: how many examples does fine-tuning need? Triage accuracy against the number of distinct
-training conversations, at equal optimizer steps, for LoRA and for full fine-tuning.
+training conversations, each set trained for the same number of epochs, for LoRA and for full fine-tuning.
 
-The claim: fine-tuning needs "thousands of examples, not trillions of tokens". Every run takes the same
-number of steps of the same batch, so every run sees the same number of conversations; only how many of
-them are distinct changes (a small set is repeated for many epochs, a large one is not even seen once).
-Each model answers the same held-out triage messages, greedy, scored by the task's own rules: exact match
-of all four labels, and the share of replies that are valid one-line JSON.
+The claim: fine-tuning needs "thousands of examples, not trillions of tokens". Every run passes over its own
+set --epochs times (a size-n set takes epochs x n / batch optimizer steps), so a larger set is both more
+varied and more training, as it is when someone collects more data. (At equal steps instead, a 400 and a
+1,600 set would show the model the same 256 conversations: the same experiment twice.) Each model answers
+the same held-out triage messages, greedy, scored by the task's own rules: exact match of all four labels,
+each label alone, and the share of valid one-line JSON. Each (method, size, seed) run is cached with its
+per-item scores; the base model is untrained and greedy, so it is scored once.
 
-    python lab/data_size.py                          # SmolLM2-135M-Instruct (offline GGUF) -> results/data_size.*
-    python lab/data_size.py --sizes 50,200 --steps 20 --methods lora
+    python lab/data_size.py --seeds 1337,1338,1339 --dtype bfloat16   # SmolLM2 -> results/data_size.*
+    python lab/data_size.py --sizes 50,200 --epochs 3 --methods lora
     python lab/data_size.py --quick --out /tmp/lab   # a tiny random model, seconds (what CI runs)
 """
 
+import math
 import random
 import time
 from dataclasses import dataclass
 
-from common import LabConfig, finetune, parse, run, save_results, scored, setup, training_settings
+from common import (LabConfig, cached_runs, finetune, merge_seeds, parse, rate_interval, rate_text, run,
+                    save_results, scored, seed_list, setup, training_settings)
 
 from plumbing import cli
 from plumbing.plots import pyplot
 from plumbing.report import markdown_table
 from tasks import load_items
+from tasks.triage import TRIAGE_FIELDS
 
 
 @dataclass
 class Config(LabConfig):
     sizes: str = cli.opt("25,100,400,1600", "distinct training conversations per run (comma-separated)",
                          group="experiment")
-    steps: int = cli.opt(32, "optimizer steps of every run", min=1)
+    epochs: float = cli.opt(2.0, "passes over each training set (steps = epochs x size / batch, at least 2)",
+                            above=0)
     methods: str = cli.opt("lora,full", "lora, full or both (lr: train.py's defaults, 5e-4 and 5e-5)")
 
 
+def steps_for(cfg, n):
+    """Optimizer steps of a size-n run: --epochs passes over it at --batch-size."""
+    return max(2, math.ceil(cfg.epochs * n / cfg.batch_size))
+
+
+METRICS = ("exact_match", "valid", *TRIAGE_FIELDS, "final_loss", "train_s")
+
+
 def main(argv=None):
-    cfg = parse(Config, "Triage accuracy against the number of training conversations (LoRA and full).", argv)
+    cfg = parse(Config, "Triage accuracy against the number of training conversations, at equal epochs.", argv,
+                takes_seeds=True)
     methods = cfg.methods.split(",")
     if not cfg.sizes.replace(",", "").isdigit() or not set(methods) <= {"lora", "full"}:
         raise ValueError(f"--sizes {cfg.sizes} --methods {cfg.methods}: expected sizes like 25,100 and methods "
                          "lora, full or lora,full")
     sizes = [int(s) for s in cfg.sizes.split(",")]
     if cfg.quick:
-        sizes, cfg.steps = [4, 16], 2
+        sizes, cfg.epochs = [4, 16], 0.5
     lab = setup(cfg)
     pool = load_items("triage", "train", 0)[0]
     random.Random(cfg.seed).shuffle(pool)  # a size-n set is the first n of one shuffle: each set holds the smaller
     test = load_items("triage", "test", cfg.eval_items)[0]
+    base = {}
 
-    base, _ = scored(lab, lab.base, test, desc="base")
-    rows = [{"method": "base (no tuning)", "n_train": 0, "epochs": 0.0, "exact_match": base["exact_match"],
-             "valid": base["valid"], "fields": base["fields"], "train_s": 0.0, "final_loss": None}]
-    for method in methods:
-        for n in sizes:
+    def measure(model, desc, losses=(), t0=None):
+        s, _ = scored(lab, model, test, desc=desc)
+        return {"exact_match": s["exact_match"], "valid": s["valid"], **s["fields"], "items": s["items"],
+                "final_loss": sum(losses[-4:]) / max(1, len(losses[-4:])),
+                "train_s": 0.0 if t0 is None else time.time() - t0}
+
+    rows = []
+    for method, n in [("base (no tuning)", 0)] + [(m, n) for m in methods for n in sizes]:
+        def run_one(seed):
+            if n == 0:  # untrained and greedy: the same for every seed
+                base.update(base or measure(lab.base, "base"))
+                return dict(base)
             t0 = time.time()
-            model, losses = finetune(lab, [r["messages"] for r in pool[:n]], cfg.steps, full=method == "full",
-                                     desc=f"{method} n={n}")
-            seconds = time.time() - t0
-            s, _ = scored(lab, model, test, desc=f"{method} n={n}")
-            rows.append({"method": method, "n_train": n, "epochs": cfg.steps * cfg.batch_size / n,
-                         "exact_match": s["exact_match"], "valid": s["valid"], "fields": s["fields"],
-                         "train_s": seconds, "final_loss": sum(losses[-4:]) / len(losses[-4:])})
-            print(f"{method} n={n}: exact {s['exact_match']:.0%}, valid {s['valid']:.0%}, {seconds:.0f} s")
-            del model
+            model, losses = finetune(lab, [r["messages"] for r in pool[:n]], steps_for(cfg, n),
+                                     full=method == "full", desc=f"{method} n={n} s{seed}", seed=seed)
+            return measure(model, f"{method} n={n}", losses, t0)
+
+        key = f"{method}-n{n}-{cfg.epochs:g}epochs-{len(test)}items-data{cfg.seed}"
+        row = merge_seeds(cached_runs(lab, "data_size", key, run_one), METRICS)
+        row["fields"] = {f: row[f] for f in TRIAGE_FIELDS}
+        steps = steps_for(cfg, n) if n else 0
+        rows.append({"method": method, "n_train": n, "epochs": cfg.epochs if n else 0.0, "steps": steps, **row})
+        print(f"{method} n={n}: exact {row['exact_match']:.0%}, valid {row['valid']:.0%} over {len(row['seeds'])} "
+              f"seed(s)")
 
     table = markdown_table(
-        ["method", "conversations", "epochs", "exact match", "valid JSON", "mean field accuracy", "train loss (last 4)"],
-        [[r["method"], r["n_train"], f"{r['epochs']:.2g}", f"{r['exact_match']:.0%}", f"{r['valid']:.0%}",
-          f"{sum(r['fields'].values()) / 4:.0%}", "—" if r["final_loss"] is None else f"{r['final_loss']:.3f}"]
-         for r in rows])
+        ["method", "conversations", "steps", "exact match [95%]", "valid JSON [95%]"] + list(TRIAGE_FIELDS) +
+        ["train loss (last 4)", "train s"],
+        [[r["method"], r["n_train"], r["steps"], rate_text(r, "exact_match"), rate_text(r, "valid")] +
+         [rate_text(r, f) for f in TRIAGE_FIELDS] +
+         ["—" if not r["n_train"] else f"{r['final_loss']:.3f}", f"{r['train_s']:.0f}"] for r in rows])
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for method, color in zip(methods, ("C0", "C1")):
         pts = [r for r in rows if r["method"] == method]
-        ax.plot([r["n_train"] for r in pts], [100 * r["exact_match"] for r in pts], "o-", color=color,
-                label=f"{method}: exact match")
-        ax.plot([r["n_train"] for r in pts], [100 * r["valid"] for r in pts], "s--", color=color, alpha=0.6,
-                label=f"{method}: valid JSON")
-    ax.axhline(100 * base["exact_match"], color="gray", lw=1, label="base model: exact match")
+        for metric, fmt, label in (("exact_match", "o-", "exact match"), ("valid", "s--", "valid JSON")):
+            cis = [rate_interval(r, metric) for r in pts]  # error bars: 95% (items x seeds pooled)
+            ax.errorbar([r["n_train"] for r in pts], [100 * c[0] for c in cis], capsize=2, fmt=fmt, color=color,
+                        yerr=[[100 * (c[0] - c[1]) for c in cis], [100 * (c[2] - c[0]) for c in cis]],
+                        alpha=1 if metric == "exact_match" else 0.6, label=f"{method}: {label}")
+    ax.axhline(100 * rows[0]["exact_match"], color="gray", lw=1, label="base model: exact match")
     ax.set_xscale("log")
-    ax.set_xlabel(f"distinct training conversations (every run: {cfg.steps} steps x {cfg.batch_size})")
+    ax.set_xlabel(f"distinct training conversations (each: {cfg.epochs:g} epochs at batch {cfg.batch_size})")
     ax.set_ylabel(f"% of {len(test)} test messages")
     ax.set_title("How many examples does fine-tuning need? (triage)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    settings = {"sizes": sizes, "steps": cfg.steps, "batch": cfg.batch_size, "methods": methods,
-                "training": {m: training_settings(lab, cfg.steps, full=m == "full") for m in methods},
-                "test items": len(test), "decoding": "greedy"}
+    settings = {"sizes": sizes, "epochs": cfg.epochs, "steps": {n: steps_for(cfg, n) for n in sizes},
+                "batch": cfg.batch_size, "methods": methods,
+                "training": {m: training_settings(lab, steps_for(cfg, sizes[-1]), full=m == "full") for m in methods},
+                "test items": len(test), "seeds": seed_list(cfg), "decoding": "greedy"}
     save_results(lab, "data_size", "fine-tuning needs thousands of examples, not trillions of tokens; how many?",
                  settings, rows, table, fig)
 

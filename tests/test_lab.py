@@ -68,7 +68,12 @@ def test_data_size_quick(quick_gguf, tmp_path):
     assert [(x["method"], x["n_train"]) for x in rows] == [("base (no tuning)", 0), ("lora", 4), ("lora", 16),
                                                           ("full", 4), ("full", 16)]
     assert all(0 <= x["exact_match"] <= x["valid"] <= 1 for x in rows)  # exact implies valid
-    assert rows[1]["epochs"] == 2 * 4 / 4 and rows[2]["epochs"] == 2 * 4 / 16  # equal steps: fewer, more epochs
+    assert all(len(x["items"]["exact_match"][0]) == 4 and len(x["items"]["product"][0]) == 4 for x in rows)
+    import data_size  # equal epochs, not equal steps: 4x the conversations, 4x the steps
+
+    cfg = data_size.Config(epochs=2.0, batch_size=8)
+    assert [data_size.steps_for(cfg, n) for n in (25, 100, 400, 1600)] == [7, 25, 100, 400]
+    assert data_size.steps_for(data_size.Config(epochs=0.1), 4) == 2  # never fewer than 2 (warmup + decay)
 
 
 def test_overfitting_quick(quick_gguf, tmp_path):
@@ -149,6 +154,9 @@ def test_instruct_vs_task_quick(quick_gguf, tmp_path):
     rows = check_outputs(tmp_path, "instruct_vs_task")
     assert [x["model"] for x in rows] == ["base (no tuning)", "instruction-tuned", "task-tuned (triage)",
                                          "both, mixed"]
+    # --quick's 4 items of each group, per item and seed; held-out skills never trained
+    assert all(len(x["items"][k][0]) == 4 for x in rows for k in ("instruct_seen", "instruct_held_out",
+                                                                 "triage_exact"))
 
 
 # -----------------------------------------------------------------------------
@@ -326,10 +334,10 @@ def test_the_lab_trains_with_train_pys_lora_dropout_and_keys_other_dropouts_apar
 
 
 def test_a_script_not_converted_to_seeds_refuses_them_in_one_line():
-    r = subprocess.run([sys.executable, str(ROOT / "lab" / "data_size.py"), "--quick", "--seeds", "1,2"],
+    r = subprocess.run([sys.executable, str(ROOT / "lab" / "overfitting.py"), "--quick", "--seeds", "1,2"],
                        capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 1 and "Traceback" not in r.stderr
-    assert r.stderr.strip().startswith("error: --seeds: data_size.py runs one seed")
+    assert r.stderr.strip().startswith("error: --seeds: overfitting.py runs one seed")
 
 
 def test_text_measures_see_a_narrow_vocabulary_and_a_character_loop():
