@@ -89,8 +89,7 @@ def parse(config_cls, description, argv=None, takes_seeds=False):
     cli.check_ranges(cfg)
     if cfg.seeds.strip() and not takes_seeds:
         raise SystemExit(f"error: --seeds: {os.path.basename(sys.argv[0])} runs one seed (--seed) until it is "
-                         "converted; masking, quality, self_generated, forgetting, data_size and instruct_vs_task take "
-                         "--seeds")
+                         "converted; every lab script but lora_rank takes --seeds")
     if cfg.quick:
         cfg.batch_size, cfg.eval_items = 4, 4
         if "--out" not in given:

@@ -11,7 +11,7 @@ status=0
 for script in masking quality self_generated forgetting data_size overfitting lora_rank instruct_vs_task; do
     echo "== lab/$script.py"
     case $script in  # the scripts converted to seeds so far; the others run one seed and refuse --seeds
-        masking|quality|self_generated|forgetting|data_size|instruct_vs_task) extra=("${seeds[@]}") ;;
+        masking|quality|self_generated|forgetting|data_size|instruct_vs_task|overfitting) extra=("${seeds[@]}") ;;
         *) extra=() ;;
     esac
     python "lab/$script.py" "${common[@]}" "${extra[@]}" || { echo "lab/$script.py failed"; status=1; }

@@ -77,15 +77,19 @@ def test_data_size_quick(quick_gguf, tmp_path):
 
 
 def test_overfitting_quick(quick_gguf, tmp_path):
-    r = run_lab("overfitting.py", tmp_path)
+    r = run_lab("overfitting.py", tmp_path, "--seeds", "1,2")
     assert r.returncode == 0, r.stderr[-2000:]
-    results = check_outputs(tmp_path, "overfitting")
-    assert set(results) == {"repetitive", "diverse"}
-    for res in results.values():
-        assert [c["epoch"] for c in res["curve"]] == [0, 1, 2]
-        assert res["curve"][0]["train_loss"] is None  # epoch 0: the base model, before any step
-        best = min(res["curve"][1:], key=lambda c: c["val_loss"])["epoch"]
-        assert res["early_stop_epoch"] == best
+    rows = check_outputs(tmp_path, "overfitting")
+    assert [x["data"] for x in rows] == ["repetitive", "diverse"]
+    for row in rows:
+        assert [c["epoch"] for c in row["curve"]] == [0, 1, 2]
+        assert row["curve"][0]["train_loss"] is None  # epoch 0: the base model, before any step
+        assert len(row["early_stop_epochs"]) == 2 and all(1 <= e <= 2 for e in row["early_stop_epochs"])
+        assert all(len(row["items"][k]) == 2 and len(row["items"][k][0]) == 4 for k in ("early_exact", "last_exact"))
+    for path in (tmp_path / "cache" / "overfitting").glob("*.json"):  # early stopping keeps the lowest seen val
+        run = json.loads(path.read_text())
+        best = min(run["curve"][1:], key=lambda c: c["val_seen"])["epoch"]
+        assert run["early_stop_epoch"] == best
 
 
 def test_quality_quick(quick_gguf, quick_dir):
@@ -334,10 +338,10 @@ def test_the_lab_trains_with_train_pys_lora_dropout_and_keys_other_dropouts_apar
 
 
 def test_a_script_not_converted_to_seeds_refuses_them_in_one_line():
-    r = subprocess.run([sys.executable, str(ROOT / "lab" / "overfitting.py"), "--quick", "--seeds", "1,2"],
+    r = subprocess.run([sys.executable, str(ROOT / "lab" / "lora_rank.py"), "--quick", "--seeds", "1,2"],
                        capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 1 and "Traceback" not in r.stderr
-    assert r.stderr.strip().startswith("error: --seeds: overfitting.py runs one seed")
+    assert r.stderr.strip().startswith("error: --seeds: lora_rank.py runs one seed")
 
 
 def test_text_measures_see_a_narrow_vocabulary_and_a_character_loop():
