@@ -71,7 +71,7 @@ class LabConfig:
                               "each split's size)", min=1)
     seed: int = cli.opt(1337, "seed for data sampling, LoRA init and data order")
     seeds: str = cli.opt("", "comma-separated seeds of LoRA init and data order, one run each (default: "
-                         "--seed); scripts that take it cache each (configuration, seed) run as it finishes")
+                         "--seed); each (configuration, seed) run is cached as it finishes")
     device: str = cli.opt("auto", "auto, cpu, cuda, cuda:N or mps")
     dtype: str = cli.opt("auto", "autocast precision", choices=("auto", "float32", "bfloat16", "float16"))
     lora_dropout: float = cli.opt(0.0, "LoRA dropout (train.py's default; the sweeps cached before "
@@ -82,14 +82,10 @@ class LabConfig:
 QUICK_OUT = os.path.join(tempfile.gettempdir(), "handtune-lab-quick")
 
 
-def parse(config_cls, description, argv=None, takes_seeds=False):
-    """The script's config from argv. takes_seeds: the script runs each configuration once per --seeds
-    seed (cached_runs); the others refuse --seeds rather than quietly run one seed."""
+def parse(config_cls, description, argv=None):
+    """The script's config from argv (every script runs each configuration once per --seeds seed)."""
     cfg, given = cli.parse(config_cls, argv, description)
     cli.check_ranges(cfg)
-    if cfg.seeds.strip() and not takes_seeds:
-        raise SystemExit(f"error: --seeds: {os.path.basename(sys.argv[0])} runs one seed (--seed) until it is "
-                         "converted; every lab script but lora_rank takes --seeds")
     if cfg.quick:
         cfg.batch_size, cfg.eval_items = 4, 4
         if "--out" not in given:

@@ -47,8 +47,7 @@ METRICS = ("exact_match", "valid", *TRIAGE_FIELDS, "final_loss", "train_s")
 
 
 def main(argv=None):
-    cfg = parse(Config, "Triage accuracy against the number of training conversations, at equal epochs.", argv,
-                takes_seeds=True)
+    cfg = parse(Config, "Triage accuracy against the number of training conversations, at equal epochs.", argv)
     methods = cfg.methods.split(",")
     if not cfg.sizes.replace(",", "").isdigit() or not set(methods) <= {"lora", "full"}:
         raise ValueError(f"--sizes {cfg.sizes} --methods {cfg.methods}: expected sizes like 25,100 and methods "

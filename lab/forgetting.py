@@ -42,7 +42,7 @@ METRICS = ("exact_match", "valid", "instruct_accuracy", "instruct_nll", "general
 
 def main(argv=None):
     cfg = parse(Config, "Task accuracy against forgetting, LoRA and full fine-tuning, across learning rates.",
-                argv, takes_seeds=True)
+                argv)
     if cfg.quick:
         cfg.lora_lrs, cfg.full_lrs, cfg.steps = "5e-4", "5e-5", 2
     lab = setup(cfg)

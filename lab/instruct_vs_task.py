@@ -39,7 +39,7 @@ COLS = ("instruct_seen", "instruct_held_out", "triage_exact", "triage_valid")
 
 def main(argv=None):
     cfg = parse(Config, "Instruction tuning vs task tuning vs both: seen and held-out instructions, and triage.",
-                argv, takes_seeds=True)
+                argv)
     if cfg.quick:
         cfg.steps = 2
     lab = setup(cfg)

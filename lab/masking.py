@@ -39,7 +39,7 @@ class Config(LabConfig):
 
 def main(argv=None):
     cfg = parse(Config, "Response-only loss vs loss on every token vs a reply without its end-of-turn token.",
-                argv, takes_seeds=True)
+                argv)
     if cfg.quick:
         cfg.steps, cfg.max_new_tokens = 2, 8
     lab = setup(cfg)

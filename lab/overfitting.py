@@ -73,7 +73,7 @@ CURVE = ("train_loss", "val_seen", "val_unseen")
 
 def main(argv=None):
     cfg = parse(Config, "Repetitive vs diverse training data, per epoch: validation loss on seen and unseen "
-                "templates; unseen-template accuracy at early stopping and at the end.", argv, takes_seeds=True)
+                "templates; unseen-template accuracy at early stopping and at the end.", argv)
     if cfg.quick:
         cfg.n_train, cfg.epochs = 8, 2
     lab = setup(cfg)

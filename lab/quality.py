@@ -75,7 +75,7 @@ def datasets(cfg):
 
 def main(argv=None):
     cfg = parse(Config, "Small and clean vs large and messy triage data, at equal compute.",
-                argv, takes_seeds=True)
+                argv)
     if cfg.quick:
         cfg.n_small, cfg.n_large, cfg.steps, cfg.repeats = 8, 32, 2, 4
     lab = setup(cfg)

@@ -105,7 +105,7 @@ METRICS = ("quirk_share", "accuracy", "stops", "distinct_1", "distinct_2", "entr
 
 def main(argv=None):
     cfg = parse(Config, "Fine-tuning on the model's own replies, generation after generation, vs a human-data "
-                "control.", argv, takes_seeds=True)
+                "control.", argv)
     if cfg.quick:
         cfg.generations, cfg.prompts, cfg.steps, cfg.max_new_tokens, cfg.keep_cut = 2, 8, 2, 8, True
     lab = setup(cfg)
