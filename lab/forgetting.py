@@ -30,8 +30,8 @@ from tasks import load_items
 
 @dataclass
 class Config(LabConfig):
-    lora_lrs: str = cli.opt("1e-4,5e-4,2e-3", "LoRA learning rates (comma-separated)", group="experiment")
-    full_lrs: str = cli.opt("1e-5,5e-5,2e-4", "full fine-tuning learning rates")
+    lora_lrs: str = cli.opt("1e-4,5e-4,2e-3", "LoRA learning rates (comma-separated; empty: none)", group="experiment")
+    full_lrs: str = cli.opt("1e-5,5e-5,2e-4", "full fine-tuning learning rates (comma-separated; empty: none)")
     steps: int = cli.opt(32, "optimizer steps of every run", min=2)
     mix: float = cli.opt(0.25, "mitigation: share of instruct conversations mixed into triage (LoRA 5e-4, full "
                          "5e-5; 0: not run)", min=0)
@@ -68,8 +68,8 @@ def main(argv=None):
                           "general_nll": general}}
 
     runs = [("base", "base", 0.0, None)]
-    runs += [(f"lora lr {float(lr):g}", "lora", float(lr), triage) for lr in cfg.lora_lrs.split(",")]
-    runs += [(f"full lr {float(lr):g}", "full", float(lr), triage) for lr in cfg.full_lrs.split(",")]
+    runs += [(f"lora lr {float(lr):g}", "lora", float(lr), triage) for lr in cfg.lora_lrs.split(",") if lr]
+    runs += [(f"full lr {float(lr):g}", "full", float(lr), triage) for lr in cfg.full_lrs.split(",") if lr]
     if cfg.mix > 0:
         runs += [(f"{m} lr {lr:g} + {cfg.mix:.0%} instruct", m, lr, mixed) for m, lr in (("lora", 5e-4), ("full", 5e-5))]
     rows, base = [], {}

@@ -3,21 +3,16 @@
 The claim: "fine-tuning on model-generated data can amplify the base model's quirks rather than correct
 them" (Shumailov et al. on OPT-125m: the distribution's tails vanish). Generation g is the base model
 fine-tuned (LoRA) on the replies generation g-1 sampled for the same instruct prompts (generation 0: the
-base model); a control is fine-tuned on the human replies. All answer the same held-out prompts (greedy):
-
-    quirk share    replies containing one of the base model's most frequent 3-word phrases (found from
-                   generation 0's samples; phrases that occur in the reference replies are not quirks)
-    accuracy       exact answer (the instruct task's scorer)
-    distinct-1/2   unique words (word pairs) / all of them; entropy: bits of the word distribution
-    char repeats   1 - zlib's compressed size / raw size of a reply: high = character loops ("!!!!", "aaaa")
-    stops          replies that end with the end-of-turn token before the cap
-
-Training replies are sampled until the end of turn (under a generous cap); a sample that hits the cap is
-left out, never cut and closed with an end token (that would teach shortness by itself). Each seed runs the
-whole chain and is cached as it finishes; the claim is read per item and seed (paired).
+base model); a control is fine-tuned on the human replies. Measured: every generation's samples (the next
+one's training data), and the held-out greedy replies of the base model, the last generation and the
+control (the claim is read there, per item and seed; the middle generations are skipped, each scoring costs
+a generation's training). Per reply: quirk share (one of the base model's 5 most frequent 3-word phrases in
+its samples, less those the reference replies use), accuracy (exact answer), stops (end of turn before the
+cap); per set: distinct-1/2, word entropy (bits), char repeats (1 - zlib ratio: high = loops like "!!!!").
+Samples run to the end of turn under a generous cap; one that hits the cap is left out, never cut and closed
+with an end token (that would teach shortness by itself). Each seed's chain is cached as it finishes.
 
     python lab/self_generated.py --seeds 1337,1338,1339 --dtype bfloat16   # SmolLM2 -> results/self_generated.*
-    python lab/self_generated.py --generations 3 --temperature 1.0
     python lab/self_generated.py --quick --out /tmp/lab   # a tiny random model, seconds (what CI runs)
 """
 
@@ -58,10 +53,10 @@ def measure(out, records, quirks, stopped):
             "words": sum(len(t.split()) for t in out) / len(out), "items": items, "replies": out}
 
 
-def chain(lab, cfg, seed, train_records, held_out):
-    """One seed's chain: generation 0 (the base model), generations 1..G, and the human-data control."""
-    prompts = [split_reply(r["messages"])[0] for r in train_records]
-    references = [split_reply(r["messages"])[1] for r in train_records]
+def chain(lab, cfg, seed, train_records, test):
+    """One seed's chain: each generation's samples (0: the base model's) and the held-out replies of the base
+    model, the last generation and the human-data control."""
+    prompts, references = zip(*(split_reply(r["messages"]) for r in train_records))
 
     def answers(model, records, desc, sampling=Sampling(0.0, seed=0)):
         recorder = StopRecorder(lab.fmt.stop_ids)
@@ -76,26 +71,30 @@ def chain(lab, cfg, seed, train_records, held_out):
         if len(kept) < cfg.batch_size:
             raise RuntimeError(f"generation {gen}: {len(kept)} of {len(out)} samples ended by themselves "
                                f"within --max-new-tokens {cfg.max_new_tokens}: raise it")
-        return out, kept
+        return out, stopped, kept
 
-    base_samples, data = sample(lab.base, 0)
+    def held_out(model, gen, trained_on):
+        out, stopped = answers(model, test, f"held out g{gen} s{seed}")
+        return {"measured": "held out", "generation": gen, "trained_on": trained_on,
+                **measure(out, test, quirks, stopped)}
+
+    samples, stopped, data = sample(lab.base, 0)
     in_refs = {g for ref in references for g in trigrams(ref)}  # phrases people write too are no quirks
-    counts = Counter(g for t in base_samples for g in set(trigrams(t)) if g not in in_refs)
+    counts = Counter(g for t in samples for g in set(trigrams(t)) if g not in in_refs)
     quirks = [g for g, _ in counts.most_common(cfg.n_quirks)]
-    out, stopped = answers(lab.base, held_out, "g0")
-    rows = [{"generation": 0, "trained_on": 0, **measure(out, held_out, quirks, stopped)}]
+    rows = [held_out(lab.base, 0, 0)]
     for gen in range(1, cfg.generations + 1):
+        rows.append({"measured": "samples", "generation": gen - 1, "trained_on": len(data),
+                     **measure(samples, train_records, quirks, stopped)})
         model, _ = finetune(lab, data, cfg.steps, desc=f"train g{gen} s{seed}", dedup=False, seed=seed)
-        out, stopped = answers(model, held_out, f"g{gen}")
-        rows.append({"generation": gen, "trained_on": len(data), **measure(out, held_out, quirks, stopped)})
         if gen < cfg.generations:
-            _, data = sample(model, gen)
+            samples, stopped, data = sample(model, gen)
+        else:
+            rows.append(held_out(model, gen, len(data)))
         del model
     control, _ = finetune(lab, [r["messages"] for r in train_records], cfg.steps, desc=f"control s{seed}",
                           seed=seed)
-    out, stopped = answers(control, held_out, "control")
-    rows.append({"generation": "human replies (control)", "trained_on": len(train_records),
-                 **measure(out, held_out, quirks, stopped)})
+    rows.append(held_out(control, "human replies (control)", len(train_records)))
     return {"rows": rows, "quirks": quirks}
 
 
@@ -110,36 +109,37 @@ def main(argv=None):
         cfg.generations, cfg.prompts, cfg.steps, cfg.max_new_tokens, cfg.keep_cut = 2, 8, 2, 8, True
     lab = setup(cfg)
     train_records = load_items("instruct", "train", cfg.prompts)[0]
-    held_out = load_items("instruct", "test", cfg.eval_items)[0]
+    test = load_items("instruct", "test", cfg.eval_items)[0]
     key = (f"g{cfg.generations}-{cfg.prompts}prompts-t{cfg.temperature}-{cfg.steps}steps-cap{cfg.max_new_tokens}-"
-           f"{len(held_out)}items-q{cfg.n_quirks}{'-cut' if cfg.keep_cut else ''}")
-    runs = cached_runs(lab, "self_generated", key, lambda seed: chain(lab, cfg, seed, train_records, held_out))
+           f"{len(test)}items-q{cfg.n_quirks}{'-cut' if cfg.keep_cut else ''}")
+    runs = cached_runs(lab, "self_generated", key, lambda seed: chain(lab, cfg, seed, train_records, test))
     rows = []
     for i, first in enumerate(runs[0]["rows"]):
         row = merge_seeds([{"seed": r["seed"], **r["rows"][i]} for r in runs], METRICS)
-        rows.append({"generation": first["generation"], **row, "sample": first["replies"][0]})
+        rows.append({"measured": first["measured"], "generation": first["generation"], **row,
+                     "sample": first["replies"][0]})
     quirks = {r["seed"]: r["quirks"] for r in runs}
-    print("the base model's frequent phrases, per seed:", quirks)
     plain = ("distinct_1", "distinct_2", "entropy", "char_repeats", "words")
-    table = markdown_table(["generation", "trained on (replies kept)", "quirk share [95%]", "accuracy [95%]",
+    table = markdown_table(["replies", "generation", "trained on (replies kept)", "quirk share [95%]", "accuracy [95%]",
                             "stops [95%]", "distinct-1", "distinct-2", "entropy (bits)", "char repeats", "words"],
-                           [[r["generation"], f"{r['trained_on']:.0f}"] + [rate_text(r, c) for c in METRICS[:3]] +
-                            [f"{r[c]:.3f}" for c in plain] for r in rows])
-    plt = pyplot()
+                           [[r["measured"], r["generation"], f"{r['trained_on']:.0f}"] +
+                            [rate_text(r, c) for c in METRICS[:3]] + [f"{r[c]:.3f}" for c in plain] for r in rows])
     cols = ("quirk_share", "accuracy", "distinct_2", "entropy", "char_repeats", "stops")
-    fig, axes = plt.subplots(1, len(cols), figsize=(17, 3.2))
-    gens = rows[:-1]
+    fig, axes = pyplot().subplots(1, len(cols), figsize=(17, 3.4))
+    drawn = [r for r in rows if r["measured"] == "samples"]
+    tested = [r for r in rows if r["measured"] == "held out" and isinstance(r["generation"], int)]
     for ax, c in zip(axes, cols):  # bars: the range over seeds
-        spread = [[r[c] - min(r["per_seed"][c]) for r in gens], [max(r["per_seed"][c]) - r[c] for r in gens]]
-        ax.errorbar([r["generation"] for r in gens], [r[c] for r in gens], yerr=spread, fmt="o-", capsize=2,
-                    label="own replies")
-        ax.axhline(rows[-1][c], color="C2", ls="--", label="control (human)")
+        for pts, fmt, label in ((drawn, "o-", "samples (training data)"), (tested, "s", "held out (greedy)")):
+            spread = [[r[c] - min(r["per_seed"][c]) for r in pts], [max(r["per_seed"][c]) - r[c] for r in pts]]
+            ax.errorbar([r["generation"] for r in pts], [r[c] for r in pts], yerr=spread, fmt=fmt, capsize=2,
+                        label=label)
+        ax.axhline(rows[-1][c], color="C2", ls="--", label="control (human), held out")
         ax.set(title=c.replace("_", " "), xlabel="generation")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     settings = {"generations": cfg.generations, "training prompts": cfg.prompts, "temperature": cfg.temperature,
                 "steps": cfg.steps, "batch": cfg.batch_size, "training": training_settings(lab, cfg.steps) +
-                ", from the base model every generation", "held-out prompts": len(held_out),
+                ", from the base model every generation", "held-out prompts": len(test),
                 "max_new_tokens": cfg.max_new_tokens, "quirk phrases per seed": quirks, "seeds": seed_list(cfg),
                 "decoding": f"samples at temperature {cfg.temperature}, held-out replies greedy"}
     save_results(lab, "self_generated", "fine-tuning on model-generated data amplifies the base model's quirks",

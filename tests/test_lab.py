@@ -107,10 +107,13 @@ def test_self_generated_quick(quick_gguf, tmp_path):
     r = run_lab("self_generated.py", tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = check_outputs(tmp_path, "self_generated")
-    assert [x["generation"] for x in rows] == [0, 1, 2, "human replies (control)"]
+    assert [(x["measured"], x["generation"]) for x in rows] == [  # samples of every generation but the last
+        ("held out", 0), ("samples", 0), ("samples", 1), ("held out", 2), ("held out", "human replies (control)")]
     assert all(0 <= x[k] <= 1 for x in rows for k in ("distinct_1", "distinct_2", "quirk_share", "accuracy",
                                                       "stops", "char_repeats"))
-    assert all(len(x["items"]["quirk_share"]) == 1 and len(x["items"]["quirk_share"][0]) == 4 for x in rows)
+    n_items = {"held out": 4, "samples": 8}  # --quick: 4 held-out prompts, 8 training prompts
+    assert all(len(x["items"]["quirk_share"]) == 1 and len(x["items"]["quirk_share"][0]) == n_items[x["measured"]]
+               for x in rows)
 
 
 @pytest.fixture(scope="module")
