@@ -47,8 +47,8 @@ from plumbing.report import format_table
 from plumbing.runs import locate_tuned, read_run
 from plumbing.stats import dir_bytes
 from plumbing.tokenizer_files import get_tokenizer
-from tasks import (BUILTIN_DATASETS, detect_task, load_items, load_store, report_columns, resolve_dataset,
-                   score, summarize)
+from tasks import (BUILTIN_DATASETS, detect_task, item_scores, load_items, load_store, report_columns,
+                   resolve_dataset, score, summarize)
 from tasks.instruct import HELD_OUT_FAMILIES
 from train import summed_loss
 
@@ -494,7 +494,8 @@ def run_eval(cfg):
             replies[name] = run_rung(name, model, ids, dec)
             scores = [score(task, x, r) for x, r in zip(replies[name], items)]
             out[name] = {**summarize(task, scores, families, held_out), "shots": len(shots),
-                         "prompt_tokens": sum(map(len, ids)) / len(ids), **cost}
+                         "prompt_tokens": sum(map(len, ids)) / len(ids), **cost,
+                         "items": item_scores(scores), "replies": replies[name]}  # re-scorable later
         return out, replies
 
     # the built-in store's two versions: as the model was tuned on it (1), and as it is now (2)

@@ -81,8 +81,8 @@ def claim_rows(results):
         if d is None:
             out.append((number, text, experiment, metric, None, 0, 0, "not run yet: " + settle))
             return
-        effect, n = compute(d)
-        out.append((number, text, experiment, metric, effect, n, seeds_of(d), settle))
+        effect, n, *seeds = compute(d)  # the ladder's runs name their own seeds
+        out.append((number, text, experiment, metric, effect, n, seeds[0] if seeds else seeds_of(d), settle))
 
     def pair(name_a, name_b, key, metric, n_of=items_of):
         def compute(d):
@@ -107,28 +107,33 @@ def claim_rows(results):
     add(3, "Instruction tuning (a broad mix) teaches many tasks; task tuning teaches one", "instruct_vs_task",
         "instruct accuracy, instruction-tuned minus task-tuned", instruct, "more held-out skills and seeds")
 
+    def ladder_run(d, name):
+        """(rows, n items, seeds) of one run of results/ladder/ladder.json."""
+        report = d["reports"][name]
+        return [r for r in d["rows"] if r["run"] == name], report["n_items"], report.get("seeds", 1)
+
     def ladder(d):
-        rows = [r for r in d["rows"] if r["run"] == "triage-lora-40-steps"]
-        n = d["reports"]["triage-lora-40-steps"]["n_items"]
+        rows, n, seeds = ladder_run(d, "triage-lora-40-steps")
         tuned = row(rows, rung="fine_tuned")
         best = max((r for r in rows if r["rung"].startswith("base_")), key=lambda r: r["accuracy"])
-        return compare(tuned, best, "accuracy", n, n, 1), n
+        return compare(tuned, best, "accuracy", n, n, seeds), n, seeds
     add(4, "The ladder ends in fine-tuning: on a behaviour task it beats the cheaper rungs (prompting, "
         "few-shot, retrieval)", "ladder/ladder", "triage exact match, fine-tuned minus the best prompting rung", ladder,
         "the full triage test split and a tuned model trained to convergence")
 
     def retrieval(d):
-        rows = [r for r in d["rows"] if r["run"] == "knowledge-lora" and r["questions"] == "v1"]
-        n = d["reports"]["knowledge-lora"]["n_items"]
+        rows, n, seeds = ladder_run(d, "knowledge-lora")
+        rows = [r for r in rows if r["questions"] == "v1"]
         return compare(row(rows, rung="base_retrieval"), row(rows, rung="base_zero_shot"), "accuracy", n, n,
-                       1), n
+                       seeds), n, seeds
     add(5, "Retrieval puts knowledge in the prompt: it beats prompting alone on facts", "ladder/ladder",
         "knowledge accuracy, base + BM25 retrieval minus base zero-shot", retrieval, "")
 
     def changes(d):
-        rows = [r for r in d["rows"] if r["run"] == "knowledge-lora" and r["questions"] == "v2"]
+        rows, _, seeds = ladder_run(d, "knowledge-lora")
+        rows = [r for r in rows if r["questions"] == "v2"]
         n = 84  # the questions whose answer changed with store version 2
-        return compare(row(rows, rung="fine_tuned"), row(rows, rung="base_retrieval"), "stale", n, n, 1), n
+        return compare(row(rows, rung="fine_tuned"), row(rows, rung="base_retrieval"), "stale", n, n, seeds), n, seeds
     add(6, "Fine-tuning changes behaviour, retrieval changes knowledge: knowledge that changes belongs in "
         "retrieval", "ladder/ladder", "stale answers after the store changed, fine-tuned minus retrieval",
         changes, "")

@@ -53,7 +53,7 @@ from plumbing.plots import save_figure  # noqa: E402
 from plumbing.records import general_tokens, text_windows  # noqa: E402
 from plumbing.report import hardware  # noqa: E402
 from plumbing.tokenizer_files import get_tokenizer  # noqa: E402
-from tasks import score, summarize  # noqa: E402
+from tasks import item_scores, score, summarize  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # Flags
@@ -256,8 +256,7 @@ def scored(lab, model, records, task="triage", max_new_tokens=48, desc="score", 
     out = replies(lab, model, records, max_new_tokens, desc=desc, replies_of=replies_of)
     scores = [score(task, reply, r) for reply, r in zip(out, records)]
     summary = summarize(task, scores, [r.get("family", "") for r in records], set())
-    name = lambda k: "exact_match" if k == "exact" else k  # noqa: E731 (the summary's name for it)
-    summary["items"] = {name(k): [s[k] for s in scores] for k in scores[0] if isinstance(scores[0][k], int)}
+    summary["items"] = item_scores(scores)
     return summary, out
 
 

@@ -2,9 +2,12 @@
 
 Reads the eval.json reports that `python eval.py` wrote for runs on the knowledge task (and optionally a
 behaviour task), and draws accuracy per rung: behaviour vs knowledge, before and after the store changed.
+A name given several reports (one per training seed) is one run: each rung's rate is the mean over its
+reports, its 95% interval Wilson's over every item of every seed, and its per-item scores are kept
+(eval.py writes them) for lab/claims.py's paired comparisons.
 
     python lab/ladder_report.py --report lora=out/know-lora/eval.json --report full=out/know-full/eval.json \
-        --report triage-lora=out/triage/eval.json --out results/ladder
+        --report triage-lora=out/triage-s1/eval.json --report triage-lora=out/triage-s2/eval.json
 """
 
 import argparse
@@ -15,6 +18,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from eval import RUNGS  # noqa: E402
 from plumbing.files import atomic_write_text  # noqa: E402
+from plumbing.intervals import wilson  # noqa: E402
 from plumbing.plots import pyplot, save_figure  # noqa: E402
 from plumbing.report import RUNG_LABELS, human_bytes  # noqa: E402
 
@@ -25,43 +29,81 @@ def accuracy(m):
     return m.get("accuracy", m.get("exact_match")) if not m.get("skipped") else None
 
 
-def rows(name, report):
-    """[(run, questions, rung, accuracy, stale, prompt tokens, stored bytes, update seconds)]."""
+def mean(values):
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def rung_items(m):
+    """{"accuracy": [0/1 per item], "stale": [...] (knowledge)} of one rung: triage's and instruct's exact
+    match is the rung's accuracy."""
+    items = m["items"]
+    out = {"accuracy": items.get("accuracy", items.get("exact_match"))}
+    return {**out, "stale": items["stale"]} if "stale" in items else out
+
+
+def rows(name, reports):
+    """One dict per (questions, rung) of a run, merged over its reports (seeds): the mean rate, stale share,
+    prompt tokens, stored bytes and update seconds, and per-item scores {"accuracy"/"stale": [[...] per seed]}
+    when every report has them (eval.py since 2026-12-03)."""
     out = []
-    first = "v1" if report["task"] == "knowledge" else "test"  # a behaviour task has no store
-    for which, ladder in ((first, report["ladder"]), ("v2", report.get("ladder_v2"))):
-        for rung in RUNGS if ladder else ():
-            m = ladder[rung]
-            out.append((name, which, rung, accuracy(m), m.get("stale"), m.get("prompt_tokens"),
-                        m.get("stored_bytes"), m.get("update_seconds")))
+    first = "v1" if reports[0]["task"] == "knowledge" else "test"  # a behaviour task has no store
+    for which, key in ((first, "ladder"), ("v2", "ladder_v2")):
+        for rung in RUNGS if reports[0].get(key) else ():
+            ms = [rep[key][rung] for rep in reports]
+            row = {"run": name, "questions": which, "rung": rung, "accuracy": mean(map(accuracy, ms)),
+                   "stale": mean(m.get("stale") for m in ms), "stored_bytes": ms[0].get("stored_bytes"),
+                   "prompt_tokens": mean(m.get("prompt_tokens") for m in ms),
+                   "update_seconds": mean(m.get("update_seconds") for m in ms), "seeds": len(ms)}
+            if all("items" in m for m in ms):
+                row["items"] = {k: [rung_items(m)[k] for m in ms] for k in rung_items(ms[0])}
+            out.append(row)
     return out
 
 
+def rate(row, metric):
+    """ "35% [22, 50]": the mean rate with its 95% interval over every item and seed (or the rate alone)."""
+    if row[metric] is None:
+        return "—"
+    flat = [x for seed in row.get("items", {}).get(metric, []) for x in seed]
+    if not flat:
+        return f"{row[metric]:.0%}"
+    _, low, high = wilson(sum(flat), len(flat))
+    return f"{row[metric]:.0%} [{100 * low:.0f}, {100 * high:.0f}]"
+
+
 def markdown(table, reports):
-    pct = lambda v: "—" if v is None else f"{v:.0%}"  # noqa: E731
-    lines = ["| run | questions | rung | accuracy | stale | prompt tokens | stored | update |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for run, which, rung, acc, stale, tokens, stored, update in table:
-        label = RUNG_LABELS[rung].format(k=reports[run]["ladder"]["base_few_shot"].get("shots"))
-        questions = QUESTIONS[which]
-        if tokens is None:
-            lines.append(f"| {run} | {questions} | {label} | skipped | | | | |")
+    lines = ["| run | questions | rung | accuracy [95%] | stale [95%] | prompt tokens | stored | update | seeds |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in table:
+        label = RUNG_LABELS[r["rung"]].format(k=reports[r["run"]][0]["ladder"]["base_few_shot"].get("shots"))
+        questions = QUESTIONS[r["questions"]]
+        if r["prompt_tokens"] is None:
+            lines.append(f"| {r['run']} | {questions} | {label} | skipped | | | | | |")
             continue
-        seconds = "—" if update is None else f"{update:,.3g} s"
-        lines.append(f"| {run} | {questions} | {label} | {pct(acc)} | {pct(stale)} | {tokens:,.0f} | "
-                     f"{human_bytes(stored)} | {seconds} |")
+        seconds = "—" if r["update_seconds"] is None else f"{r['update_seconds']:,.3g} s"
+        lines.append(f"| {r['run']} | {questions} | {label} | {rate(r, 'accuracy')} | {rate(r, 'stale')} | "
+                     f"{r['prompt_tokens']:,.0f} | {human_bytes(r['stored_bytes'])} | {seconds} | {r['seeds']} |")
     return "\n".join(lines)
 
 
 def plot(table, path):
     plt = pyplot()
-    groups = sorted({(run, which) for run, which, *_ in table}, key=lambda g: (g[0], g[1]))
+    groups = sorted({(r["run"], r["questions"]) for r in table})
     fig, ax = plt.subplots(figsize=(9, 4))
     width = 0.8 / len(groups)
     for j, (run, which) in enumerate(groups):
-        acc = {rung: a for r, w, rung, a, *_ in table if (r, w) == (run, which)}
-        xs = [i + j * width for i in range(len(RUNGS))]
-        ax.bar(xs, [100 * (acc.get(r) or 0) for r in RUNGS], width,
+        by_rung = {r["rung"]: r for r in table if (r["run"], r["questions"]) == (run, which)}
+        heights, low, high = [], [], []
+        for rung in RUNGS:  # error bars: 95%, over every item and seed (where the report kept items)
+            r = by_rung.get(rung)
+            flat = [x for seed in (r or {}).get("items", {}).get("accuracy", []) for x in seed]
+            acc = (r or {}).get("accuracy") or 0
+            ci = wilson(sum(flat), len(flat))[1:] if flat else (acc, acc)
+            heights.append(100 * acc)
+            low.append(100 * max(0.0, acc - ci[0]))
+            high.append(100 * max(0.0, ci[1] - acc))
+        ax.bar([i + j * width for i in range(len(RUNGS))], heights, width, yerr=[low, high], capsize=2,
                label=f"{run}, {QUESTIONS[which]}")
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(RUNGS))])
     ax.set_xticklabels([RUNG_LABELS[r].format(k="k") for r in RUNGS], fontsize=8)
@@ -74,7 +116,8 @@ def plot(table, path):
 
 def main():
     p = argparse.ArgumentParser(description="Collect eval.py reports into results/ladder (json, md, png).")
-    p.add_argument("--report", action="append", required=True, metavar="NAME=PATH", help="an eval.json, named")
+    p.add_argument("--report", action="append", required=True, metavar="NAME=PATH",
+                   help="an eval.json, named; the same name again adds another seed's report to that run")
     p.add_argument("--out", default="results/ladder", help="output directory")
     p.add_argument("--note", default="", help="text for the top of README.md (hardware, commands)")
     args = p.parse_args()
@@ -85,18 +128,22 @@ def main():
             sys.exit(f"error: --report {item}: expected NAME=PATH, e.g. lora=out/know-lora/eval.json")
         try:
             with open(path, encoding="utf-8") as f:
-                reports[name] = json.load(f)
+                report = json.load(f)
         except (OSError, ValueError) as e:
             sys.exit(f"error: --report {path}: cannot read it as JSON ({e}); run python eval.py first")
-        if not isinstance(reports[name], dict) or "ladder" not in reports[name]:
+        if not isinstance(report, dict) or "ladder" not in report:
             sys.exit(f"error: --report {path}: not an eval.py report (no ladder); run python eval.py first")
-    table = [row for name, rep in reports.items() for row in rows(name, rep)]
+        if name in reports and report["n_items"] != reports[name][0]["n_items"]:
+            sys.exit(f"error: --report {path}: {report['n_items']} items, but the other {name} reports have "
+                     f"{reports[name][0]['n_items']}: seeds of one run must score the same items")
+        reports.setdefault(name, []).append(report)
+    table = [row for name, reps in reports.items() for row in rows(name, reps)]
     os.makedirs(args.out, exist_ok=True)
+    meta = ("model", "tuned", "kind", "data", "split", "task", "n_items", "device", "dtype", "train")
     atomic_write_text(os.path.join(args.out, "ladder.json"), json.dumps(
-        {"rows": [dict(zip(("run", "questions", "rung", "accuracy", "stale", "prompt_tokens", "stored_bytes",
-                            "update_seconds"), r)) for r in table],
-         "reports": {n: {k: r[k] for k in ("model", "tuned", "kind", "data", "split", "task", "n_items", "device",
-                                             "dtype", "train")} for n, r in reports.items()}}, indent=2) + "\n")
+        {"rows": table, "reports": {n: {**{k: reps[0][k] for k in meta}, "seeds": len(reps),
+                                        "tuned_per_seed": [r["tuned"] for r in reps]} for n, reps in reports.items()}},
+        indent=2) + "\n")
     atomic_write_text(os.path.join(args.out, "README.md"), (args.note + "\n\n" if args.note else "") +
                       markdown(table, reports) + "\n\n![ladder](ladder.png)\n")
     plot(table, os.path.join(args.out, "ladder.png"))

@@ -102,6 +102,16 @@ def summarize(task, scores, families, held_out):
     return {"n": len(scores), "accuracy": sum(s["exact"] for s in scores) / max(len(scores), 1)}
 
 
+def item_scores(scores):
+    """Each item's own scores, {name: [0 or 1 per item]}, so a result can be compared item by item or
+    re-scored without rerunning the models: triage and instruct give each 0/1 score they compute ("exact"
+    named "exact_match"); knowledge gives "accuracy" (the current value) and "stale" (the old one)."""
+    if scores and isinstance(scores[0], str):  # knowledge: "right", "stale" or "wrong" per item
+        return {"accuracy": [int(s == "right") for s in scores], "stale": [int(s == "stale") for s in scores]}
+    keys = [k for k, v in scores[0].items() if isinstance(v, int)] if scores else []
+    return {"exact_match" if k == "exact" else k: [s[k] for s in scores] for k in keys}
+
+
 def report_columns(task):
     """(column names, get): the metrics eval.py's table shows for the task, and get(metrics) -> their
     values (each a rate), in that order."""

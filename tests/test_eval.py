@@ -23,7 +23,7 @@ from model import GPT, GPTConfig, Sampling, save_pretrained
 from plumbing.records import general_tokens, load_records, text_windows
 from plumbing.runs import locate_tuned, read_run
 from plumbing.tokenizer_files import EOT_ID
-from tasks import resolve_dataset, summarize
+from tasks import item_scores, resolve_dataset, summarize
 from tasks.instruct import HELD_OUT_FAMILIES, score_exact
 from tasks.triage import TRIAGE_FIELDS, score_triage
 
@@ -93,6 +93,14 @@ def test_triage_summary_averages_per_field():
     assert m["exact_match"] == 0.25
     assert m["valid"] == 0.75
     assert m["fields"] == {"category": 0.75, "priority": 0.75, "product": 0.25, "sentiment": 0.5}
+    items = item_scores(scores)  # each item's own scores, named as the summary names its rates
+    assert items["exact_match"] == [1, 0, 0, 0] and items["valid"] == [1, 1, 0, 1]
+    assert items["product"] == [1, 0, 0, 0] and sum(items["sentiment"]) / 4 == m["fields"]["sentiment"]
+
+
+def test_item_scores_of_knowledge_separate_right_and_stale():
+    assert item_scores(["right", "stale", "wrong", "right"]) == {"accuracy": [1, 0, 0, 1], "stale": [0, 1, 0, 0]}
+    assert item_scores([{"exact": 1}, {"exact": 0}]) == {"exact_match": [1, 0]}
 
 
 def test_exact_scorer_strips_surrounding_whitespace_only():
@@ -452,15 +460,24 @@ def test_knowledge_run_reports_five_rungs_before_and_after_the_store_changes(tin
     assert rep["task"] == "knowledge" and set(rep["ladder"]) == set(rep["ladder_v2"]) == set(ev.RUNGS)
     for ladder in (rep["ladder"], rep["ladder_v2"]):
         assert all(m["n"] == 4 and 0 <= m["accuracy"] + m["stale"] <= 1 for m in ladder.values())
+        for m in ladder.values():  # per item: re-scorable, and the rates are their means
+            assert len(m["replies"]) == 4 and sum(m["items"]["accuracy"]) / 4 == m["accuracy"]
+            assert sum(m["items"]["stale"]) / 4 == m["stale"]
         # two documents of the store in every retrieval prompt: more tokens than the question alone
         assert ladder["base_retrieval"]["prompt_tokens"] > ladder["base_zero_shot"]["prompt_tokens"] + 40
         assert ladder["fine_tuned_retrieval"]["update_seconds"] < ladder["fine_tuned"]["update_seconds"]
     assert "after the store changed (version 2)" in r.stdout and "fine-tuned + retrieval" in r.stdout
     # lab/ladder_report.py turns the report into results (json, md, png); a wrong argument is one line
-    r = run(["lab/ladder_report.py", "--report", f"tiny={report}", "--out", str(tmp_path / "results")])
+    r = run(["lab/ladder_report.py", "--report", f"tiny={report}", "--report", f"tiny={report}", "--out",
+             str(tmp_path / "results")])  # one name twice: two seeds of one run
     assert r.returncode == 0, r.stderr[-2000:]
-    rows = json.loads((tmp_path / "results" / "ladder.json").read_text())["rows"]
+    ladder = json.loads((tmp_path / "results" / "ladder.json").read_text())
+    rows = ladder["rows"]
     assert len(rows) == 10 and {r["questions"] for r in rows} == {"v1", "v2"}
+    assert ladder["reports"]["tiny"]["seeds"] == 2
+    first = rep["ladder"]["fine_tuned"]["items"]["accuracy"]
+    tuned = next(r for r in rows if r["rung"] == "fine_tuned" and r["questions"] == "v1")
+    assert tuned["items"]["accuracy"] == [first, first] and tuned["seeds"] == 2
     assert (tmp_path / "results" / "ladder.png").stat().st_size > 0
     assert "| tiny | store v2 (changed) | fine-tuned + retrieval |" in (tmp_path / "results" / "README.md").read_text()
     for bad in (str(report), f"tiny={tmp_path / 'missing.json'}", f"tiny={out / 'run.json'}"):
@@ -482,6 +499,7 @@ def test_end_to_end_lora_report_has_ladder_forgetting_and_losses(lora_run):
     assert rep["ladder"]["base_few_shot"]["shots"] == 2
     for rung in rep["ladder"].values():
         assert rung["n"] == 3 and 0 <= rung["exact_match"] <= 1 and set(rung["fields"]) == set(TRIAGE_FIELDS)
+        assert sum(rung["items"]["exact_match"]) / 3 == rung["exact_match"] and len(rung["replies"]) == 3
         assert rung["prompt_tokens"] > 0
     lad = rep["ladder"]  # nearest-neighbour shots cost prompt tokens; the tuned rungs store the adapter
     assert lad["base_retrieval"]["prompt_tokens"] > lad["base_zero_shot"]["prompt_tokens"]
