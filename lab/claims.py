@@ -113,7 +113,8 @@ def claim_rows(results):
         return [r for r in d["rows"] if r["run"] == name], report["n_items"], report.get("seeds", 1)
 
     def ladder(d):
-        rows, n, seeds = ladder_run(d, "triage-lora-40-steps")
+        triage = [name for name, r in d["reports"].items() if r["task"] == "triage"]  # the longest-trained
+        rows, n, seeds = ladder_run(d, max(triage, key=lambda name: d["reports"][name]["train"]["steps"]))
         tuned = row(rows, rung="fine_tuned")
         best = max((r for r in rows if r["rung"].startswith("base_")), key=lambda r: r["accuracy"])
         return compare(tuned, best, "accuracy", n, n, seeds), n, seeds

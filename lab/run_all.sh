@@ -11,5 +11,7 @@ for script in masking quality self_generated forgetting data_size overfitting lo
     echo "== lab/$script.py"
     python "lab/$script.py" "${common[@]}" || { echo "lab/$script.py failed"; status=1; }
 done
+echo "== lab/ladder.sh"
+bash lab/ladder.sh || { echo "lab/ladder.sh failed"; status=1; }
 python lab/claims.py || status=1
 exit $status

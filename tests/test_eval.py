@@ -8,6 +8,7 @@ chat's multi-turn template, and an offline end-to-end run: tiny random GPT-2 -> 
 import copy
 import json
 import math
+import os
 import subprocess
 import sys
 from dataclasses import replace
@@ -483,6 +484,27 @@ def test_knowledge_run_reports_five_rungs_before_and_after_the_store_changes(tin
     for bad in (str(report), f"tiny={tmp_path / 'missing.json'}", f"tiny={out / 'run.json'}"):
         r = run(["lab/ladder_report.py", "--report", bad, "--out", str(tmp_path / "bad")])
         assert r.returncode == 1 and r.stderr.startswith("error: --report") and r.stderr.count("\n") == 1
+
+
+def test_ladder_script_runs_each_seed_once_and_the_claims_pair_their_items(tiny_dir, tmp_path):
+    """lab/ladder.sh on a tiny model, 2 seeds: 6 training runs, one results/ladder with 2 seeds per run, and
+    lab/claims.py's ladder claims (4, 5, 6) read from it with their seeds; a second sitting trains nothing."""
+    env = dict(os.environ, MODEL=str(tiny_dir), SEEDS="1 2", TRIAGE_STEPS="2", KNOW_STEPS="2", LIMIT="3",
+               DTYPE="float32", RUNS=str(tmp_path / "runs"), OUT=str(tmp_path / "results" / "ladder"),
+               EVAL_EXTRA="--max-new-tokens 3 --general-tokens 256 --samples 0 --shots 1", OMP_NUM_THREADS="1")
+    r = subprocess.run(["bash", "lab/ladder.sh"], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ladder = json.loads((tmp_path / "results" / "ladder" / "ladder.json").read_text())
+    assert {n: rep["seeds"] for n, rep in ladder["reports"].items()} == {
+        "knowledge-lora": 2, "knowledge-full": 2, "triage-lora-2-steps": 2}
+    assert all(len(row["items"]["accuracy"]) == 2 for row in ladder["rows"] if row["prompt_tokens"] is not None)
+    r = run(["lab/claims.py", "--results", str(tmp_path / "results")])
+    assert r.returncode == 0, r.stderr[-2000:]
+    claims = {c["claim"]: c for c in json.loads((tmp_path / "results" / "claims.json").read_text())}
+    assert all(claims[k]["seeds"] == 2 and "paired bootstrap" in claims[k]["method"] for k in (4, 5, 6))
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("*.json")}
+    r = subprocess.run(["bash", "lab/ladder.sh"], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0 and {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("*.json")} == stamps
 
 
 def test_end_to_end_lora_report_has_ladder_forgetting_and_losses(lora_run):
