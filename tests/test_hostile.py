@@ -207,6 +207,27 @@ def test_a_symlink_out_of_the_model_dir_never_reaches_out_model(tiny_model_dir, 
     assert not (out / "tokenizer_config.json").exists()
 
 
+def test_a_hub_cache_snapshot_may_link_into_its_blobs_and_nowhere_else(tiny_model_dir, tmp_path):
+    """A Hugging Face cache stores files once under blobs/ and links snapshots/REV/NAME to them: those
+    links are allowed, a link from the snapshot to any other folder of the cache is not."""
+    repo = tmp_path / "models--x--y"
+    snap, blobs, refs = repo / "snapshots" / "abc123", repo / "blobs", repo / "refs"
+    shutil.copytree(tiny_model_dir, snap)
+    blobs.mkdir()
+    refs.mkdir()
+    (blobs / "sha").write_bytes((snap / "vocab.json").read_bytes())
+    (snap / "vocab.json").unlink()
+    os.symlink(os.path.join("..", "..", "blobs", "sha"), snap / "vocab.json")  # how the hub links them
+    out = tmp_path / "out"
+    out.mkdir()
+    copy_tokenizer_files(str(snap), str(out))
+    assert (out / "vocab.json").read_bytes() == (blobs / "sha").read_bytes() and not (out / "vocab.json").is_symlink()
+    (refs / "main").write_text("{}")
+    os.symlink(refs / "main", snap / "tokenizer_config.json")
+    with pytest.raises(ValueError, match="outside the model directory"):
+        copy_tokenizer_files(str(snap), str(tmp_path / "out2"))
+
+
 def test_copied_json_files_are_parsed_first(tiny_model_dir, tmp_path):
     d = tmp_path / "m"
     shutil.copytree(tiny_model_dir, d)
