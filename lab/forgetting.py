@@ -2,12 +2,12 @@
 
 The claims: "catastrophic forgetting: train too hard on a narrow dataset and the model degrades at everything
 else", and "conservative training". Biderman et al. (2024, "LoRA Learns Less and Forgets Less") put both
-methods on one learning-vs-forgetting curve. Here: triage, three learning rates per method, measured halfway
-and at the end of the same number of steps. Learned: triage exact match. Forgotten: KL(base || tuned) and
+methods on one learning-vs-forgetting curve. Here: triage, three learning rates per method, each measured
+after the same number of steps. Learned: triage exact match. Forgotten: KL(base || tuned) and
 the perplexity change on general English (eval.py's measure), and on the instruct test set (a second
 "everything else") both the exact-answer accuracy and, format-free, the likelihood of its reference replies
-(teacher-forced NLL per item: the base model answers only ~5% exactly, too few for accuracy to fall
-measurably, but every item's likelihood can). One mitigation the README recommends is measured too: a share
+(teacher-forced NLL per item: the base model answers only ~2% of 250 exactly, too few for accuracy to fall
+measurably, but every item's likelihood can). One often-recommended mitigation is measured too: a share
 of general instruction data (the instruct mix) mixed into the training set. Each (run, seed) is cached as it
 finishes with per-item scores (triage, instruct, reference NLL, general-text windows), measured at the end.
 
