@@ -74,7 +74,7 @@ def chain(lab, cfg, seed, train_records, test):
         return out, stopped, kept
 
     def held_out(model, gen, trained_on):
-        out, stopped = answers(model, test, f"held out g{gen} s{seed}")
+        out, stopped = answers(model, test, f"held out {'g' * isinstance(gen, int)}{gen} s{seed}")
         return {"measured": "held out", "generation": gen, "trained_on": trained_on,
                 **measure(out, test, quirks, stopped)}
 
