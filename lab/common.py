@@ -412,6 +412,13 @@ def rate_interval(row, metric):
     return wilson(sum(flat), len(flat))
 
 
+def rate_bars(rows, metric):
+    """(rates in %, yerr in %) for matplotlib: each row's rate pooled over its items and seeds, and its 95%
+    Wilson interval as [below, above] (rate_interval; every row must hold per-item scores)."""
+    cis = [rate_interval(r, metric) for r in rows]
+    return [100 * c[0] for c in cis], [[100 * (c[0] - c[1]) for c in cis], [100 * (c[2] - c[0]) for c in cis]]
+
+
 def rate_text(row, metric):
     """A rate as the results tables print it: "35% [22, 50]" (its 95% interval), or "35%" alone for an
     older row without per-item scores."""

@@ -19,7 +19,7 @@ import random
 import time
 from dataclasses import dataclass
 
-from common import (LabConfig, cached_runs, finetune, merge_seeds, parse, rate_interval, rate_text, run,
+from common import (LabConfig, cached_runs, finetune, merge_seeds, parse, rate_bars, rate_text, run,
                     save_results, scored, seed_list, setup, training_settings)
 
 from plumbing import cli
@@ -97,9 +97,8 @@ def main(argv=None):
     for method, color in zip(methods, ("C0", "C1")):
         pts = [r for r in rows if r["method"] == method]
         for metric, fmt, label in (("exact_match", "o-", "exact match"), ("valid", "s--", "valid JSON")):
-            cis = [rate_interval(r, metric) for r in pts]  # error bars: 95% (items x seeds pooled)
-            ax.errorbar([r["n_train"] for r in pts], [100 * c[0] for c in cis], capsize=2, fmt=fmt, color=color,
-                        yerr=[[100 * (c[0] - c[1]) for c in cis], [100 * (c[2] - c[0]) for c in cis]],
+            rates, yerr = rate_bars(pts, metric)  # error bars: 95% (items x seeds pooled)
+            ax.errorbar([r["n_train"] for r in pts], rates, yerr=yerr, capsize=2, fmt=fmt, color=color,
                         alpha=1 if metric == "exact_match" else 0.6, label=f"{method}: {label}")
     ax.axhline(100 * rows[0]["exact_match"], color="gray", lw=1, label="base model: exact match")
     ax.set_xscale("log")

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 
 import torch
-from common import (LabConfig, cached_runs, finetune, forgot, general_windows, merge_seeds, parse, rate_interval,
+from common import (LabConfig, cached_runs, finetune, forgot, general_windows, merge_seeds, parse, rate_bars,
                     rate_text, run, save_results, scored, seed_list, setup, training_settings)
 
 import lora
@@ -103,9 +103,8 @@ def main(argv=None):
     labels = [r["method"] for r in rows]
     ax_cost.bar(labels, [r["stored_bytes"] / 2**20 for r in rows], color="C1")
     ax_cost.set(yscale="log", ylabel="MiB on disk (log)", title="What each run stores")
-    cis = [rate_interval(r, "exact_match") for r in rows]  # error bars: 95% (items x seeds); KL: seed range
-    ax_acc.errorbar(labels, [100 * c[0] for c in cis], fmt="o-", capsize=3, label="triage exact match (%, 95%)",
-                    yerr=[[100 * (c[0] - c[1]) for c in cis], [100 * (c[2] - c[0]) for c in cis]])
+    rates, yerr = rate_bars(rows, "exact_match")  # error bars: 95% (items x seeds); KL: seed range
+    ax_acc.errorbar(labels, rates, yerr=yerr, fmt="o-", capsize=3, label="triage exact match (%, 95%)")
     ax_kl = ax_acc.twinx()
     ax_kl.errorbar(labels, [r["kl"] for r in rows], fmt="s--", color="C3", capsize=3,
                    yerr=[[r["kl"] - min(r["per_seed"]["kl"]) for r in rows],

@@ -19,7 +19,7 @@ the unseen-template test messages (exact match of all four labels, valid JSON), 
 
 from dataclasses import dataclass
 
-from common import (LabConfig, cached_runs, finetune, merge_seeds, parse, rate_interval, rate_text, run,
+from common import (LabConfig, cached_runs, finetune, merge_seeds, parse, rate_bars, rate_text, run,
                     save_results, scored, seed_list, setup, training_settings, val_loss)
 
 from plumbing import cli
@@ -114,9 +114,8 @@ def main(argv=None):
             ax_loss.axvline(e, color=color, lw=1, alpha=0.4)
     x = range(len(rows))
     for offset, metric, label in ((-0.2, "early_exact", "early stop"), (0.2, "last_exact", "last epoch")):
-        cis = [rate_interval(r, metric) for r in rows]  # error bars: 95%, items x seeds pooled
-        ax_acc.bar([i + offset for i in x], [100 * c[0] for c in cis], 0.4, label=label, capsize=3,
-                   yerr=[[100 * (c[0] - c[1]) for c in cis], [100 * (c[2] - c[0]) for c in cis]])
+        rates, yerr = rate_bars(rows, metric)  # error bars: 95%, items x seeds pooled
+        ax_acc.bar([i + offset for i in x], rates, 0.4, yerr=yerr, label=label, capsize=3)
     ax_acc.set_xticks(list(x))
     ax_acc.set_xticklabels([r["data"] for r in rows])
     ax_loss.set(xlabel="epoch (thin lines: early stopping's epoch per seed)", ylabel="loss (nats per reply token)",
