@@ -41,10 +41,13 @@ MAX_DIMS = 4  # ggml's GGML_MAX_DIMS
 
 
 def scan_gguf(path):
-    """Walk a GGUF file's header with every claim bounded by the file's size, and return
-    {tensor name: (shape, byte range)}. Refuses, in one ValueError naming the file: a bad magic or
-    version, a string, array or count longer than the bytes left, more than 4 dimensions, an empty
-    or unknown tensor type, tensor data outside the file, misaligned or overlapping."""
+    """Walk a GGUF file's header with every claim bounded by the file's size, and return (metadata
+    {key: value}, as the gguf package's field.contents() gives it, {tensor name: (shape, byte range)}).
+    Refuses, in one ValueError naming the file: a bad magic or version, a string, array or count longer
+    than the bytes left, text that is not UTF-8, more than 4 dimensions, an empty or unknown tensor type,
+    tensor data outside the file, misaligned or overlapping. Reading the metadata here, not with the gguf
+    package's reader (which parses every field element by element: ~3 s for SmolLM2's 49,152 tokens),
+    makes a tokenizer or config from a GGUF cost a tenth of a second."""
     gguf = gguf_package()
 
     def bad(why):
@@ -70,7 +73,10 @@ def scan_gguf(path):
         if n > size - pos:
             raise bad(f"a string of {n:,} bytes at byte {pos} runs past the end of the file")
         pos += n
-        return bytes(buf[pos - n:pos])
+        try:
+            return bytes(buf[pos - n:pos]).decode("utf-8")
+        except UnicodeDecodeError:
+            raise bad(f"a string at byte {pos - n} is not UTF-8") from None
 
     def value(kind, depth=0):
         nonlocal pos
@@ -85,12 +91,10 @@ def scan_gguf(path):
         least = struct.calcsize("<" + GGUF_SCALARS[item]) if item in GGUF_SCALARS else 8
         if count * least > size - pos:
             raise bad(f"an array claims {count:,} elements, more than the {size - pos:,} bytes left hold")
-        if item in GGUF_SCALARS:
+        if item in GGUF_SCALARS:  # numbers: one read of the whole array
             pos += count * least
-            return count
-        for _ in range(count):
-            value(item, depth + 1)
-        return count
+            return np.frombuffer(buf, "<" + GGUF_SCALARS[item], count, pos - count * least).tolist()
+        return [value(item, depth + 1) for _ in range(count)]
 
     if take("<4s") != b"GGUF":
         raise bad("no GGUF magic")
@@ -99,17 +103,17 @@ def scan_gguf(path):
         raise bad(f"version {version}; handtune reads versions 2 and 3")
     if n_kv * 13 > size - pos or n_tensors * 29 > size - pos:  # the smallest entry of each kind
         raise bad(f"{n_kv:,} metadata entries and {n_tensors:,} tensors cannot fit in {size:,} bytes")
-    alignment = gguf.GGUF_DEFAULT_ALIGNMENT
+    alignment, metadata = gguf.GGUF_DEFAULT_ALIGNMENT, {}
     for _ in range(n_kv):
         key, kind = string(), take("<I")
-        v = value(kind)
-        if key == b"general.alignment":
+        v = metadata[key] = value(kind)
+        if key == "general.alignment":
             if not (isinstance(v, int) and 1 <= v <= 1 << 20 and v & (v - 1) == 0):
                 raise bad(f"general.alignment {v!r} is not a power of two")
             alignment = v
     infos = []
     for _ in range(n_tensors):
-        name, n_dims = string().decode("utf-8", "replace"), take("<I")
+        name, n_dims = string(), take("<I")
         if not 1 <= n_dims <= MAX_DIMS:
             raise bad(f"tensor {name!r} has {n_dims} dimensions")
         dims = [take("<Q") for _ in range(n_dims)]
@@ -138,12 +142,12 @@ def scan_gguf(path):
             raise bad(f"tensors {a!r} and {b!r} overlap")
     if len(tensors) != len(infos):
         raise bad("two tensors share a name")
-    return tensors
+    return metadata, tensors
 
 
 def open_gguf(path):
-    """A gguf.GGUFReader over path, after scan_gguf has bounded every claim of its header. The file is
-    memory-mapped: nothing is read until a field or tensor is used."""
+    """A gguf.GGUFReader over path, for its tensors, after scan_gguf has bounded every claim of its header.
+    The file is memory-mapped: nothing is read until a tensor is used."""
     gguf = gguf_package()
     refuse_lfs_pointer(path)
     scan_gguf(path)
@@ -153,18 +157,25 @@ def open_gguf(path):
         raise ValueError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
 
 
+def gguf_metadata(path):
+    """(metadata {key: value}, tensor names) of a GGUF file, read by scan_gguf's bounded walk of its header;
+    no tensor is read."""
+    refuse_lfs_pointer(path)
+    metadata, tensors = scan_gguf(path)
+    return metadata, set(tensors)
+
+
 def read_gguf_config(path):
-    """(config.json-style dict of a llama or gpt2 GGUF file, as transformers' LlamaConfig or GPT2Config would
-    write it, the open gguf.GGUFReader). Cheap: the file is memory-mapped and no tensor is read."""
-    reader = open_gguf(path)
+    """The config.json-style dict of a llama or gpt2 GGUF file, as transformers' LlamaConfig or GPT2Config
+    would write it. Cheap: only the header is read."""
+    metadata, tensor_names = gguf_metadata(path)
 
     def meta(key, default=None):
-        field = reader.fields.get(key)
-        if field is None:
+        if key not in metadata:
             if default is None:
                 raise ValueError(f"{path}: GGUF metadata has no {key}")
             return default
-        return field.contents()
+        return metadata[key]
 
     def f32(x):  # GGUF stores floats as float32: 1e-5 arrives as 9.99999975e-06; keep the shortest decimal
         return float(str(np.float32(x)))
@@ -172,15 +183,15 @@ def read_gguf_config(path):
     arch = meta("general.architecture")
     if arch not in ("llama", "gpt2"):
         raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported (only 'llama' and 'gpt2')")
-    tokens = reader.fields.get("tokenizer.ggml.tokens")
-    vocab_size = len(tokens.data) if tokens is not None else meta(f"{arch}.vocab_size")
+    tokens = metadata.get("tokenizer.ggml.tokens")
+    vocab_size = len(tokens) if tokens is not None else meta(f"{arch}.vocab_size")
     n_head, n_embd = meta(f"{arch}.attention.head_count"), meta(f"{arch}.embedding_length")
     if arch == "gpt2":
         n_inner = meta("gpt2.feed_forward_length")
         return {"model_type": "gpt2", "vocab_size": vocab_size, "n_positions": meta("gpt2.context_length"),
                 "n_embd": n_embd, "n_layer": meta("gpt2.block_count"), "n_head": n_head,
                 "n_inner": None if n_inner == 4 * n_embd else n_inner,  # GPT2Config's None means 4 * n_embd
-                "layer_norm_epsilon": f32(meta("gpt2.attention.layer_norm_epsilon"))}, reader
+                "layer_norm_epsilon": f32(meta("gpt2.attention.layer_norm_epsilon"))}
     for key, plain in (("llama.rope.scaling.type", "none"), ("llama.expert_count", 0)):
         if meta(key, plain) != plain:
             raise ValueError(f"{path}: {key} = {meta(key)!r} is not supported (plain Llama only)")
@@ -193,8 +204,8 @@ def read_gguf_config(path):
          "intermediate_size": meta("llama.feed_forward_length"),
          "rope_theta": f32(meta("llama.rope.freq_base", 10000.0)),
          "rms_norm_eps": f32(meta("llama.attention.layer_norm_rms_epsilon")),
-         "tie_word_embeddings": not any(t.name == "output.weight" for t in reader.tensors)}
-    return d, reader
+         "tie_word_embeddings": "output.weight" not in tensor_names}
+    return d
 
 
 def load_gguf(path):
@@ -203,7 +214,7 @@ def load_gguf(path):
     Face's order, GPT-2's Conv1D weights back to (in, out)."""
     from tqdm import tqdm
 
-    config, reader = read_gguf_config(path)  # says "pip install gguf" in one line if the package is missing
+    config, reader = read_gguf_config(path), open_gguf(path)  # one line if the gguf package is missing
     import gguf
     arch = config["model_type"]
     sd = {}

@@ -87,7 +87,7 @@ def read_config_dict(path):
     """config.json of a resolved checkpoint (resolve_pretrained's result) as a dict, or for a .gguf file the
     dict its metadata amounts to; no weights are read. Returns (dict, the file it came from)."""
     if path.endswith(".gguf"):
-        return read_gguf_config(path)[0], path
+        return read_gguf_config(path), path
     config_path = os.path.join(path, "config.json")
     return read_json(config_path), config_path
 

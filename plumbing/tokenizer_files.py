@@ -13,7 +13,7 @@ from pathlib import Path
 import tiktoken
 
 from plumbing.files import atomic_write_bytes, atomic_write_text, read_json, refuse_lfs_pointer
-from plumbing.gguf_io import open_gguf
+from plumbing.gguf_io import gguf_metadata
 
 # GPT-2's one special token, <|endoftext|>, and its id: the last of the vocabulary. (data.py's GPT-2
 # template opens every message with it and ends every reply with it.)
@@ -206,13 +206,13 @@ GGUF_TOKENIZERS = {("gpt2", "gpt-2"): ("gpt2", GPT2_PATTERN), ("gpt2", "smollm")
 def tokenizer_from_gguf(path):
     """GPT-2's or SmolLM2's tokenizer (named "gpt2" or "smollm2", as the file says) from a GGUF file's
     metadata (tokenizer.ggml.tokens, .merges, .token_type). The file is memory-mapped; no weight is read."""
-    reader = open_gguf(path)  # one-line errors for a missing gguf package or a damaged file
-    import gguf  # present: open_gguf needed it
+    metadata, _ = gguf_metadata(path)  # one-line errors for a missing gguf package or a damaged file
+    import gguf  # present: gguf_metadata needed it
 
     def meta(key):
-        if key not in reader.fields:
+        if key not in metadata:
             raise ValueError(f"{path}: GGUF metadata has no {key}")
-        return reader.fields[key].contents()
+        return metadata[key]
 
     kind = (meta("tokenizer.ggml.model"), meta("tokenizer.ggml.pre"))
     name, pattern = GGUF_TOKENIZERS.get(kind, (None, None))
@@ -235,8 +235,8 @@ def save_gguf_tokenizer_files(out_dir, gguf_path):
     complete directory that get_tokenizer(out_dir) opens. GGUF stores tokens in the same byte-level spelling
     as vocab.json, so this is a copy, not a conversion."""
     enc = tokenizer_from_gguf(gguf_path)  # refuses a GGUF whose tokenizer is neither GPT-2's nor SmolLM2's
-    fields = open_gguf(gguf_path).fields
-    tokens, merges = (fields[f"tokenizer.ggml.{k}"].contents() for k in ("tokens", "merges"))
+    metadata, _ = gguf_metadata(gguf_path)
+    tokens, merges = metadata["tokenizer.ggml.tokens"], metadata["tokenizer.ggml.merges"]
     atomic_write_text(os.path.join(out_dir, "vocab.json"),
                       json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False))
     atomic_write_text(os.path.join(out_dir, "merges.txt"), "#version: 0.2\n" + "\n".join(merges) + "\n")

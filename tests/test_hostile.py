@@ -69,9 +69,13 @@ def test_gguf_tensor_data_must_lie_inside_the_file_aligned_and_disjoint(tmp_path
         scan_gguf(str(path))
 
 
-def test_the_real_gguf_scans_clean(smollm2_gguf):
-    tensors = scan_gguf(smollm2_gguf)
+def test_the_real_gguf_scans_clean_to_the_gguf_packages_metadata(smollm2_gguf):
+    import gguf
+
+    metadata, tensors = scan_gguf(smollm2_gguf)
     assert len(tensors) == 272 and tensors["token_embd.weight"][0] == (49152, 576)
+    fields = gguf.GGUFReader(smollm2_gguf).fields  # the reference: every key, 49,152 tokens, 48,900 merges
+    assert metadata == {k: f.contents() for k, f in fields.items() if not k.startswith("GGUF.")}
 
 
 # -----------------------------------------------------------------------------

