@@ -7,6 +7,7 @@ order names real functions at real lines. Imports inside functions count too.
 """
 
 import ast
+import os
 import re
 from pathlib import Path
 
@@ -74,6 +75,7 @@ def test_gguf_is_optional_imported_only_inside_functions():
 
 
 def test_every_script_has_help():
+    import concurrent.futures
     import subprocess
     import sys
 
@@ -82,9 +84,12 @@ def test_every_script_has_help():
                       if "__main__" in p.read_text(encoding="utf-8"))  # lab/common.py is a module, not a script
     assert {"lab/ladder_report.py", "scripts/gpu_check.py", "lab/masking.py", "scripts/sample.py",
             "scripts/export_gguf.py"} <= set(scripts)
-    for name in scripts:
-        r = subprocess.run([sys.executable, name, "--help"], cwd=ROOT, capture_output=True, text=True)
-        assert r.returncode == 0 and r.stdout.startswith("usage:") and not r.stderr, name
+    def help_of(name):  # each start imports torch (~2 s of one core): run them side by side
+        return subprocess.run([sys.executable, name, "--help"], cwd=ROOT, capture_output=True, text=True)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        for name, r in zip(scripts, pool.map(help_of, scripts)):
+            assert r.returncode == 0 and r.stdout.startswith("usage:") and not r.stderr, name
 
 
 def test_requirements_torch_floor_has_torch_amp_grad_scaler():
