@@ -308,11 +308,13 @@ def dropout_suffix(lab):
     return "" if dropout == 0.05 else f"-dropout{dropout:g}"
 
 
-def cached_runs(lab, name, config, run_one):
+def cached_runs(lab, name, config, run_one, same_for_every_seed=False):
     """[run_one(seed) for each seed], each loaded from OUT/cache/NAME/<config>-s<seed>.json when an earlier
     sitting finished it, else run and saved there at once (atomically): a sweep stopped by a session's
     end resumes where it stopped. run_one returns a JSON-able dict; the cache key holds every setting
-    that changes the result (config: a short string naming the configuration)."""
+    that changes the result (config: a short string naming the configuration). same_for_every_seed: the
+    run has nothing random (the untrained base model, greedy replies), so it is run once and its result
+    stored for each seed."""
     folder = os.path.join(lab.cfg.out, "cache", name)
     runs = []
     for seed in seed_list(lab.cfg):
@@ -324,7 +326,7 @@ def cached_runs(lab, name, config, run_one):
                 runs.append(json.load(f))
             print(f"{name} {config} seed {seed}: cached ({path})")
             continue
-        result = {"seed": seed, **run_one(seed)}
+        result = {**runs[0], "seed": seed} if same_for_every_seed and runs else {"seed": seed, **run_one(seed)}
         os.makedirs(folder, exist_ok=True)
         atomic_write_text(path, json.dumps(result) + "\n")
         runs.append(result)

@@ -59,8 +59,6 @@ def main(argv=None):
     pool = load_items("triage", "train", 0)[0]
     random.Random(cfg.seed).shuffle(pool)  # a size-n set is the first n of one shuffle: each set holds the smaller
     test = load_items("triage", "test", cfg.eval_items)[0]
-    base = {}
-
     def measure(model, desc, losses=(), t0=None):
         s, _ = scored(lab, model, test, desc=desc)
         return {"exact_match": s["exact_match"], "valid": s["valid"], **s["fields"], "items": s["items"],
@@ -70,16 +68,15 @@ def main(argv=None):
     rows = []
     for method, n in [("base (no tuning)", 0)] + [(m, n) for m in methods for n in sizes]:
         def run_one(seed):
-            if n == 0:  # untrained and greedy: the same for every seed
-                base.update(base or measure(lab.base, "base"))
-                return dict(base)
+            if n == 0:
+                return measure(lab.base, "base")
             t0 = time.time()
             model, losses = finetune(lab, [r["messages"] for r in pool[:n]], steps_for(cfg, n),
                                      full=method == "full", desc=f"{method} n={n} s{seed}", seed=seed)
             return measure(model, f"{method} n={n}", losses, t0)
 
         key = f"{method}-n{n}-{cfg.epochs:g}epochs-{len(test)}items-data{cfg.seed}"
-        row = merge_seeds(cached_runs(lab, "data_size", key, run_one), METRICS)
+        row = merge_seeds(cached_runs(lab, "data_size", key, run_one, same_for_every_seed=n == 0), METRICS)
         row["fields"] = {f: row[f] for f in TRIAGE_FIELDS}
         steps = steps_for(cfg, n) if n else 0
         rows.append({"method": method, "n_train": n, "epochs": cfg.epochs if n else 0.0, "steps": steps, **row})

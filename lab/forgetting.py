@@ -72,18 +72,17 @@ def main(argv=None):
     runs += [(f"full lr {float(lr):g}", "full", float(lr), triage) for lr in cfg.full_lrs.split(",") if lr]
     if cfg.mix > 0:
         runs += [(f"{m} lr {lr:g} + {cfg.mix:.0%} instruct", m, lr, mixed) for m, lr in (("lora", 5e-4), ("full", 5e-5))]
-    rows, base = [], {}
+    rows = []
     for name, method, lr, convs in runs:
         def run_one(seed):
-            if convs is None:  # the base model: no training and greedy replies, so measured once for all seeds
-                base.update(base or measure(lab.base, name))
-                return dict(base)
+            if convs is None:
+                return measure(lab.base, name)
             model, _ = finetune(lab, convs, cfg.steps, desc=f"{name} s{seed}", full=method == "full", lr=lr,
                                 seed=seed)
             return measure(model, name)
 
         key = f"{name}-{cfg.steps}steps-{len(test)}+{len(others)}items-mix{cfg.mix}-data{cfg.seed}"
-        row = merge_seeds(cached_runs(lab, "forgetting", key, run_one), METRICS)
+        row = merge_seeds(cached_runs(lab, "forgetting", key, run_one, same_for_every_seed=convs is None), METRICS)
         rows.append({"run": name, "method": method, "lr": lr, "step": cfg.steps if convs else 0, **row})
         print(f"{name}: exact {row['exact_match']:.0%}, instruct NLL {row['instruct_nll']:.3f}, KL {row['kl']:.4f}")
 

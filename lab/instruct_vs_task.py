@@ -63,18 +63,17 @@ def main(argv=None):
                 "items": {"instruct_seen": a["items"]["exact_match"], "instruct_held_out": b["items"]["exact_match"],
                           "triage_exact": t["items"]["exact_match"], "triage_valid": t["items"]["valid"]}}
 
-    rows, base = [], {}
+    rows = []
     for name, convs in (("base (no tuning)", None), ("instruction-tuned", tuning), ("task-tuned (triage)", triage),
                         ("both, mixed", both)):
         def run_one(seed):
-            if convs is None:  # untrained and greedy: the same for every seed
-                base.update(base or measure(lab.base, name))
-                return dict(base)
+            if convs is None:
+                return measure(lab.base, name)
             return measure(finetune(lab, convs, cfg.steps, desc=f"{name} s{seed}", full=cfg.full, seed=seed)[0], name)
 
         items = f"{len(seen)}+{len(held)}+{len(triage_test)}items"
         key = f"{name}-{cfg.steps}steps-{items}-full{int(cfg.full)}-data{cfg.seed}"
-        runs = cached_runs(lab, "instruct_vs_task", key, run_one)
+        runs = cached_runs(lab, "instruct_vs_task", key, run_one, same_for_every_seed=convs is None)
         row = merge_seeds(runs, COLS)
         families = runs[0]["held_out_families"]
         row["held_out_families"] = {f: sum(r["held_out_families"][f] for r in runs) / len(runs) for f in families}

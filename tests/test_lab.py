@@ -241,6 +241,23 @@ def test_seeds_are_cached_as_they_finish_and_merged_with_per_item_scores(quick_g
     assert json.loads((tmp_path / "masking.json").read_text())["results"] == json.loads(first)["results"]
 
 
+def test_a_run_with_nothing_random_is_run_once_and_cached_for_every_seed(tmp_path):
+    """cached_runs(..., same_for_every_seed=True): the base model is measured once, not once per seed, and
+    each seed still gets its own cache file (so a later sitting with more seeds resumes the same way)."""
+    import types
+
+    import common
+
+    cfg = common.LabConfig(out=str(tmp_path), seeds="1,2,3")
+    lab, calls = types.SimpleNamespace(cfg=cfg), []
+    runs = common.cached_runs(lab, "t", "base", lambda seed: calls.append(seed) or {"x": 1},
+                              same_for_every_seed=True)
+    assert calls == [1] and [r["seed"] for r in runs] == [1, 2, 3] and all(r["x"] == 1 for r in runs)
+    assert len(list((tmp_path / "cache" / "t").glob("*-s[123].json"))) == 3
+    runs = common.cached_runs(lab, "t", "tuned", lambda seed: calls.append(seed) or {"x": seed})
+    assert calls == [1, 1, 2, 3] and [r["x"] for r in runs] == [1, 2, 3]
+
+
 def test_far_held_out_families_are_whole_skills_missing_from_training():
     from tasks.instruct import FAR_HELD_OUT, HELD_OUT_FAMILIES, INSTRUCT_FAMILIES, build_instruct
 
