@@ -484,6 +484,11 @@ def test_knowledge_run_reports_five_rungs_before_and_after_the_store_changes(tin
     for bad in (str(report), f"tiny={tmp_path / 'missing.json'}", f"tiny={out / 'run.json'}"):
         r = run(["lab/ladder_report.py", "--report", bad, "--out", str(tmp_path / "bad")])
         assert r.returncode == 1 and r.stderr.startswith("error: --report") and r.stderr.count("\n") == 1
+    other = tmp_path / "other.json"  # a second seed of the same run that scored other items: refused
+    other.write_text(json.dumps({**rep, "n_items": rep["n_items"] + 1}))
+    r = run(["lab/ladder_report.py", "--report", f"tiny={report}", "--report", f"tiny={other}", "--out",
+             str(tmp_path / "bad")])
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "seeds of one run must score the same items" in r.stderr
 
 
 def test_ladder_script_runs_each_seed_once_and_the_claims_pair_their_items(tiny_dir, tmp_path):
