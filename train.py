@@ -340,10 +340,11 @@ def optimizer_step(optimizer, scaler, params, grad_clip, loss=None):
     reads the gradients itself and skips an overflowing step."""
     scaler.unscale_(optimizer)  # clip the true gradient, not the fp16-scaled one
     norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or float("inf"))
-    checked = norm if loss is None else torch.stack([norm.double(), loss.double()])
-    if not scaler.is_enabled() and not torch.isfinite(checked).all():  # the read
-        bad = ("loss", loss) if loss is not None and not torch.isfinite(loss) else ("gradient norm", norm)
-        raise FloatingPointError(f"{bad[0]} ({bad[1].item()})")
+    if not scaler.is_enabled():  # fp16: the scaler has checked the gradients already
+        checked = norm if loss is None else torch.stack([norm.double(), loss.double()])
+        if not torch.isfinite(checked).all():  # the read
+            bad = ("loss", loss) if loss is not None and not torch.isfinite(loss) else ("gradient norm", norm)
+            raise FloatingPointError(f"{bad[0]} ({bad[1].item()})")
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
