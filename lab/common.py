@@ -414,11 +414,18 @@ def rate_interval(row, metric):
     return wilson(sum(flat), len(flat))
 
 
+def rate_bar(row, metric):
+    """(rate, below, above) in % for one bar: the row's rate pooled over its items and seeds and its 95% Wilson
+    interval as distances below and above it (rate_interval); an older row without per-item scores gets its
+    rate and no error bar."""
+    ci = rate_interval(row, metric) or (row[metric],) * 3
+    return 100 * ci[0], 100 * (ci[0] - ci[1]), 100 * (ci[2] - ci[0])
+
+
 def rate_bars(rows, metric):
-    """(rates in %, yerr in %) for matplotlib: each row's rate pooled over its items and seeds, and its 95%
-    Wilson interval as [below, above] (rate_interval; every row must hold per-item scores)."""
-    cis = [rate_interval(r, metric) for r in rows]
-    return [100 * c[0] for c in cis], [[100 * (c[0] - c[1]) for c in cis], [100 * (c[2] - c[0]) for c in cis]]
+    """(rates in %, yerr in %) for matplotlib's bar(): one rate_bar per row, yerr as [belows, aboves]."""
+    rates, below, above = zip(*(rate_bar(r, metric) for r in rows))
+    return list(rates), [list(below), list(above)]
 
 
 def rate_text(row, metric):
@@ -435,11 +442,9 @@ def grouped_bars(ax, rows, cols, labels, name):
     %, each with its 95% interval as an error bar where the row holds per-item scores."""
     width = 0.8 / len(rows)
     for j, r in enumerate(rows):
-        cis = [rate_interval(r, c) for c in cols]
-        err = [[100 * (r[c] - ci[1]) if ci else 0 for c, ci in zip(cols, cis)],
-               [100 * (ci[2] - r[c]) if ci else 0 for c, ci in zip(cols, cis)]]
-        ax.bar([i + j * width for i in range(len(cols))], [100 * r[c] for c in cols], width, label=r[name],
-               yerr=err, capsize=2)
+        rates, below, above = zip(*(rate_bar(r, c) for c in cols))
+        ax.bar([i + j * width for i in range(len(cols))], rates, width, label=r[name], yerr=[below, above],
+               capsize=2)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cols))])
     ax.set_xticklabels(labels, fontsize=8)
     ax.grid(axis="y", alpha=0.3)

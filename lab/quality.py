@@ -28,7 +28,7 @@ import random
 import time
 from dataclasses import dataclass
 
-from common import (LabConfig, cached_runs, finetune, merge_seeds, parse, rate_interval, rate_text, run,
+from common import (LabConfig, cached_runs, finetune, merge_seeds, parse, rate_bars, rate_text, run,
                     save_results, scored, seed_list, setup, training_settings)
 
 from plumbing import cli
@@ -108,11 +108,8 @@ def main(argv=None):
     fig, ax = plt.subplots(figsize=(8, 4))
     xs = range(len(rows))
     for offset, metric, label in ((-0.2, "exact_match", "exact match"), (0.2, "valid", "valid JSON")):
-        cis = [rate_interval(r, metric) for r in rows]
-        err = [[100 * (r[metric] - c[1]) if c else 0 for r, c in zip(rows, cis)],
-               [100 * (c[2] - r[metric]) if c else 0 for r, c in zip(rows, cis)]]
-        ax.bar([x + offset for x in xs], [100 * r[metric] for r in rows], 0.4, label=label, yerr=err,
-               capsize=2)
+        rates, yerr = rate_bars(rows, metric)  # error bars: 95%, items x seeds pooled
+        ax.bar([x + offset for x in xs], rates, 0.4, label=label, yerr=yerr, capsize=2)
     ax.set_xticks(list(xs))
     ax.set_xticklabels([f"{r['data']}\n{r['conversations']:,} ({r['distinct']:,} distinct)" for r in rows], fontsize=8)
     ax.set_ylabel(f"% of {len(test)} test messages")

@@ -258,6 +258,17 @@ def test_a_run_with_nothing_random_is_run_once_and_cached_for_every_seed(tmp_pat
     assert calls == [1, 1, 2, 3] and [r["x"] for r in runs] == [1, 2, 3]
 
 
+def test_error_bars_are_wilson_over_items_and_seeds_and_absent_without_per_item_scores():
+    import common
+    from plumbing.intervals import wilson
+
+    scored = {"exact_match": 0.25, "items": {"exact_match": [[1, 0, 0, 0], [0, 1, 0, 0]]}}
+    old = {"exact_match": 0.4}  # a first-version row: its rate only
+    rates, (below, above) = common.rate_bars([scored, old], "exact_match")
+    rate, low, high = wilson(2, 8)
+    assert rates == [100 * rate, 40.0] and below == [100 * (rate - low), 0.0] and above == [100 * (high - rate), 0.0]
+
+
 def test_far_held_out_families_are_whole_skills_missing_from_training():
     from tasks.instruct import FAR_HELD_OUT, HELD_OUT_FAMILIES, INSTRUCT_FAMILIES, build_instruct
 
