@@ -7,7 +7,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 common=(--eval-items 250 --seeds 1337,1338,1339 --dtype bfloat16 --device "${DEVICE:-cuda}")
 status=0
-for script in masking quality self_generated forgetting data_size overfitting lora_rank instruct_vs_task; do
+for script in headline masking quality self_generated forgetting data_size overfitting lora_rank instruct_vs_task; do
     echo "== lab/$script.py"
     python "lab/$script.py" "${common[@]}" || { echo "lab/$script.py failed"; status=1; }
 done

@@ -145,6 +145,20 @@ def test_lora_rank_quick(quick_gguf, tmp_path):
     assert all(len(x["items"]["exact_match"][0]) == 4 for x in rows)
 
 
+def test_headline_quick(quick_gguf, tmp_path):
+    """The README's first table: base, LoRA and full, each with its per-item triage scores, forgetting and
+    what it stores (an adapter is less than a whole model)."""
+    r = run_lab("headline.py", tmp_path, "--seeds", "1,2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    base, lora_row, full = check_outputs(tmp_path, "headline")
+    assert [x["run"] for x in (base, lora_row, full)] == [
+        "base (no tuning)", "LoRA (r=16, lr 5e-4)", "full fine-tune (lr 5e-5)"]
+    assert base["kl"] == 0 and base["stored_bytes"] == 0 and base["train_s"] == 0
+    assert 0 < lora_row["stored_bytes"] < full["stored_bytes"] and lora_row["kl"] > 0 and full["kl"] > 0
+    assert all(len(x["items"]["exact_match"]) == 2 and len(x["items"]["category"][0]) == 4 for x in (base, full))
+    assert len(list((tmp_path / "cache" / "headline").glob("*base*-s[12].json"))) == 2  # measured once, stored twice
+
+
 def test_forgetting_quick(quick_gguf, tmp_path):
     r = run_lab("forgetting.py", tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
