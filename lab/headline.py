@@ -88,7 +88,7 @@ def main(argv=None):
                 "LoRA": training_settings(lab, cfg.steps, warmup=cfg.warmup),
                 "full": training_settings(lab, cfg.steps, full=True, warmup=cfg.warmup),
                 "forgetting text": f"data/general.txt, {sum(w[1].numel() for w in windows)} tokens",
-                "train time": "the optimizer steps only, on this machine (the base model loaded once)"}
+                "train time": "the fine-tuning call: copying the loaded base, tokenizing the training set, the steps"}
     save_results(lab, "headline", "fine-tuning teaches a task a few hundred steps of prompting cannot, at a "
                  "small, measured cost", settings, rows, table, fig)
 
