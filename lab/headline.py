@@ -47,18 +47,18 @@ def main(argv=None):
     train_convs = [r["messages"] for r in load_items("triage", "train", 0)[0]]
     test = load_items("triage", "test", cfg.eval_items)[0]
     windows = general_windows(lab, 256 if cfg.quick else 4096)
-    runs = (("base (no tuning)", None), ("LoRA (r=16, lr 5e-4)", False), ("full fine-tune (lr 5e-5)", True))
+    runs = (("base (no tuning)", "base"), ("LoRA (r=16, lr 5e-4)", "lora"), ("full fine-tune (lr 5e-5)", "full"))
     rows = []
-    for name, full in runs:
+    for name, method in runs:
         def run_one(seed):
             model, stored, train_s = lab.base, 0, 0.0
-            if full is not None:
+            if method != "base":
                 t0 = time.time()
-                model, _ = finetune(lab, train_convs, cfg.steps, desc=f"{name} s{seed}", full=full,
+                model, _ = finetune(lab, train_convs, cfg.steps, desc=f"{name} s{seed}", full=method == "full",
                                     warmup=cfg.warmup, seed=seed)
                 train_s = time.time() - t0
                 with tempfile.TemporaryDirectory() as d:  # what the run stores: a whole model, or an adapter
-                    save_pretrained(model, d) if full else lora.save_adapter(model, d)
+                    save_pretrained(model, d) if method == "full" else lora.save_adapter(model, d)
                     stored = dir_bytes(d)
             s, _ = scored(lab, model, test, desc=name)
             f = forgot(lab, model, windows)
@@ -67,8 +67,8 @@ def main(argv=None):
                     "kl": f["kl_base_tuned"], "stored_bytes": stored, "train_s": train_s}
 
         key = f"{name}-{cfg.steps}steps-warmup{cfg.warmup}-{len(test)}items"
-        row = merge_seeds(cached_runs(lab, "headline", key, run_one, same_for_every_seed=full is None), METRICS)
-        rows.append({"run": name, "tuned": full is not None, **row})
+        row = merge_seeds(cached_runs(lab, "headline", key, run_one, same_for_every_seed=method == "base"), METRICS)
+        rows.append({"run": name, "tuned": method != "base", **row})
         print(f"{name}: exact {row['exact_match']:.0%}, valid {row['valid']:.0%}, KL {row['kl']:.4f}")
 
     table = markdown_table(

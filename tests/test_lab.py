@@ -157,6 +157,9 @@ def test_headline_quick(quick_gguf, tmp_path):
     assert 0 < lora_row["stored_bytes"] < full["stored_bytes"] and lora_row["kl"] > 0 and full["kl"] > 0
     assert all(len(x["items"]["exact_match"]) == 2 and len(x["items"]["category"][0]) == 4 for x in (base, full))
     assert len(list((tmp_path / "cache" / "headline").glob("*base*-s[12].json"))) == 2  # measured once, stored twice
+    settings = json.loads((tmp_path / "headline.json").read_text())["settings"]  # the labels are train.py's defaults
+    assert settings["LoRA"].startswith("LoRA r=16,") and "AdamW lr 0.0005 " in settings["LoRA"]
+    assert settings["full"].startswith("full fine-tune;") and "AdamW lr 5e-05 " in settings["full"]
 
 
 def test_forgetting_quick(quick_gguf, tmp_path):
