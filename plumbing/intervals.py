@@ -24,7 +24,8 @@ def wilson(k, n, z=Z95):
     p = k / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return p, max(0.0, centre - half), min(1.0, centre + half)
+    # the interval always holds p; min/max keep float rounding at 0/n and n/n from putting p outside it
+    return p, max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half))
 
 
 def newcombe(k1, n1, k2, n2):

@@ -18,6 +18,10 @@ def test_wilson_matches_the_closed_form_and_stays_inside_0_1():
     assert (p, lo, hi) == pytest.approx((0.35, centre - half, centre + half))
     assert wilson(0, 40)[1] == 0.0 and 0.08 < wilson(0, 40)[2] < 0.09  # 0/40 is not "exactly 0%"
     assert wilson(40, 40)[2] == 1.0 and wilson(40, 40)[1] < 1
+    for n in range(1, 800):  # at 0/n and n/n rounding once left p a hair outside (a negative error bar)
+        for k in (0, n):
+            p, lo, hi = wilson(k, n)
+            assert lo <= p <= hi
     with pytest.raises(ValueError):
         wilson(0, 0)
 
