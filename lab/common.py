@@ -137,6 +137,7 @@ class Lab:
     t0: float
     dtype_reason: str = ""  # why plumbing.device chose the dtype (native bf16, requested, ...)
     commit: str = "unknown"  # the git commit the run started at (git_commit)
+    cached: int = 0  # runs cached_runs loaded from an earlier sitting (the results files say how many)
 
 
 def setup(cfg):
@@ -325,6 +326,7 @@ def cached_runs(lab, name, config, run_one, same_for_every_seed=False):
             with open(path, encoding="utf-8") as f:
                 runs.append(json.load(f))
             print(f"{name} {config} seed {seed}: cached ({path})")
+            lab.cached += 1
             continue
         result = {**runs[0], "seed": seed} if same_for_every_seed and runs else {"seed": seed, **run_one(seed)}
         os.makedirs(folder, exist_ok=True)
@@ -387,14 +389,15 @@ def save_results(lab, name, claim, settings, results, table, fig, notes=""):
     meta = {"name": name, "claim": claim, "model": cfg.model, "quick": cfg.quick, "hardware": hardware(lab.rt.device),
             "device": lab.rt.device, "dtype": lab.rt.dtype, "dtype_reason": lab.dtype_reason,
             "cpu_flags": cpu_flags(), "commit": lab.commit, "seeds": seed_list(cfg), "command": command,
-            "wall_time_s": wall, "date": time.strftime("%Y-%m-%d"), "config": dataclasses.asdict(cfg),
+            "wall_time_s": wall, "runs_from_cache": lab.cached, "date": time.strftime("%Y-%m-%d"), "config": dataclasses.asdict(cfg),
             "settings": settings}
     os.makedirs(cfg.out, exist_ok=True)
     atomic_write_text(os.path.join(cfg.out, f"{name}.json"), json.dumps({**meta, "results": results}, indent=2) + "\n")
+    reused = f" (this sitting; {lab.cached} runs loaded from cache/, timed in earlier ones)" if lab.cached else ""
     md = [f"# {name}", "", f"Claim tested: {claim}", "",
           f"Model: {cfg.model}{' (--quick: a tiny random model; the numbers mean nothing)' if cfg.quick else ''}. "
           f"Hardware: {meta['hardware']}; CPU flags {', '.join(meta['cpu_flags']) or 'none listed'}; device "
-          f"{lab.rt.device}, {lab.rt.dtype} ({lab.dtype_reason}). Wall time {wall / 60:.1f} min, {meta['date']}. "
+          f"{lab.rt.device}, {lab.rt.dtype} ({lab.dtype_reason}). Wall time {wall / 60:.1f} min{reused}, {meta['date']}. "
           f"Commit {meta['commit']}; seeds {', '.join(map(str, meta['seeds']))}.", "", "```bash", command, "```", "",
           "Settings: " + ", ".join(f"{k} {v}" for k, v in settings.items()) + ".", "", table, "",
           f"![{name}]({name}.png)", ""] + ([notes, ""] if notes else [])

@@ -256,6 +256,7 @@ def test_seeds_are_cached_as_they_finish_and_merged_with_per_item_scores(quick_g
     r = run_lab("masking.py", tmp_path, "--seeds", "1,2")  # a second sitting: every run is cached
     assert r.returncode == 0 and r.stdout.count(": cached (") == 6
     assert json.loads((tmp_path / "masking.json").read_text())["results"] == json.loads(first)["results"]
+    assert "6 runs loaded from cache/" in (tmp_path / "masking.md").read_text()
 
 
 def test_a_run_with_nothing_random_is_run_once_and_cached_for_every_seed(tmp_path):
@@ -266,13 +267,15 @@ def test_a_run_with_nothing_random_is_run_once_and_cached_for_every_seed(tmp_pat
     import common
 
     cfg = common.LabConfig(out=str(tmp_path), seeds="1,2,3")
-    lab, calls = types.SimpleNamespace(cfg=cfg), []
+    lab, calls = types.SimpleNamespace(cfg=cfg, cached=0), []
     runs = common.cached_runs(lab, "t", "base", lambda seed: calls.append(seed) or {"x": 1},
                               same_for_every_seed=True)
     assert calls == [1] and [r["seed"] for r in runs] == [1, 2, 3] and all(r["x"] == 1 for r in runs)
     assert len(list((tmp_path / "cache" / "t").glob("*-s[123].json"))) == 3
     runs = common.cached_runs(lab, "t", "tuned", lambda seed: calls.append(seed) or {"x": seed})
     assert calls == [1, 1, 2, 3] and [r["x"] for r in runs] == [1, 2, 3]
+    common.cached_runs(lab, "t", "tuned", lambda seed: calls.append(seed))  # a second sitting: all loaded
+    assert calls == [1, 1, 2, 3] and lab.cached == 3
 
 
 def test_error_bars_are_wilson_over_items_and_seeds_and_absent_without_per_item_scores():
