@@ -2,10 +2,11 @@
 tensor names).
 
 A GGUF file holds metadata key/values, then tensors, many quantized in blocks (Q4_1: 32 weights share a
-scale and a minimum, 4 bits each). The gguf package (an optional dependency, imported only inside the
-functions that read or write GGUF) parses the file and dequantizes; the naming, the config and the q/k row
-order are ours to get right. model.py turns the result into a GPT exactly as it would a Hugging Face
-directory. plumbing/gguf_export.py writes the other way.
+scale and a minimum, 4 bits each). scan_gguf walks the header itself, every claim bounded by the file's
+size; the gguf package (an optional dependency, imported only inside the functions that read or write
+GGUF) dequantizes the blocks; the naming, the config and the q/k row order are ours to get right.
+model.py turns the result into a GPT exactly as it would a Hugging Face directory.
+plumbing/gguf_export.py writes the other way.
 """
 
 import math
@@ -31,23 +32,29 @@ def gguf_package(doing="reading"):
 
 
 # -----------------------------------------------------------------------------
-# A bounded pre-scan: every count, length and offset the header claims is checked against the bytes that
-# follow before the gguf package parses the file (its reader loops over a claimed count without bound).
+# The header, read with every count, length and offset it claims checked against the bytes that follow
+# (the gguf package's own reader loops over a claimed count without bound; the tests use it as reference).
 
 # GGUF's fixed-size metadata value types (uint8 ... float64) as struct formats; 8 is a string, 9 an array.
 GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 GGUF_STRING, GGUF_ARRAY = 8, 9
 MAX_DIMS = 4  # ggml's GGML_MAX_DIMS
+# Array elements in all of a header's metadata: SmolLM2 has 147,205 (tokens, token types, merges), a
+# 128k-token vocabulary with its merges about 0.5M. Each becomes a Python object of up to ~60 bytes (from
+# a 10-byte string on disk), so the cap, not the file's size, bounds what a hostile header costs: ~250 MB.
+MAX_METADATA_ELEMENTS = 1 << 22
 
 
 def scan_gguf(path):
     """Walk a GGUF file's header with every claim bounded by the file's size, and return (metadata
-    {key: value}, as the gguf package's field.contents() gives it, {tensor name: (shape, byte range)}).
+    {key: value}, as the gguf package's field.contents() gives it, {tensor name: (shape outermost first,
+    ggml type, byte range)}) in the file's order.
     Refuses, in one ValueError naming the file: a bad magic or version, a string, array or count longer
     than the bytes left, text that is not UTF-8, more than 4 dimensions, an empty or unknown tensor type,
-    tensor data outside the file, misaligned or overlapping. Reading the metadata here, not with the gguf
-    package's reader (which parses every field element by element: ~3 s for SmolLM2's 49,152 tokens),
-    makes a tokenizer or config from a GGUF cost a tenth of a second."""
+    tensor data outside the file, misaligned or overlapping, more than MAX_METADATA_ELEMENTS array elements
+    in all. Reading the metadata here, not with the gguf package's reader (which parses every field
+    element by element: ~3 s for SmolLM2's 49,152 tokens), makes a tokenizer or config from a GGUF cost a
+    tenth of a second."""
     gguf = gguf_package()
 
     def bad(why):
@@ -56,7 +63,7 @@ def scan_gguf(path):
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
-    pos = 0
+    pos, elements = 0, 0
 
     def take(fmt):
         nonlocal pos
@@ -79,7 +86,7 @@ def scan_gguf(path):
             raise bad(f"a string at byte {pos - n} is not UTF-8") from None
 
     def value(kind, depth=0):
-        nonlocal pos
+        nonlocal pos, elements
         if kind in GGUF_SCALARS:
             return take("<" + GGUF_SCALARS[kind])
         if kind == GGUF_STRING:
@@ -91,6 +98,10 @@ def scan_gguf(path):
         least = struct.calcsize("<" + GGUF_SCALARS[item]) if item in GGUF_SCALARS else 8
         if count * least > size - pos:
             raise bad(f"an array claims {count:,} elements, more than the {size - pos:,} bytes left hold")
+        elements += count
+        if elements > MAX_METADATA_ELEMENTS:
+            raise bad(f"{elements:,} metadata array elements, more than the {MAX_METADATA_ELEMENTS:,} "
+                      "handtune reads")
         if item in GGUF_SCALARS:  # numbers: one read of the whole array
             pos += count * least
             return np.frombuffer(buf, "<" + GGUF_SCALARS[item], count, pos - count * least).tolist()
@@ -135,7 +146,7 @@ def scan_gguf(path):
             raise bad(f"tensor {name!r}: {nbytes:,} bytes at offset {offset:,} are misaligned or run "
                       f"past the end of the {size:,}-byte file")
         spans.append((begin, begin + nbytes, name))
-        tensors[name] = (tuple(reversed(dims)), (begin, begin + nbytes))
+        tensors[name] = (tuple(reversed(dims)), kind, (begin, begin + nbytes))
     spans.sort()
     for (_, end, a), (begin, _, b) in zip(spans, spans[1:]):
         if begin < end:
@@ -143,18 +154,6 @@ def scan_gguf(path):
     if len(tensors) != len(infos):
         raise bad("two tensors share a name")
     return metadata, tensors
-
-
-def open_gguf(path):
-    """A gguf.GGUFReader over path, for its tensors, after scan_gguf has bounded every claim of its header.
-    The file is memory-mapped: nothing is read until a tensor is used."""
-    gguf = gguf_package()
-    refuse_lfs_pointer(path)
-    scan_gguf(path)
-    try:
-        return gguf.GGUFReader(path)
-    except Exception as e:  # the parser raises assorted errors on a damaged file
-        raise ValueError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
 
 
 def gguf_metadata(path):
@@ -165,10 +164,9 @@ def gguf_metadata(path):
     return metadata, set(tensors)
 
 
-def read_gguf_config(path):
-    """The config.json-style dict of a llama or gpt2 GGUF file, as transformers' LlamaConfig or GPT2Config
-    would write it. Cheap: only the header is read."""
-    metadata, tensor_names = gguf_metadata(path)
+def gguf_config(path, metadata, tensor_names):
+    """The config.json-style dict of a llama or gpt2 GGUF file (its header's metadata and tensor names), as
+    transformers' LlamaConfig or GPT2Config would write it."""
 
     def meta(key, default=None):
         if key not in metadata:
@@ -208,27 +206,37 @@ def read_gguf_config(path):
     return d
 
 
+def read_gguf_config(path):
+    """gguf_config of a GGUF file. Cheap: only the header is read."""
+    return gguf_config(path, *gguf_metadata(path))
+
+
 def load_gguf(path):
     """Read a GGUF file of architecture "llama" or "gpt2" into (config.json-style dict, state dict under
     LlamaForCausalLM's or GPT2LMHeadModel's names and layouts, fp32): q_proj/k_proj rows back in Hugging
     Face's order, GPT-2's Conv1D weights back to (in, out)."""
     from tqdm import tqdm
 
-    config, reader = read_gguf_config(path), open_gguf(path)  # one line if the gguf package is missing
-    import gguf
-    arch = config["model_type"]
+    gguf = gguf_package()  # one line if it is missing
+    refuse_lfs_pointer(path)
+    metadata, tensors = scan_gguf(path)
+    config, arch = gguf_config(path, metadata, set(tensors)), metadata["general.architecture"]
+    raw = np.memmap(path, np.uint8, mode="r")  # nothing is read until a tensor's bytes are used
     sd = {}
-    for t in tqdm(reader.tensors, desc=f"dequantizing {os.path.basename(path)}", leave=False):
-        # ggml lists dimensions innermost first (ne = [in, out]); numpy and torch list them outermost first
-        shape = tuple(int(n) for n in reversed(t.shape))  # (out, in), nn.Linear's and nn.Embedding's order
+    for name, (shape, kind, (begin, end)) in tqdm(tensors.items(), desc=f"dequantizing "
+                                                  f"{os.path.basename(path)}", leave=False):
+        # shape is (out, in), nn.Linear's and nn.Embedding's order (ggml lists dimensions innermost first)
+        # (rows, bytes per row): scan_gguf checked that a row is whole blocks, as dequantize expects
+        rows = raw[begin:end].reshape(math.prod(shape[:-1]), -1)
         # torch.tensor copies: F32 tensors come back as read-only views of the memory-mapped file
-        w = torch.tensor(gguf.quants.dequantize(t.data, t.tensor_type), dtype=torch.float32).reshape(shape)
-        if arch == "llama" and t.name.endswith((".attn_q.weight", ".attn_k.weight")):
-            heads = config["num_key_value_heads" if ".attn_k." in t.name else "num_attention_heads"]
+        w = torch.tensor(gguf.quants.dequantize(rows, gguf.GGMLQuantizationType(kind)), dtype=torch.float32)
+        w = w.reshape(shape)
+        if arch == "llama" and name.endswith((".attn_q.weight", ".attn_k.weight")):
+            heads = config["num_key_value_heads" if ".attn_k." in name else "num_attention_heads"]
             w = unpermute_gguf_qk(w, heads)
-        if arch == "gpt2" and t.name.startswith("blk.") and w.dim() == 2:
+        if arch == "gpt2" and name.startswith("blk.") and w.dim() == 2:
             w = w.t()  # Hugging Face's GPT-2 keeps every block matrix as Conv1D (in, out)
-        sd[rename(t.name, GGUF, HF, arch)] = w
+        sd[rename(name, GGUF, HF, arch)] = w
     return config, sd
 
 

@@ -11,6 +11,7 @@ import os
 import shutil
 import struct
 import time
+import tracemalloc
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from conftest import one_error_line, run_limited
 
 from model import GPT, GPTConfig, save_pretrained
 from plumbing.files import read_json
+from plumbing import gguf_io
 from plumbing.gguf_io import scan_gguf
 from plumbing.peft_format import check_target_regex
 from plumbing.records import load_records
@@ -76,6 +78,25 @@ def test_the_real_gguf_scans_clean_to_the_gguf_packages_metadata(smollm2_gguf):
     assert len(tensors) == 272 and tensors["token_embd.weight"][0] == (49152, 576)
     fields = gguf.GGUFReader(smollm2_gguf).fields  # the reference: every key, 49,152 tokens, 48,900 merges
     assert metadata == {k: f.contents() for k, f in fields.items() if not k.startswith("GGUF.")}
+    elements = sum(len(v) for v in metadata.values() if isinstance(v, list))
+    assert elements == 147_205 and elements * 20 < gguf_io.MAX_METADATA_ELEMENTS  # the cap's comment
+
+
+def test_gguf_metadata_arrays_are_capped_in_elements_and_each_costs_at_most_64_bytes(tmp_path, monkeypatch):
+    n = 100_000  # two-character strings: 10 bytes on disk, the costliest element as a Python object
+    kv = (gguf_string(b"tokenizer.ggml.tokens") + struct.pack("<I", 9) + struct.pack("<IQ", 8, n)
+          + b"".join(gguf_string(b"%02x" % (i % 256)) for i in range(n)))
+    path = tmp_path / "many.gguf"
+    path.write_bytes(gguf_header(kv, n_kv=1))
+    scan_gguf(str(path))  # imports the gguf package outside the measurement
+    tracemalloc.start()
+    metadata, _ = scan_gguf(str(path))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert len(metadata["tokenizer.ggml.tokens"]) == n and peak < 64 * n  # the cap's memory bound
+    monkeypatch.setattr(gguf_io, "MAX_METADATA_ELEMENTS", n - 1)
+    with pytest.raises(ValueError, match=f"{n:,} metadata array elements, more than the {n - 1:,}"):
+        scan_gguf(str(path))
 
 
 # -----------------------------------------------------------------------------
