@@ -44,7 +44,7 @@ from plumbing.hub import resolve_pretrained
 from plumbing.peft_format import read_adapter_config
 from plumbing.records import conversation_key, general_tokens, load_records, text_windows
 from plumbing.report import format_table
-from plumbing.runs import locate_tuned, read_run
+from plumbing.runs import locate_tuned, read_run, remembered
 from plumbing.stats import dir_bytes
 from plumbing.tokenizer_files import get_tokenizer
 from tasks import (BUILTIN_DATASETS, detect_task, item_scores, load_items, load_store, report_columns,
@@ -85,6 +85,8 @@ class EvalConfig:
     general_tokens: int = cli.opt(8192, "at most this many tokens of it", min=1)
     report: str | None = cli.opt(None, "JSON report path (default: OUT/eval.json)")
     seed: int = cli.opt(0, "seed for the few-shot pick and chat sampling")
+    base_replies: str | None = cli.opt(None, "keep the base model's rungs (greedy: the same in every run "
+                                       "of one base and items) in this directory and reuse them")
     device: str = cli.opt("auto", "cpu, cuda, cuda:N, mps or auto", group="hardware")
     dtype: str = cli.opt("auto", "precision of generation; losses and KL are always fp32",
                          choices=("auto", "float32", "bfloat16", "float16"))
@@ -491,7 +493,10 @@ def run_eval(cfg):
         out, replies = {name: {"skipped": why_no_shots if "few" in name else why_no_pool} for name in RUNGS}, {}
         for name, (model, ids, cost) in sorted(rungs.items(), key=lambda kv: RUNGS.index(kv[0])):
             dec = Decoding(tok, max_new, device, dtype, cfg.batch_size)
-            replies[name] = run_rung(name, model, ids, dec)
+            # what the base model's greedy replies depend on: a rung of another run with this key is the same
+            key = [base_name, str(device), str(dtype), max_new, cfg.batch_size, ids]
+            replies[name] = (remembered(cfg.base_replies, key, lambda: run_rung(name, model, ids, dec))
+                             if model is base else run_rung(name, model, ids, dec))
             scores = [score(task, x, r) for x, r in zip(replies[name], items)]
             out[name] = {**summarize(task, scores, families, held_out), "shots": len(shots),
                          "prompt_tokens": sum(map(len, ids)) / len(ids), **cost,

@@ -2,7 +2,8 @@
 # lab/ladder.sh: the ladder (claims 4, 5, 6) with one training run per seed: train.py then eval.py for
 # knowledge (LoRA and full fine-tuning, 5 epochs) and triage (LoRA, --triage-steps), every test item,
 # then lab/ladder_report.py merges each run's seeds into results/ladder (per-item scores, 95% intervals).
-# A run whose eval.json exists is skipped, so a stopped sweep resumes. Untested end to end at this size
+# A run whose eval.json exists is skipped, so a stopped sweep resumes; the base model's rungs (greedy, the
+# same in every run) are generated once and kept in $RUNS/base-replies. Untested end to end at this size
 # (CPU estimate: ~25 min per seed for knowledge, ~1 h per seed for triage at 400 steps; a GPU: minutes).
 #     bash lab/ladder.sh                                   # 3 seeds, bf16, the device train.py picks
 #     SEEDS="1337" TRIAGE_STEPS=100 bash lab/ladder.sh     # one seed, a shorter triage run
@@ -29,7 +30,8 @@ for seed in $SEEDS; do
         esac
         if [ ! -f "$out/eval.json" ]; then
             python train.py "${common[@]}" "${train[@]}" --seed "$seed" --out "$out"
-            python eval.py --out "$out" --limit "${LIMIT:-0}" --dtype "${DTYPE:-bfloat16}" "${eval_extra[@]}"
+            python eval.py --out "$out" --limit "${LIMIT:-0}" --dtype "${DTYPE:-bfloat16}" \
+                --base-replies "$RUNS/base-replies" "${eval_extra[@]}"
         fi
         name=${run/know/knowledge}
         [ "$run" = triage-lora ] && name="triage-lora-$TRIAGE_STEPS-steps"

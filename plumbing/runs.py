@@ -1,9 +1,11 @@
 """plumbing/runs.py: what train.py left in its --out directory, found again: run.json, adapter/ or model/.
 
 eval.py evaluates "the run in out/" by default; this file locates its pieces and says what is missing.
-train.py clears what a killed write left in it (remove_stray_temps).
+train.py clears what a killed write left in it (remove_stray_temps). remembered() keeps a deterministic
+result (the base model's greedy replies) for the next run that would compute it again.
 """
 
+import hashlib
 import json
 import math
 import os
@@ -40,6 +42,22 @@ def locate_tuned(cfg):
         return d, "full"
     raise FileNotFoundError(f"{d}: neither a LoRA adapter ({ADAPTER_CONFIG}) nor a model directory "
                             "(config.json + model.safetensors)")
+
+
+def remembered(directory, key, compute):
+    """compute(), or the value it returned before for the same key (any JSON value: what the result depends
+    on), kept in directory as one JSON file per key. For deterministic work repeated across runs; directory
+    None remembers nothing."""
+    if directory is None:
+        return compute()
+    name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    path = os.path.join(directory, name + ".json")
+    if os.path.isfile(path):
+        return read_json(path)["value"]
+    value = compute()
+    os.makedirs(directory, exist_ok=True)
+    atomic_write_text(path, json.dumps({"key": key, "value": value}) + "\n")
+    return value
 
 
 # plumbing/files.atomic_write's temporary files and save_checkpoint's temporary directories are named

@@ -22,7 +22,7 @@ import eval as ev
 from data import chat_format, render_conversation, render_prompt, tokenize_dataset
 from model import GPT, GPTConfig, Sampling, save_pretrained
 from plumbing.records import general_tokens, load_records, text_windows
-from plumbing.runs import locate_tuned, read_run
+from plumbing.runs import locate_tuned, read_run, remembered
 from plumbing.tokenizer_files import EOT_ID
 from tasks import item_scores, resolve_dataset, summarize
 from tasks.instruct import HELD_OUT_FAMILIES, score_exact
@@ -360,6 +360,20 @@ def test_sampled_replies_are_seeded_and_greedy_is_the_default(gpt2_tokenizer):
 # Chat: multi-turn, in the training template, streamed
 
 
+def test_remembered_computes_once_per_key_and_keeps_the_key_beside_the_value(tmp_path):
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return ["a reply", None]
+
+    key = ["gpt2", "cpu", [[1, 2], [3]]]
+    assert remembered(tmp_path, key, compute) == ["a reply", None] == remembered(tmp_path, key, compute)
+    assert len(calls) == 1 and [json.loads(p.read_text())["key"] for p in tmp_path.iterdir()] == [key]
+    assert remembered(tmp_path, [*key, 1], compute) == ["a reply", None] and len(calls) == 2
+    assert remembered(None, key, compute) and len(calls) == 3
+
+
 def typed(lines):
     """A stand-in for input(): returns each line in turn, then raises EOFError as Ctrl-D does."""
     it = iter(lines)
@@ -507,6 +521,8 @@ def test_ladder_script_runs_each_seed_once_and_the_claims_pair_their_items(tiny_
     assert r.returncode == 0, r.stderr[-2000:]
     claims = {c["claim"]: c for c in json.loads((tmp_path / "results" / "claims.json").read_text())}
     assert all(claims[k]["seeds"] == 2 and "paired bootstrap" in claims[k]["method"] for k in (4, 5, 6))
+    # the base model's rungs, generated once for both seeds and runs: knowledge v1 and v2, triage (3 each)
+    assert len(list((tmp_path / "runs" / "base-replies").iterdir())) == 9
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("*.json")}
     r = subprocess.run(["bash", "lab/ladder.sh"], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0 and {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("*.json")} == stamps
@@ -539,6 +555,23 @@ def test_end_to_end_lora_report_has_ladder_forgetting_and_losses(lora_run):
     assert o["gap"] == pytest.approx(o["test_loss"] - o["train_loss"]) and o["n_train_items"] == 3
     assert len(rep["samples"]) == 2 and rep["tuned_bytes"] > 0 and rep["train"]["status"] == "finished"
     assert "ladder" in r.stdout and "forgetting" in r.stdout and "KL(base||tuned)" in r.stdout
+
+
+def test_base_replies_are_kept_once_and_read_back_instead_of_generated(lora_run, tmp_path):
+    args = ["eval.py", "--out", str(lora_run), "--limit", "3", "--max-new-tokens", "4", "--shots", "2",
+            "--samples", "0", "--general-tokens", "256", "--base-replies", str(tmp_path / "kept")]
+    r = run([*args, "--report", str(tmp_path / "first.json")])
+    assert r.returncode == 0, r.stderr[-2000:]
+    kept = sorted((tmp_path / "kept").iterdir())
+    assert len(kept) == 3  # zero-shot, few-shot, retrieval: the base model's rungs only
+    for p in kept:  # a kept file is what the next run reads, not what it generates
+        p.write_text(json.dumps({**json.loads(p.read_text()), "value": ["kept"] * 3}))
+    r = run([*args, "--report", str(tmp_path / "second.json")])
+    assert r.returncode == 0, r.stderr[-2000:]
+    first, second = (json.loads((tmp_path / f).read_text())["ladder"] for f in ("first.json", "second.json"))
+    assert all(second[rung]["replies"] == ["kept"] * 3 for rung in ("base_zero_shot", "base_few_shot",
+                                                                   "base_retrieval"))
+    assert second["fine_tuned"]["replies"] == first["fine_tuned"]["replies"]
 
 
 def test_eval_loss_equals_train_val_loss(lora_run):
