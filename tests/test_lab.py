@@ -19,6 +19,7 @@ import torch
 from conftest import base_args, run_main
 
 from model import from_pretrained
+from plumbing.intervals import mean_interval
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "lab"))
@@ -158,8 +159,14 @@ def test_headline_quick(quick_gguf, tmp_path):
     assert all(len(x["items"]["exact_match"]) == 2 and len(x["items"]["category"][0]) == 4 for x in (base, full))
     assert len(list((tmp_path / "cache" / "headline").glob("*base*-s[12].json"))) == 2  # measured once, stored twice
     settings = json.loads((tmp_path / "headline.json").read_text())["settings"]  # the labels are train.py's defaults
-    assert settings["LoRA"].startswith("LoRA r=16,") and "AdamW lr 0.0005 " in settings["LoRA"]
-    assert settings["full"].startswith("full fine-tune;") and "AdamW lr 5e-05 " in settings["full"]
+    lora_settings, full_settings = settings["runs"].split("; full fine-tune;")
+    assert lora_settings.startswith("LoRA r=16,") and "AdamW lr 0.0005 " in lora_settings
+    assert "AdamW lr 5e-05 " in full_settings
+    # the tuned rows' perplexity change and KL: mean [95% t interval across the 2 seeds]
+    m, low, high = mean_interval(lora_row["per_seed"]["kl"])
+    c, c_low, c_high = mean_interval(lora_row["per_seed"]["perplexity_change"])
+    row = next(line for line in (tmp_path / "headline.md").read_text().splitlines() if line.startswith("| LoRA"))
+    assert f"({c:+.1%} [{c_low:+.1%}, {c_high:+.1%}]) | {m:.3f} [{low:.3f}, {high:.3f}] |" in row, row
 
 
 def test_forgetting_quick(quick_gguf, tmp_path):
