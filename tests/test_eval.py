@@ -9,6 +9,7 @@ import copy
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -523,9 +524,17 @@ def test_ladder_script_runs_each_seed_once_and_the_claims_pair_their_items(tiny_
     assert all(claims[k]["seeds"] == 2 and "paired bootstrap" in claims[k]["method"] for k in (4, 5, 6))
     # the base model's rungs, generated once for both seeds and runs: knowledge v1 and v2, triage (3 each)
     assert len(list((tmp_path / "runs" / "base-replies").iterdir())) == 9
+    kept = sorted(p.name for p in (tmp_path / "results" / "cache" / "ladder").iterdir())
+    assert len(kept) == 6 and "tiny_gpt20-triage-lora-2-steps-items3-float32-s2.json" in kept, kept
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("*.json")}
     r = subprocess.run(["bash", "lab/ladder.sh"], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0 and {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("*.json")} == stamps
+    # a fresh clone: no training outputs, only the committed cache; nothing is trained, the results are the same
+    first = (tmp_path / "results" / "ladder" / "ladder.json").read_text()
+    shutil.rmtree(tmp_path / "runs")
+    r = subprocess.run(["bash", "lab/ladder.sh"], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0 and not (tmp_path / "runs").exists(), r.stderr[-2000:]
+    assert json.loads((tmp_path / "results" / "ladder" / "ladder.json").read_text()) == json.loads(first)
 
 
 def test_end_to_end_lora_report_has_ladder_forgetting_and_losses(lora_run):
