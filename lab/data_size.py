@@ -60,8 +60,9 @@ def main(argv=None):
     random.Random(cfg.seed).shuffle(pool)  # a size-n set is the first n of one shuffle: each set holds the smaller
     test = load_items("triage", "test", cfg.eval_items)[0]
     def measure(model, desc, losses=(), t0=None):
-        s, _ = scored(lab, model, test, desc=desc)
+        s, out = scored(lab, model, test, desc=desc)
         return {"exact_match": s["exact_match"], "valid": s["valid"], **s["fields"], "items": s["items"],
+                "replies": out,
                 "final_loss": sum(losses[-4:]) / max(1, len(losses[-4:])),
                 "train_s": 0.0 if t0 is None else time.time() - t0}
 

@@ -56,8 +56,8 @@ def main(argv=None):
     windows = general_windows(lab, 256 if cfg.quick else 4096)
 
     def measure(model, name):
-        s, _ = scored(lab, model, test, desc=name)
-        o, _ = scored(lab, model, others, task="instruct", max_new_tokens=32, desc=f"{name} instruct")
+        s, triage_replies = scored(lab, model, test, desc=name)
+        o, instruct_replies = scored(lab, model, others, task="instruct", max_new_tokens=32, desc=f"{name} instruct")
         f = forgot(lab, model, windows)
         nll, general = reply_nll(lab, model, others), window_nll(lab, model, windows)
         return {"exact_match": s["exact_match"], "valid": s["valid"], "instruct_accuracy": o["accuracy"],
@@ -65,7 +65,8 @@ def main(argv=None):
                 "kl": f["kl_base_tuned"], "perplexity_change": f["perplexity_change"],
                 "items": {"exact_match": s["items"]["exact_match"], "valid": s["items"]["valid"],
                           "instruct_accuracy": o["items"]["exact_match"], "instruct_nll": nll,
-                          "general_nll": general}}
+                          "general_nll": general},
+                "replies": {"triage": triage_replies, "instruct": instruct_replies}}
 
     runs = [("base", "base", 0.0, None)]
     runs += [(f"lora lr {float(lr):g}", "lora", float(lr), triage) for lr in cfg.lora_lrs.split(",") if lr]

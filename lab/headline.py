@@ -67,11 +67,11 @@ def main(argv=None):
                 with tempfile.TemporaryDirectory() as d:  # what the run stores: a whole model, or an adapter
                     save_pretrained(model, d) if method == "full" else lora.save_adapter(model, d)
                     stored = dir_bytes(d)
-            s, _ = scored(lab, model, test, desc=name)
+            s, out = scored(lab, model, test, desc=name)
             f = forgot(lab, model, windows)
             return {"exact_match": s["exact_match"], "valid": s["valid"], **s["fields"], "items": s["items"],
                     "perplexity": f["tuned_perplexity"], "perplexity_change": f["perplexity_change"],
-                    "kl": f["kl_base_tuned"], "stored_bytes": stored, "train_s": train_s}
+                    "kl": f["kl_base_tuned"], "stored_bytes": stored, "train_s": train_s, "replies": out}
 
         key = f"{name}-{cfg.steps}steps-warmup{cfg.warmup}-{len(test)}items"
         row = merge_seeds(cached_runs(lab, "headline", key, run_one, same_for_every_seed=method == "base"), METRICS)

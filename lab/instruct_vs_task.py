@@ -55,13 +55,15 @@ def main(argv=None):
     triage_test = load_items("triage", "test", cfg.eval_items)[0]
 
     def measure(model, name):
-        a, _ = scored(lab, model, seen, task="instruct", max_new_tokens=32, desc=f"{name}: seen")
-        b, _ = scored(lab, model, held, task="instruct", max_new_tokens=32, desc=f"{name}: held out")
-        t, _ = scored(lab, model, triage_test, desc=f"{name}: triage")
+        a, seen_replies = scored(lab, model, seen, task="instruct", max_new_tokens=32, desc=f"{name}: seen")
+        b, held_replies = scored(lab, model, held, task="instruct", max_new_tokens=32, desc=f"{name}: held out")
+        t, triage_replies = scored(lab, model, triage_test, desc=f"{name}: triage")
         return {"instruct_seen": a["accuracy"], "instruct_held_out": b["accuracy"], "triage_exact": t["exact_match"],
                 "triage_valid": t["valid"], "held_out_families": {f: v["accuracy"] for f, v in b["families"].items()},
                 "items": {"instruct_seen": a["items"]["exact_match"], "instruct_held_out": b["items"]["exact_match"],
-                          "triage_exact": t["items"]["exact_match"], "triage_valid": t["items"]["valid"]}}
+                          "triage_exact": t["items"]["exact_match"], "triage_valid": t["items"]["valid"]},
+                "replies": {"instruct_seen": seen_replies, "instruct_held_out": held_replies,
+                            "triage": triage_replies}}
 
     rows = []
     for name, convs in (("base (no tuning)", None), ("instruction-tuned", tuning), ("task-tuned (triage)", triage),

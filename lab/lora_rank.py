@@ -77,14 +77,15 @@ def main(argv=None):
             with tempfile.TemporaryDirectory() as d:  # what the run would store: adapter, or a whole model
                 save_pretrained(model, d) if rank is None else lora.save_adapter(model, d)
                 stored = dir_bytes(d)
-            s, _ = scored(lab, model, test, desc=name)
+            s, out = scored(lab, model, test, desc=name)
             f = forgot(lab, model, windows)
             steps_s = [b - a for a, b in zip(times[1:], times[2:])]  # step 1 (warm-up of the allocator) left out
             return {"trainable": trainable, "optimizer_bytes": memory["optimizer"], "peak_bytes": peak,
                     "peak_how": how, "start_bytes": start_rss, "step_s": sum(steps_s) / max(len(steps_s), 1),
                     "stored_bytes": stored, "exact_match": s["exact_match"], "valid": s["valid"],
                     "kl": f["kl_base_tuned"], "perplexity_change": f["perplexity_change"],
-                    "final_loss": sum(losses[-4:]) / len(losses[-4:]), "items": s["items"]}
+                    "final_loss": sum(losses[-4:]) / len(losses[-4:]), "items": s["items"],
+                    "replies": out}
 
         alpha = "" if rank is None else f"-alpha{cfg.alpha:g}"
         runs = cached_runs(lab, "lora_rank", f"{name}{alpha}-{cfg.steps}steps-{len(test)}items", run_one)

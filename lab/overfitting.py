@@ -58,12 +58,13 @@ def train_and_score(lab, cfg, seed, name, test, val_unseen):
     at_epoch(0, lab.base, [])
     model, _ = finetune(lab, train_convs, per_epoch * cfg.epochs, on_step=at_epoch, every=per_epoch,
                         desc=f"{name} s{seed}", full=not cfg.lora, lr=cfg.lr, min_lr_ratio=1.0, seed=seed)
-    last, _ = scored(lab, model, test, desc=f"{name} last epoch")
-    early, state = last, best.pop("state")
+    last, last_replies = scored(lab, model, test, desc=f"{name} last epoch")
+    (early, early_replies), state = (last, last_replies), best.pop("state")
     if best["epoch"] != cfg.epochs:  # early stopping kept an earlier epoch's weights (else: the same, scored)
         model.load_state_dict(state)
-        early, _ = scored(lab, model, test, desc=f"{name} early stop (epoch {best['epoch']})")
-    out = {"curve": curve, "early_stop_epoch": best["epoch"], "items": {}}
+        early, early_replies = scored(lab, model, test, desc=f"{name} early stop (epoch {best['epoch']})")
+    out = {"curve": curve, "early_stop_epoch": best["epoch"], "items": {},
+           "replies": {"last": last_replies, "early": early_replies}}
     for tag, s in (("last", last), ("early", early)):
         out.update({f"{tag}_exact": s["exact_match"], f"{tag}_valid": s["valid"]})
         out["items"].update({f"{tag}_exact": s["items"]["exact_match"], f"{tag}_valid": s["items"]["valid"]})

@@ -50,7 +50,28 @@ def check_outputs(out, name):
     assert report["claim"] in md and report["command"] in md and f"![{name}]({name}.png)" in md
     nums = numbers(report["results"])
     assert nums and all(math.isfinite(n) for n in nums)
+    cached = sorted((out / "cache" / name).glob("*.json"))
+    assert cached
+    for path in cached:  # every run keeps the replies it was scored on: re-scorable without retraining
+        assert list(texts_under(json.loads(path.read_text()), "replies")), path
     return report["results"]
+
+
+def texts_under(tree, key):
+    """Every string in a JSON tree below a key named key (a list of replies, or a dict of such lists)."""
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from (strings(v) if k == key else texts_under(v, key))
+    elif isinstance(tree, list):
+        for v in tree:
+            yield from texts_under(v, key)
+
+
+def strings(tree):
+    if isinstance(tree, str):
+        yield tree
+    for v in tree.values() if isinstance(tree, dict) else tree if isinstance(tree, list) else ():
+        yield from strings(v)
 
 
 # -----------------------------------------------------------------------------
