@@ -309,6 +309,13 @@ def dropout_suffix(lab):
     return "" if dropout == 0.05 else f"-dropout{dropout:g}"
 
 
+def dtype_suffix(lab):
+    """The cache key's note of the autocast dtype: none for bf16, the dtype of every sweep committed
+    before dtypes were keyed, so those files keep their names and a float32 run (the choice on a CPU
+    without native bf16) never reads a bf16 result as its own."""
+    return "" if lab.rt.dtype == "bfloat16" else f"-{lab.rt.dtype}"
+
+
 def cached_runs(lab, name, config, run_one, same_for_every_seed=False):
     """[run_one(seed) for each seed], each loaded from OUT/cache/NAME/<config>-s<seed>.json when an earlier
     sitting finished it, else run and saved there at once (atomically): a sweep stopped by a session's
@@ -320,7 +327,8 @@ def cached_runs(lab, name, config, run_one, same_for_every_seed=False):
     runs = []
     for seed in seed_list(lab.cfg):
         model = os.path.basename(lab.cfg.model) + ("-quick" if lab.cfg.quick else "")
-        key = f"{model}-{config}{dropout_suffix(lab)}-s{seed}".replace("/", "_").replace(" ", "_").replace(",", "")
+        key = f"{model}-{config}{dropout_suffix(lab)}{dtype_suffix(lab)}-s{seed}"
+        key = key.replace("/", "_").replace(" ", "_").replace(",", "")
         path = os.path.join(folder, f"{key}.json")
         if os.path.isfile(path):
             with open(path, encoding="utf-8") as f:

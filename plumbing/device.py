@@ -58,9 +58,18 @@ def choose_dtype(device, requested="auto", capability=None, cpu_bf16=None):
             return "float16", f"compute capability {major}.{minor} < 8.0: no native bf16; fp16 + gradient scaler"
         if requested == "bfloat16" and major < 8:
             return requested, f"requested with --dtype (emulated on compute capability {major}.{minor}: slow)"
+    elif device == "cpu":
+        native = cpu_multiplies_bf16() if cpu_bf16 is None else cpu_bf16
+        if requested == "auto":
+            if native:
+                return "bfloat16", "this CPU multiplies bf16 natively (AVX512-BF16 / AMX)"
+            return "float32", "no AVX512-BF16 or AMX on this CPU: no native half-precision matmul"
+        # Footgun: without those instructions PyTorch emulates bf16 matmuls; README's Performance section
+        # measured a SmolLM2 LoRA step about 10x slower than fp32 on such a CPU.
+        if requested == "bfloat16" and not native:
+            return requested, ("requested with --dtype (emulated on this CPU, no AVX512-BF16 / AMX: "
+                               "far slower than float32)")
     elif requested == "auto":
-        if device == "cpu" and (cpu_multiplies_bf16() if cpu_bf16 is None else cpu_bf16):
-            return "bfloat16", "this CPU multiplies bf16 natively (AVX512-BF16 / AMX)"
         return "float32", f"no native half-precision matmul on {device}"
     return requested, "requested with --dtype"
 

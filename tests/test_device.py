@@ -50,6 +50,13 @@ def test_cpu_bf16_only_where_the_processor_multiplies_it(tmp_path):
     assert device.choose_dtype("mps", "auto")[0] == "float32"
 
 
+def test_requested_bf16_on_a_cpu_without_it_is_allowed_but_flagged_slow():
+    dtype, reason = device.choose_dtype("cpu", "bfloat16", cpu_bf16=False)
+    assert dtype == "bfloat16" and "emulated" in reason  # the user asked: obeyed, and told the cost
+    assert "emulated" not in device.choose_dtype("cpu", "bfloat16", cpu_bf16=True)[1]
+    assert device.choose_dtype("cpu", "float32", cpu_bf16=False) == ("float32", "requested with --dtype")
+
+
 # -----------------------------------------------------------------------------
 # The peak table: whole-word names as torch.cuda.get_device_name() spells them
 

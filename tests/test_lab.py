@@ -419,6 +419,24 @@ def test_the_lab_trains_with_train_pys_lora_dropout_and_keys_other_dropouts_apar
     assert common.dropout_suffix(Lab) == ""
 
 
+def test_a_run_cached_at_one_dtype_is_never_read_at_another(tmp_path):
+    """Every committed sweep ran in bf16; a float32 run (what a CPU without native bf16 picks) trains
+    its own runs and never renders a bf16 result as its own."""
+    from types import SimpleNamespace
+
+    import common
+    cfg = common.LabConfig(out=str(tmp_path), seeds="1337", quick=False)
+    lab = SimpleNamespace(cfg=cfg, rt=SimpleNamespace(dtype="bfloat16"), cached=0)
+    assert common.cached_runs(lab, "x", "cfg", lambda seed: {"acc": 0.5}) == [{"seed": 1337, "acc": 0.5}]
+    names = [p.name for p in (tmp_path / "cache" / "x").iterdir()]
+    assert names == [f"{os.path.basename(cfg.model)}-cfg-dropout0-s1337.json"]  # bf16: the committed names
+    lab.rt.dtype = "float32"
+    assert common.cached_runs(lab, "x", "cfg", lambda seed: {"acc": 0.25})[0]["acc"] == 0.25  # run, not read
+    lab.rt.dtype = "bfloat16"
+    assert common.cached_runs(lab, "x", "cfg", lambda seed: {"acc": 0.0})[0]["acc"] == 0.5  # read back
+    assert lab.cached == 1 and len(list((tmp_path / "cache" / "x").iterdir())) == 2
+
+
 def test_text_measures_see_a_narrow_vocabulary_and_a_character_loop():
     import common
 
