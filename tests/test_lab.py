@@ -445,3 +445,32 @@ def test_text_measures_see_a_narrow_vocabulary_and_a_character_loop():
     assert common.distinct(["a b a b", "a b"], 1) == 2 / 6 and common.distinct(["x y z"], 2) == 1.0
     assert common.word_entropy(["a a a a"]) == 0 and common.word_entropy(["a b c d"]) == 2.0
     assert common.trigrams("One two three four") == ["one two three", "two three four"]
+
+
+def test_compare_runs_pairs_two_cached_runs_item_by_item(tmp_path):
+    """scripts/compare_runs.py reads two lab cache files' per-item scores: each side's rate with Wilson's
+    interval, the paired difference with its bootstrap interval, and bad input as one error line."""
+    from conftest import one_error_line, run_limited
+    from plumbing.intervals import paired_bootstrap, wilson
+
+    a_items, b_items = [1] * 30 + [0] * 10, [1] * 10 + [0] * 30  # A right on 30 of 40, B on 10 (a subset)
+    (tmp_path / "a.json").write_text(json.dumps({"seed": 1, "items": {"exact_match": a_items, "valid": [1] * 40}}))
+    (tmp_path / "b.json").write_text(json.dumps({"seed": 1, "items": {"exact_match": b_items, "valid": [1] * 40}}))
+    r = run_limited(["scripts/compare_runs.py", "-a", tmp_path / "a.json", "-b", tmp_path / "b.json"])
+    assert r.returncode == 0, r.stderr
+    d, low, high = paired_bootstrap([a_items], [b_items])
+    _, la, ha = wilson(30, 40)
+    assert d == 0.5 and low > 0 and r.stdout.splitlines()[0] == (
+        f"exact_match: A 75.0% [{la:.1%}, {ha:.1%}]  B 25.0% [{wilson(10, 40)[1]:.1%}, {wilson(10, 40)[2]:.1%}]  "
+        f"A - B +0.500 [{low:+.3f}, {high:+.3f}]  (a difference; 40 item-seeds)")
+    assert r.stdout.splitlines()[1].endswith("A - B +0.000 [+0.000, +0.000]  (no difference seen; 40 item-seeds)")
+
+    (tmp_path / "old.json").write_text(json.dumps({"seed": 1, "exact_match": 0.5}))  # cached before items
+    (tmp_path / "short.json").write_text(json.dumps({"items": {"exact_match": [1] * 39}}))
+    for args, needle in (((tmp_path / "old.json", tmp_path / "b.json"), "no per-item scores"),
+                         ((tmp_path / "short.json", tmp_path / "b.json"), "different numbers of items"),
+                         ((f"{tmp_path / 'a.json'},{tmp_path / 'a.json'}", tmp_path / "b.json"), "A has 2 seeds"),
+                         ((tmp_path / "a.json", tmp_path / "missing.json"), "missing.json")):
+        one_error_line(run_limited(["scripts/compare_runs.py", "-a", args[0], "-b", args[1]]), needle)
+    one_error_line(run_limited(["scripts/compare_runs.py", "-a", tmp_path / "a.json", "-b", tmp_path / "b.json",
+                                "--metric", "kl"]), "--metric kl", "kept: exact_match, valid")
