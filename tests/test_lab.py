@@ -295,7 +295,7 @@ def test_a_run_with_nothing_random_is_run_once_and_cached_for_every_seed(tmp_pat
     import common
 
     cfg = common.LabConfig(out=str(tmp_path), seeds="1,2,3")
-    lab, calls = types.SimpleNamespace(cfg=cfg, cached=0), []
+    lab, calls = types.SimpleNamespace(cfg=cfg, rt=types.SimpleNamespace(dtype="float32"), cached=0), []
     runs = common.cached_runs(lab, "t", "base", lambda seed: calls.append(seed) or {"x": 1},
                               same_for_every_seed=True)
     assert calls == [1] and [r["seed"] for r in runs] == [1, 2, 3] and all(r["x"] == 1 for r in runs)
