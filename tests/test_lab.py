@@ -245,6 +245,23 @@ def test_the_readme_shows_the_claims_table_first_in_its_lab_section():
     assert lab[1].startswith("The twelve claims") and table in lab[1]
 
 
+def test_the_readme_headline_table_quotes_results_headline_md():
+    """The README's first table is results/headline.md's: each run's exact match and valid JSON with their
+    intervals, its field accuracies, perplexity and KL, so the two cannot drift apart."""
+    readme = (ROOT / "README.md").read_text().split("## Results: does fine-tuning work", 1)[1].split("\n## ")[0]
+    md = (ROOT / "results" / "headline.md").read_text()
+    rows = {c[0].strip(): [x.strip() for x in c[1:10]]
+            for c in (line.strip("|").split(" | ") for line in md.splitlines() if line.startswith("| "))}
+    for name, shown in (("base (no tuning)", "base, zero-shot"), ("LoRA (r=16, lr 5e-4)", "LoRA (r=16, lr 5e-4;"),
+                        ("full fine-tune (lr 5e-5)", "full fine-tune (lr 5e-5)")):
+        ours = rows[name]
+        line = next(ln for ln in readme.splitlines() if ln.startswith(f"| {shown}"))
+        cells = [c.strip().replace("**", "") for c in line.strip("|").split(" | ")][1:10]
+        assert cells[:2] == ours[:2], name  # exact match and valid JSON, with their intervals
+        assert cells[2:6] == [c.split(" [")[0] for c in ours[2:6]], name  # the four fields
+        assert cells[6] == ours[6] and cells[7].split(" ")[0] == ours[7], name  # perplexity, KL
+
+
 def test_claims_on_quick_outputs(quick_gguf, quick_dir):
     """CI's run of the claims script on the --quick outputs: the claims those experiments test get a
     number, an interval and a verdict; the others say they have not run."""
