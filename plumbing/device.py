@@ -59,13 +59,13 @@ def choose_dtype(device, requested="auto", capability=None, cpu_bf16=None):
         if requested == "bfloat16" and major < 8:
             return requested, f"requested with --dtype (emulated on compute capability {major}.{minor}: slow)"
     elif device == "cpu":
-        native = cpu_multiplies_bf16() if cpu_bf16 is None else cpu_bf16
+        native = cpu_multiplies_bf16() if cpu_bf16 is None and requested in ("auto", "bfloat16") else cpu_bf16
         if requested == "auto":
             if native:
                 return "bfloat16", "this CPU multiplies bf16 natively (AVX512-BF16 / AMX)"
             return "float32", "no AVX512-BF16 or AMX on this CPU: no native half-precision matmul"
         # Footgun: without those instructions PyTorch emulates bf16 matmuls; README's Performance section
-        # measured a SmolLM2 LoRA step over 20x slower than fp32 on such a CPU (over 300 s vs 13 s).
+        # measured a SmolLM2 LoRA step over 20x slower than fp32 on such a CPU (297 s vs 13 s, one thread).
         if requested == "bfloat16" and not native:
             return requested, ("requested with --dtype (emulated on this CPU, no AVX512-BF16 / AMX: "
                                "far slower than float32)")
