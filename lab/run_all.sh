@@ -12,6 +12,6 @@ for script in headline masking quality self_generated forgetting data_size overf
     python "lab/$script.py" "${common[@]}" || { echo "lab/$script.py failed"; status=1; }
 done
 echo "== lab/ladder.sh"
-bash lab/ladder.sh || { echo "lab/ladder.sh failed"; status=1; }
+DTYPE=bfloat16 bash lab/ladder.sh || { echo "lab/ladder.sh failed"; status=1; }
 python lab/claims.py || status=1
 exit $status
