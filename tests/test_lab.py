@@ -167,26 +167,26 @@ def test_lora_rank_quick(quick_gguf, tmp_path):
     assert all(len(x["items"]["exact_match"][0]) == 4 for x in rows)
 
 
-def test_headline_quick(quick_gguf, tmp_path):
+def test_headline_quick(quick_gguf, quick_dir):
     """The README's first table: base, LoRA and full, each with its per-item triage scores, forgetting and
     what it stores (an adapter is less than a whole model)."""
-    r = run_lab("headline.py", tmp_path, "--seeds", "1,2")
+    r = run_lab("headline.py", quick_dir, "--seeds", "1,2")
     assert r.returncode == 0, r.stderr[-2000:]
-    base, lora_row, full = check_outputs(tmp_path, "headline")
+    base, lora_row, full = check_outputs(quick_dir, "headline")
     assert [x["run"] for x in (base, lora_row, full)] == [
         "base (no tuning)", "LoRA (r=16, lr 5e-4)", "full fine-tune (lr 5e-5)"]
     assert base["kl"] == 0 and base["stored_bytes"] == 0 and base["train_s"] == 0
     assert 0 < lora_row["stored_bytes"] < full["stored_bytes"] and lora_row["kl"] > 0 and full["kl"] > 0
     assert all(len(x["items"]["exact_match"]) == 2 and len(x["items"]["category"][0]) == 4 for x in (base, full))
-    assert len(list((tmp_path / "cache" / "headline").glob("*base*-s[12].json"))) == 2  # measured once, stored twice
-    settings = json.loads((tmp_path / "headline.json").read_text())["settings"]  # the labels are train.py's defaults
+    assert len(list((quick_dir / "cache" / "headline").glob("*base*-s[12].json"))) == 2  # measured once, stored twice
+    settings = json.loads((quick_dir / "headline.json").read_text())["settings"]  # the labels are train.py's defaults
     lora_settings, full_settings = settings["runs"].split("; full fine-tune;")
     assert lora_settings.startswith("LoRA r=16,") and "AdamW lr 0.0005 " in lora_settings
     assert "AdamW lr 5e-05 " in full_settings
     # the tuned rows' perplexity change and KL: mean [95% t interval across the 2 seeds]
     m, low, high = mean_interval(lora_row["per_seed"]["kl"])
     c, c_low, c_high = mean_interval(lora_row["per_seed"]["perplexity_change"])
-    row = next(line for line in (tmp_path / "headline.md").read_text().splitlines() if line.startswith("| LoRA"))
+    row = next(line for line in (quick_dir / "headline.md").read_text().splitlines() if line.startswith("| LoRA"))
     assert f"({c:+.1%} [{c_low:+.1%}, {c_high:+.1%}]) | {m:.3f} [{low:.3f}, {high:.3f}] |" in row, row
 
 
@@ -265,13 +265,15 @@ def test_the_readme_headline_table_quotes_results_headline_md():
 def test_claims_on_quick_outputs(quick_gguf, quick_dir):
     """CI's run of the claims script on the --quick outputs: the claims those experiments test get a
     number, an interval and a verdict; the others say they have not run."""
-    for script, name in (("masking.py", "masking"), ("quality.py", "quality")):
+    for script, name, *flags in (("masking.py", "masking"), ("quality.py", "quality"),
+                                 ("headline.py", "headline", "--seeds", "1,2")):
         if not (quick_dir / f"{name}.json").exists():  # when this test runs alone
-            assert run_lab(script, quick_dir).returncode == 0
+            assert run_lab(script, quick_dir, *flags).returncode == 0
     r = run_claims(quick_dir, quick_dir)
     assert r.returncode == 0, r.stderr
     claims = {c["claim"]: c for c in json.loads((quick_dir / "claims.json").read_text())}
-    assert all(claims[k]["verdict"] in ("supported", "contradicted", "inconclusive") for k in (1, 2, 8, 10))
+    assert all(claims[k]["verdict"] in ("supported", "contradicted", "inconclusive") for k in (1, 2, 8, 10, 11))
+    assert claims[11]["seeds"] == 2 and "paired bootstrap" in claims[11]["method"]
     assert claims[5]["verdict"] == "not measured" and claims[5]["settle"]
 
 
