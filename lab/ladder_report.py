@@ -16,6 +16,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import cpu_flags, git_commit  # noqa: E402
 from eval import RUNGS  # noqa: E402
 from plumbing.files import atomic_write_text  # noqa: E402
 from plumbing.intervals import wilson  # noqa: E402
@@ -140,12 +141,16 @@ def main():
     table = [row for name, reps in reports.items() for row in rows(name, reps)]
     os.makedirs(args.out, exist_ok=True)
     meta = ("model", "tuned", "kind", "data", "split", "task", "n_items", "device", "dtype", "train")
+    commit, flags = git_commit(), cpu_flags()
+    provenance = (f"Merged at commit {commit}, CPU flags {', '.join(flags) or 'unknown'}. Each run as eval.py "
+                  "recorded it: " + "; ".join(f"{n}: {len(reps)} seed(s), {reps[0]['device']}, {reps[0]['dtype']}"
+                                              for n, reps in reports.items()) + ".")
     atomic_write_text(os.path.join(args.out, "ladder.json"), json.dumps(
-        {"rows": table, "reports": {n: {**{k: reps[0][k] for k in meta}, "seeds": len(reps),
+        {"commit": commit, "cpu_flags": flags, "rows": table, "reports": {n: {**{k: reps[0][k] for k in meta}, "seeds": len(reps),
                                         "tuned_per_seed": [r["tuned"] for r in reps]} for n, reps in reports.items()}},
         indent=2) + "\n")
     atomic_write_text(os.path.join(args.out, "README.md"), (args.note + "\n\n" if args.note else "") +
-                      markdown(table, reports) + "\n\n![ladder](ladder.png)\n")
+                      provenance + "\n\n" + markdown(table, reports) + "\n\n![ladder](ladder.png)\n")
     plot(table, os.path.join(args.out, "ladder.png"))
     print(markdown(table, reports))
 

@@ -495,7 +495,11 @@ def test_knowledge_run_reports_five_rungs_before_and_after_the_store_changes(tin
     tuned = next(r for r in rows if r["rung"] == "fine_tuned" and r["questions"] == "v1")
     assert tuned["items"]["accuracy"] == [first, first] and tuned["seeds"] == 2
     assert (tmp_path / "results" / "ladder.png").stat().st_size > 0
-    assert "| tiny | store v2 (changed) | fine-tuned + retrieval |" in (tmp_path / "results" / "README.md").read_text()
+    md = (tmp_path / "results" / "README.md").read_text()
+    assert "| tiny | store v2 (changed) | fine-tuned + retrieval |" in md
+    # provenance: the commit and CPU flags where the runs were merged, and each run's seeds, device and dtype
+    assert f"Merged at commit {ladder['commit']}, CPU flags " in md and len(ladder["commit"]) >= 40
+    assert f"tiny: 2 seed(s), {rep['device']}, {rep['dtype']}." in md
     for bad in (str(report), f"tiny={tmp_path / 'missing.json'}", f"tiny={out / 'run.json'}"):
         r = run(["lab/ladder_report.py", "--report", bad, "--out", str(tmp_path / "bad")])
         assert r.returncode == 1 and r.stderr.startswith("error: --report") and r.stderr.count("\n") == 1
