@@ -35,6 +35,8 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU; run with pytest -m gpu (skipped without one)")
     if "gpu" not in (config.getoption("markexpr") or "").replace("not gpu", ""):
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # -n auto: a worker per core, so one thread each
+        torch.set_num_threads(1)
 
 # sha256 of GPT-2's official BPE files (the hashes tiktoken checks when it downloads them)
 GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
