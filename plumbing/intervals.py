@@ -50,21 +50,21 @@ def mean_interval(values):
 
 def paired_bootstrap(a, b, n_boot=10_000, seed=0):
     """(mean of a - b, low, high) for two models scored on the same items: a[s][i] and b[s][i] are the
-    scores of item i under seed s. Both levels are resampled (seeds, then items, the same items for both
-    models), so the interval holds the item-to-item and the seed-to-seed variation. Percentile interval."""
-    if len(a) != len(b) or any(len(x) != len(y) for x, y in zip(a, b)):
-        raise ValueError("paired scores need the same seeds and items on both sides")
+    scores of item i under seed s. Both levels are resampled: seeds, and items, the same draw of items for
+    every seed and both models, since every seed scores the same test items. (Drawing items anew per seed
+    would count a deterministic model's identical seeds as new items and narrow the interval by about
+    sqrt(seeds).) Percentile interval."""
+    if len(a) != len(b) or any(len(x) != len(y) for x, y in zip(a, b)) or len({len(x) for x in a}) > 1:
+        raise ValueError("paired scores need the same seeds and items on both sides, "
+                         "and every seed the same items")
     diffs = [[x - y for x, y in zip(ra, rb)] for ra, rb in zip(a, b)]
-    mean = sum(map(sum, diffs)) / sum(map(len, diffs))
+    n_seeds, n_items = len(diffs), len(diffs[0])
+    mean = sum(map(sum, diffs)) / (n_seeds * n_items)
     rng, stats = random.Random(seed), []
     for _ in range(n_boot):
-        seeds = [diffs[rng.randrange(len(diffs))] for _ in diffs]
-        total = count = 0
-        for row in seeds:
-            picks = [row[rng.randrange(len(row))] for _ in row]
-            total += sum(picks)
-            count += len(picks)
-        stats.append(total / count)
+        rows = [diffs[rng.randrange(n_seeds)] for _ in range(n_seeds)]
+        items = [rng.randrange(n_items) for _ in range(n_items)]
+        stats.append(sum(row[i] for row in rows for i in items) / (n_seeds * n_items))
     stats.sort()
     return mean, stats[int(0.025 * n_boot)], stats[int(0.975 * n_boot) - 1]
 
