@@ -245,6 +245,15 @@ def test_the_readme_shows_the_claims_table_first_in_its_lab_section():
     assert lab[1].startswith("The twelve claims") and table in lab[1]
 
 
+def test_the_readme_ladder_table_is_results_ladder():
+    """Section 8 shows results/ladder/README.md's table, every rate with its interval, as lab/ladder.sh last
+    wrote it: the two cannot drift apart."""
+    readme = (ROOT / "README.md").read_text().split("### 8. When not to fine-tune", 1)[1].split("\n### ")[0]
+    table = next(b for b in (ROOT / "results" / "ladder" / "README.md").read_text().split("\n\n")
+                 if b.startswith("| run |"))
+    assert table in readme
+
+
 def test_the_readme_headline_table_quotes_results_headline_md():
     """The README's first table is results/headline.md's: each run's exact match and valid JSON with their
     intervals, its field accuracies, perplexity and KL, so the two cannot drift apart."""
