@@ -48,7 +48,7 @@ from plumbing import cli  # noqa: E402
 from plumbing.device import setup_runtime  # noqa: E402
 from plumbing.files import atomic_write_text  # noqa: E402
 from plumbing.hub import resolve_pretrained  # noqa: E402
-from plumbing.intervals import wilson  # noqa: E402
+from plumbing.intervals import item_rate  # noqa: E402
 from plumbing.plots import save_figure  # noqa: E402
 from plumbing.records import general_tokens, text_windows  # noqa: E402
 from plumbing.report import hardware  # noqa: E402
@@ -138,6 +138,7 @@ class Lab:
     dtype_reason: str = ""  # why plumbing.device chose the dtype (native bf16, requested, ...)
     commit: str = "unknown"  # the git commit the run started at (git_commit)
     cached: int = 0  # runs cached_runs loaded from an earlier sitting (the results files say how many)
+    fresh: int = 0  # runs cached_runs ran in this sitting (none: the results are re-rendered from cache)
 
 
 def setup(cfg):
@@ -337,6 +338,7 @@ def cached_runs(lab, name, config, run_one, same_for_every_seed=False):
             lab.cached += 1
             continue
         result = {**runs[0], "seed": seed} if same_for_every_seed and runs else {"seed": seed, **run_one(seed)}
+        lab.fresh += 1
         os.makedirs(folder, exist_ok=True)
         atomic_write_text(path, json.dumps(result) + "\n")
         runs.append(result)
@@ -388,6 +390,22 @@ def forgot(lab, model, windows):
 # Results: NAME.json, NAME.md, NAME.png
 
 
+def computed_on(lab, name, command):
+    """Where the runs of a re-rendering were computed: when every run came from cache/ and the previous
+    OUT/NAME.json was written by the same command, its hardware, CPU flags, dtype, commit and date (carried
+    on through later re-renderings), else None. A results file re-rendered on another CPU must still name
+    the one whose numerics made its numbers."""
+    path = os.path.join(lab.cfg.out, f"{name}.json")
+    if lab.fresh or not lab.cached or not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        old = json.load(f)
+    if old.get("command") != command:
+        return None
+    keys = ("hardware", "cpu_flags", "device", "dtype", "commit", "date")
+    return old.get("computed") or {k: old.get(k) for k in keys}
+
+
 def save_results(lab, name, claim, settings, results, table, fig, notes=""):
     """Write OUT/NAME.json, OUT/NAME.md and OUT/NAME.png (atomically) and print the table. Both name the
     command, the git commit, the seeds, the CPU's relevant flags and the dtype with the reason for it."""
@@ -398,15 +416,20 @@ def save_results(lab, name, claim, settings, results, table, fig, notes=""):
             "device": lab.rt.device, "dtype": lab.rt.dtype, "dtype_reason": lab.dtype_reason,
             "cpu_flags": cpu_flags(), "commit": lab.commit, "seeds": seed_list(cfg), "command": command,
             "wall_time_s": wall, "runs_from_cache": lab.cached, "date": time.strftime("%Y-%m-%d"), "config": dataclasses.asdict(cfg),
-            "settings": settings}
+            "settings": settings, "computed": computed_on(lab, name, command)}
     os.makedirs(cfg.out, exist_ok=True)
     atomic_write_text(os.path.join(cfg.out, f"{name}.json"), json.dumps({**meta, "results": results}, indent=2) + "\n")
     reused = f" (this sitting; {lab.cached} runs loaded from cache/, timed in earlier ones)" if lab.cached else ""
+    c = meta["computed"]
+    computed = (f" The runs were computed on {c['hardware']}; CPU flags {', '.join(c['cpu_flags']) or 'none listed'}; "
+                f"device {c['device']}, {c['dtype']}; commit {c['commit']}, {c['date']}: this file re-renders them from "
+                "cache/." if c else "")
     md = [f"# {name}", "", f"Claim tested: {claim}", "",
           f"Model: {cfg.model}{' (--quick: a tiny random model; the numbers mean nothing)' if cfg.quick else ''}. "
           f"Hardware: {meta['hardware']}; CPU flags {', '.join(meta['cpu_flags']) or 'none listed'}; device "
           f"{lab.rt.device}, {lab.rt.dtype} ({lab.dtype_reason}). Wall time {wall / 60:.1f} min{reused}, {meta['date']}. "
-          f"Commit {meta['commit']}; seeds {', '.join(map(str, meta['seeds']))}.", "", "```bash", command, "```", "",
+          f"Commit {meta['commit']}; seeds {', '.join(map(str, meta['seeds']))}.{computed}", "", "```bash", command,
+          "```", "",
           "Settings: " + ", ".join(f"{k} {v}" for k, v in settings.items()) + ".", "", table, "",
           f"![{name}]({name}.png)", ""] + ([notes, ""] if notes else [])
     atomic_write_text(os.path.join(cfg.out, f"{name}.md"), "\n".join(md))
@@ -416,19 +439,19 @@ def save_results(lab, name, claim, settings, results, table, fig, notes=""):
 
 
 def rate_interval(row, metric):
-    """(rate, low, high) of a row's metric: Wilson's interval over its per-item scores, all seeds pooled
-    (row["items"][metric]); None when the row holds no per-item scores for it."""
+    """(rate, low, high) of a row's metric over its per-item scores of every seed (row["items"][metric]),
+    the interval plumbing.intervals.item_rate's (items and seeds); None when the row holds no per-item
+    scores for it."""
     items = row.get("items", {}).get(metric)
     if not items:
         return None
-    flat = [x for seed in items for x in seed]
-    return wilson(sum(flat), len(flat))
+    return item_rate(items)
 
 
 def rate_bar(row, metric):
-    """(rate, below, above) in % for one bar: the row's rate pooled over its items and seeds and its 95% Wilson
-    interval as distances below and above it (rate_interval); an older row without per-item scores gets its
-    rate and no error bar."""
+    """(rate, below, above) in % for one bar: the row's rate over its items and seeds and its 95% interval
+    (rate_interval) as distances below and above it; an older row without per-item scores gets its rate and
+    no error bar."""
     ci = rate_interval(row, metric) or (row[metric],) * 3
     return 100 * ci[0], 100 * (ci[0] - ci[1]), 100 * (ci[2] - ci[0])
 

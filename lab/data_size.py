@@ -98,7 +98,7 @@ def main(argv=None):
     for method, color in zip(methods, ("C0", "C1")):
         pts = [r for r in rows if r["method"] == method]
         for metric, fmt, label in (("exact_match", "o-", "exact match"), ("valid", "s--", "valid JSON")):
-            rates, yerr = rate_bars(pts, metric)  # error bars: 95% (items x seeds pooled)
+            rates, yerr = rate_bars(pts, metric)  # error bars: 95% over items and seeds (rate_interval)
             ax.errorbar([r["n_train"] for r in pts], rates, yerr=yerr, capsize=2, fmt=fmt, color=color,
                         alpha=1 if metric == "exact_match" else 0.6, label=f"{method}: {label}")
     ax.axhline(100 * rows[0]["exact_match"], color="gray", lw=1, label="base model: exact match")

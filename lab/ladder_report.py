@@ -3,7 +3,7 @@
 Reads the eval.json reports that `python eval.py` wrote for runs on the knowledge task (and optionally a
 behaviour task), and draws accuracy per rung: behaviour vs knowledge, before and after the store changed.
 A name given several reports (one per training seed) is one run: each rung's rate is the mean over its
-reports, its 95% interval Wilson's over every item of every seed, and its per-item scores are kept
+reports, its 95% interval over items and seeds (lab/common.rate_interval), and its per-item scores are kept
 (eval.py writes them) for lab/claims.py's paired comparisons.
 
     python lab/ladder_report.py --report lora=out/know-lora/eval.json --report full=out/know-full/eval.json \
@@ -16,10 +16,9 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import cpu_flags, git_commit  # noqa: E402
+from common import cpu_flags, git_commit, rate_interval, rate_text  # noqa: E402
 from eval import RUNGS  # noqa: E402
 from plumbing.files import atomic_write_text  # noqa: E402
-from plumbing.intervals import wilson  # noqa: E402
 from plumbing.plots import pyplot, save_figure  # noqa: E402
 from plumbing.report import RUNG_LABELS, human_bytes  # noqa: E402
 
@@ -63,14 +62,8 @@ def rows(name, reports):
 
 
 def rate(row, metric):
-    """ "35% [22, 50]": the mean rate with its 95% interval over every item and seed (or the rate alone)."""
-    if row[metric] is None:
-        return "—"
-    flat = [x for seed in row.get("items", {}).get(metric, []) for x in seed]
-    if not flat:
-        return f"{row[metric]:.0%}"
-    _, low, high = wilson(sum(flat), len(flat))
-    return f"{row[metric]:.0%} [{100 * low:.0f}, {100 * high:.0f}]"
+    """ "35% [22, 50]": the mean rate with its 95% interval over items and seeds (or the rate alone)."""
+    return "—" if row[metric] is None else rate_text(row, metric)
 
 
 def markdown(table, reports):
@@ -96,11 +89,10 @@ def plot(table, path):
     for j, (run, which) in enumerate(groups):
         by_rung = {r["rung"]: r for r in table if (r["run"], r["questions"]) == (run, which)}
         heights, low, high = [], [], []
-        for rung in RUNGS:  # error bars: 95%, over every item and seed (where the report kept items)
-            r = by_rung.get(rung)
-            flat = [x for seed in (r or {}).get("items", {}).get("accuracy", []) for x in seed]
-            acc = (r or {}).get("accuracy") or 0
-            ci = wilson(sum(flat), len(flat))[1:] if flat else (acc, acc)
+        for rung in RUNGS:  # error bars: 95% over items and seeds (where the report kept items)
+            r = by_rung.get(rung) or {}
+            acc = r.get("accuracy") or 0
+            ci = (rate_interval(r, "accuracy") or (acc,) * 3)[1:]
             heights.append(100 * acc)
             low.append(100 * max(0.0, acc - ci[0]))
             high.append(100 * max(0.0, ci[1] - acc))

@@ -104,7 +104,7 @@ def main(argv=None):
     labels = [r["method"] for r in rows]
     ax_cost.bar(labels, [r["stored_bytes"] / 2**20 for r in rows], color="C1")
     ax_cost.set(yscale="log", ylabel="MiB on disk (log)", title="What each run stores")
-    rates, yerr = rate_bars(rows, "exact_match")  # error bars: 95% (items x seeds); KL: seed range
+    rates, yerr = rate_bars(rows, "exact_match")  # error bars: 95% over items and seeds; KL: seed range
     ax_acc.errorbar(labels, rates, yerr=yerr, fmt="o-", capsize=3, label="triage exact match (%, 95%)")
     ax_kl = ax_acc.twinx()
     ax_kl.errorbar(labels, [r["kl"] for r in rows], fmt="s--", color="C3", capsize=3,

@@ -117,7 +117,7 @@ def main(argv=None):
             ax_loss.axvline(e, color=color, lw=1, alpha=0.4)
     x = range(len(rows))
     for offset, metric, label in ((-0.2, "early_exact", "early stop"), (0.2, "last_exact", "last epoch")):
-        rates, yerr = rate_bars(rows, metric)  # error bars: 95%, items x seeds pooled
+        rates, yerr = rate_bars(rows, metric)  # error bars: 95% over items and seeds (rate_interval)
         ax_acc.bar([i + offset for i in x], rates, 0.4, yerr=yerr, label=label, capsize=3)
     ax_acc.set_xticks(list(x))
     ax_acc.set_xticklabels([r["data"] for r in rows])

@@ -108,7 +108,7 @@ def main(argv=None):
     fig, ax = plt.subplots(figsize=(8, 4))
     xs = range(len(rows))
     for offset, metric, label in ((-0.2, "exact_match", "exact match"), (0.2, "valid", "valid JSON")):
-        rates, yerr = rate_bars(rows, metric)  # error bars: 95%, items x seeds pooled
+        rates, yerr = rate_bars(rows, metric)  # error bars: 95% over items and seeds (rate_interval)
         ax.bar([x + offset for x in xs], rates, 0.4, label=label, yerr=yerr, capsize=2)
     ax.set_xticks(list(xs))
     ax.set_xticklabels([f"{r['data']}\n{r['conversations']:,} ({r['distinct']:,} distinct)" for r in rows], fontsize=8)

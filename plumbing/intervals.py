@@ -1,6 +1,7 @@
 """plumbing/intervals.py: 95% intervals for what the lab measures, written once for the lab, its claims
 table and the README: Wilson's interval for a rate, Newcombe's for the difference of two independent rates,
-a paired bootstrap for two models scored on the same items (and seeds), a t interval for a mean across
+a paired bootstrap for two models scored on the same items (and seeds), a rate over items and seeds (the
+same two-level resampling, never narrower than Wilson's over the items), a t interval for a mean across
 seeds, and the rule that turns an interval into a verdict.
 
 A difference is read only when its interval excludes zero; inside the noise the verdict is "inconclusive".
@@ -67,6 +68,25 @@ def paired_bootstrap(a, b, n_boot=10_000, seed=0):
         stats.append(sum(row[i] for row in rows for i in items) / (n_seeds * n_items))
     stats.sort()
     return mean, stats[int(0.025 * n_boot)], stats[int(0.975 * n_boot) - 1]
+
+
+def item_rate(scores):
+    """(rate, low, high) of one model's per-item scores (0/1, or in [0, 1]), scores[s][i] for item i under
+    seed s, every seed scoring the same items. The noise has two sources: which items the test set holds,
+    and which seed trained the model. Wilson's interval over the items (each item's mean over the seeds)
+    measures the first, and is right near 0% and 100%; with several seeds the two-level bootstrap
+    (paired_bootstrap against zero) adds the second. The interval is the wider of the two on each side.
+    (Pooling seeds x items as independent trials would count a deterministic model's identical seeds as new
+    items: about sqrt(seeds) too narrow.)"""
+    if not scores or not scores[0] or len({len(x) for x in scores}) > 1:
+        raise ValueError("a rate needs items, and every seed the same items")
+    n_items = len(scores[0])
+    per_item = [sum(col) / len(scores) for col in zip(*scores)]
+    rate, low, high = wilson(sum(per_item), n_items)
+    if len(scores) > 1:
+        _, b_low, b_high = paired_bootstrap(scores, [[0] * n_items for _ in scores])
+        low, high = min(low, b_low), max(high, b_high)
+    return rate, low, high
 
 
 def verdict(low, high):

@@ -1,8 +1,8 @@
 """scripts/compare_runs.py: two runs scored on the same test items, compared item by item.
 
 Every lab cache file (results/cache/NAME/*.json) keeps each scored item's result under "items". Given two
-such files, or two lists of seeds (paired in order), this prints each side's rate with Wilson's 95%
-interval and the difference with a paired bootstrap interval (plumbing/intervals.py): whether two settings
+such files, or two lists of seeds (paired in order), this prints each side's rate with its 95% interval
+over items and seeds and the difference with a paired bootstrap interval (plumbing/intervals.py): whether two settings
 differ beyond the noise, asked of runs already made, with nothing retrained.
 
     python scripts/compare_runs.py -a A.json -b B.json                          # every metric both keep
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from plumbing import cli  # noqa: E402
-from plumbing.intervals import paired_bootstrap, wilson  # noqa: E402
+from plumbing.intervals import item_rate, paired_bootstrap  # noqa: E402
 
 
 @dataclass
@@ -47,12 +47,12 @@ def compare(a, b, metrics):
         sa, sb = [s[m] for s in a], [s[m] for s in b]
         if [len(x) for x in sa] != [len(y) for y in sb]:
             raise ValueError(f"{m}: A and B scored different numbers of items; pair runs on the same test set")
-        n = sum(map(len, sa))
-        ra, rb = wilson(sum(map(sum, sa)), n), wilson(sum(map(sum, sb)), n)
+        n = f"{len(sa[0])} items x {len(sa)} seeds" if len(sa) > 1 else f"{len(sa[0])} items"
+        ra, rb = item_rate(sa), item_rate(sb)
         d, low, high = paired_bootstrap(sa, sb)
         seen = "no difference seen" if low <= 0 <= high else "a difference"
         lines.append(f"{m}: A {ra[0]:.1%} [{ra[1]:.1%}, {ra[2]:.1%}]  B {rb[0]:.1%} [{rb[1]:.1%}, {rb[2]:.1%}]  "
-                     f"A - B {d:+.3f} [{low:+.3f}, {high:+.3f}]  ({seen}; {n} item-seeds)")
+                     f"A - B {d:+.3f} [{low:+.3f}, {high:+.3f}]  ({seen}; {n})")
     return lines
 
 

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from plumbing.intervals import mean_interval, newcombe, paired_bootstrap, verdict, wilson
+from plumbing.intervals import item_rate, mean_interval, newcombe, paired_bootstrap, verdict, wilson
 
 
 def test_wilson_matches_the_closed_form_and_stays_inside_0_1():
@@ -57,6 +57,36 @@ def test_paired_bootstrap_identical_seeds_add_no_items():
     assert hi3 - lo3 == pytest.approx(hi1 - lo1, rel=0.1)
     with pytest.raises(ValueError, match="every seed the same items"):
         paired_bootstrap([a, a[:8]], [b, b[:8]], n_boot=10)
+
+
+def test_item_rate_one_seed_is_wilson():
+    a = [1, 1, 0, 1, 0, 1, 1, 0] * 5
+    assert item_rate([a]) == wilson(25, 40)
+    assert item_rate([[0] * 250]) == wilson(0, 250)  # 0%: the interval still reaches above 0
+
+
+def test_item_rate_identical_seeds_add_no_items():
+    """Three identical seeds (a greedy base model scored thrice) are one seed's 40 items, not 120: the
+    interval is one seed's (within the bootstrap's jitter), where pooling narrowed it by about sqrt(3)."""
+    a = [1, 1, 0, 1, 0, 1, 1, 0] * 5
+    _, lo1, hi1 = item_rate([a])
+    _, lo3, hi3 = item_rate([a] * 3)
+    assert lo3 <= lo1 and hi3 >= hi1 and hi3 - lo3 == pytest.approx(hi1 - lo1, abs=0.02)
+    pooled = wilson(75, 120)
+    assert hi3 - lo3 > 1.5 * (pooled[2] - pooled[1])
+    assert item_rate([[0] * 250] * 3) == wilson(0, 250)  # a bootstrap at 0% collapses; Wilson's does not
+
+
+def test_item_rate_sees_seeds_that_disagree():
+    """Seeds that disagree on every item (one learned the task, two did not) leave each item's mean at 1/3:
+    Wilson's interval over the items alone is narrow; the seeds' spread makes the interval wide."""
+    right, wrong = [1] * 100, [0] * 100
+    rate, lo, hi = item_rate([right, wrong, wrong])
+    assert rate == pytest.approx(1 / 3)
+    assert lo == 0.0 and hi == 1.0
+    assert wilson(100 / 3, 100)[2] < 0.45
+    with pytest.raises(ValueError, match="every seed the same items"):
+        item_rate([right, wrong[:5]])
 
 
 def test_the_verdict_rule():

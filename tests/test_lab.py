@@ -323,7 +323,7 @@ def test_a_run_with_nothing_random_is_run_once_and_cached_for_every_seed(tmp_pat
     import common
 
     cfg = common.LabConfig(out=str(tmp_path), seeds="1,2,3")
-    lab, calls = types.SimpleNamespace(cfg=cfg, rt=types.SimpleNamespace(dtype="float32"), cached=0), []
+    lab, calls = types.SimpleNamespace(cfg=cfg, rt=types.SimpleNamespace(dtype="float32"), cached=0, fresh=0), []
     runs = common.cached_runs(lab, "t", "base", lambda seed: calls.append(seed) or {"x": 1},
                               same_for_every_seed=True)
     assert calls == [1] and [r["seed"] for r in runs] == [1, 2, 3] and all(r["x"] == 1 for r in runs)
@@ -334,15 +334,38 @@ def test_a_run_with_nothing_random_is_run_once_and_cached_for_every_seed(tmp_pat
     assert calls == [1, 1, 2, 3] and lab.cached == 3
 
 
-def test_error_bars_are_wilson_over_items_and_seeds_and_absent_without_per_item_scores():
+def test_error_bars_are_over_items_and_seeds_and_absent_without_per_item_scores():
     import common
-    from plumbing.intervals import wilson
+    from plumbing.intervals import item_rate, wilson
 
     scored = {"exact_match": 0.25, "items": {"exact_match": [[1, 0, 0, 0], [0, 1, 0, 0]]}}
     old = {"exact_match": 0.4}  # a first-version row: its rate only
     rates, (below, above) = common.rate_bars([scored, old], "exact_match")
-    rate, low, high = wilson(2, 8)
+    rate, low, high = item_rate([[1, 0, 0, 0], [0, 1, 0, 0]])
     assert rates == [100 * rate, 40.0] and below == [100 * (rate - low), 0.0] and above == [100 * (high - rate), 0.0]
+    # 2 seeds of 4 items are 4 items, not 8: at least as wide as Wilson's over the 4 items' means
+    assert (low, high) != wilson(2, 8)[1:] and low <= wilson(1, 4)[1] and high >= wilson(1, 4)[2]
+    assert common.rate_text(scored, "exact_match") == f"25% [{100 * low:.0f}, {100 * high:.0f}]"
+
+
+def test_a_re_rendering_names_the_machine_that_computed_the_runs(tmp_path):
+    """Every run from cache/ and the same command: the results keep the first sitting's hardware, flags,
+    dtype and commit (also through a second re-rendering); a sitting that ran anything names its own."""
+    import types
+
+    import common
+
+    lab = types.SimpleNamespace(cfg=types.SimpleNamespace(out=str(tmp_path)), fresh=0, cached=3)
+    first = {"command": "python lab/x.py", "hardware": "a bf16 CPU", "cpu_flags": ["avx512_bf16"], "device": "cpu",
+             "dtype": "bfloat16", "commit": "abc", "date": "2026-12-03", "computed": None}
+    (tmp_path / "x.json").write_text(json.dumps(first))
+    computed = common.computed_on(lab, "x", "python lab/x.py")
+    assert computed == {k: first[k] for k in ("hardware", "cpu_flags", "device", "dtype", "commit", "date")}
+    (tmp_path / "x.json").write_text(json.dumps({**first, "hardware": "an AVX2 CPU", "computed": computed}))
+    assert common.computed_on(lab, "x", "python lab/x.py") == computed
+    assert common.computed_on(lab, "x", "python lab/x.py --seeds 1") is None  # another command
+    assert common.computed_on(types.SimpleNamespace(**{**vars(lab), "fresh": 1}), "x", "python lab/x.py") is None
+    assert common.computed_on(lab, "y", "python lab/x.py") is None  # no earlier results
 
 
 def test_far_held_out_families_are_whole_skills_missing_from_training():
@@ -454,7 +477,7 @@ def test_a_run_cached_at_one_dtype_is_never_read_at_another(tmp_path):
 
     import common
     cfg = common.LabConfig(out=str(tmp_path), seeds="1337", quick=False)
-    lab = SimpleNamespace(cfg=cfg, rt=SimpleNamespace(dtype="bfloat16"), cached=0)
+    lab = SimpleNamespace(cfg=cfg, rt=SimpleNamespace(dtype="bfloat16"), cached=0, fresh=0)
     assert common.cached_runs(lab, "x", "cfg", lambda seed: {"acc": 0.5}) == [{"seed": 1337, "acc": 0.5}]
     names = [p.name for p in (tmp_path / "cache" / "x").iterdir()]
     assert names == [f"{os.path.basename(cfg.model)}-cfg-dropout0-s1337.json"]  # bf16: the committed names
@@ -476,8 +499,8 @@ def test_text_measures_see_a_narrow_vocabulary_and_a_character_loop():
 
 
 def test_compare_runs_pairs_two_cached_runs_item_by_item(tmp_path):
-    """scripts/compare_runs.py reads two lab cache files' per-item scores: each side's rate with Wilson's
-    interval, the paired difference with its bootstrap interval, and bad input as one error line."""
+    """scripts/compare_runs.py reads two lab cache files' per-item scores: each side's rate with its interval
+    (one seed: Wilson's), the paired difference with its bootstrap interval, and bad input as one error line."""
     from conftest import one_error_line, run_limited
     from plumbing.intervals import paired_bootstrap, wilson
 
@@ -490,8 +513,8 @@ def test_compare_runs_pairs_two_cached_runs_item_by_item(tmp_path):
     _, la, ha = wilson(30, 40)
     assert d == 0.5 and low > 0 and r.stdout.splitlines()[0] == (
         f"exact_match: A 75.0% [{la:.1%}, {ha:.1%}]  B 25.0% [{wilson(10, 40)[1]:.1%}, {wilson(10, 40)[2]:.1%}]  "
-        f"A - B +0.500 [{low:+.3f}, {high:+.3f}]  (a difference; 40 item-seeds)")
-    assert r.stdout.splitlines()[1].endswith("A - B +0.000 [+0.000, +0.000]  (no difference seen; 40 item-seeds)")
+        f"A - B +0.500 [{low:+.3f}, {high:+.3f}]  (a difference; 40 items)")
+    assert r.stdout.splitlines()[1].endswith("A - B +0.000 [+0.000, +0.000]  (no difference seen; 40 items)")
 
     (tmp_path / "old.json").write_text(json.dumps({"seed": 1, "exact_match": 0.5}))  # cached before items
     (tmp_path / "short.json").write_text(json.dumps({"items": {"exact_match": [1] * 39}}))
