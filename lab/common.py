@@ -392,9 +392,10 @@ def forgot(lab, model, windows):
 
 def computed_on(lab, name, command):
     """Where the runs of a re-rendering were computed: when every run came from cache/ and the previous
-    OUT/NAME.json was written by the same command, its hardware, CPU flags, dtype, commit and date (carried
-    on through later re-renderings), else None. A results file re-rendered on another CPU must still name
-    the one whose numerics made its numbers."""
+    OUT/NAME.json was written by the same command, its hardware, CPU flags, dtype and date (carried on
+    through later re-renderings), else None. A results file re-rendered on another CPU must still name the
+    one whose numerics made its numbers. (Not a commit: a cache file does not record the commit it was
+    computed at, only that it was by that date.)"""
     path = os.path.join(lab.cfg.out, f"{name}.json")
     if lab.fresh or not lab.cached or not os.path.isfile(path):
         return None
@@ -402,7 +403,7 @@ def computed_on(lab, name, command):
         old = json.load(f)
     if old.get("command") != command:
         return None
-    keys = ("hardware", "cpu_flags", "device", "dtype", "commit", "date")
+    keys = ("hardware", "cpu_flags", "device", "dtype", "date")
     return old.get("computed") or {k: old.get(k) for k in keys}
 
 
@@ -421,9 +422,9 @@ def save_results(lab, name, claim, settings, results, table, fig, notes=""):
     atomic_write_text(os.path.join(cfg.out, f"{name}.json"), json.dumps({**meta, "results": results}, indent=2) + "\n")
     reused = f" (this sitting; {lab.cached} runs loaded from cache/, timed in earlier ones)" if lab.cached else ""
     c = meta["computed"]
-    computed = (f" The runs were computed on {c['hardware']}; CPU flags {', '.join(c['cpu_flags']) or 'none listed'}; "
-                f"device {c['device']}, {c['dtype']}; commit {c['commit']}, {c['date']}: this file re-renders them from "
-                "cache/." if c else "")
+    flags = ", ".join(c["cpu_flags"]) or "none listed" if c else ""
+    computed = (f" The runs in cache/ were computed on {c['hardware']}; CPU flags {flags}; device {c['device']}, "
+                f"{c['dtype']}; by {c['date']}: this file re-renders them." if c else "")
     md = [f"# {name}", "", f"Claim tested: {claim}", "",
           f"Model: {cfg.model}{' (--quick: a tiny random model; the numbers mean nothing)' if cfg.quick else ''}. "
           f"Hardware: {meta['hardware']}; CPU flags {', '.join(meta['cpu_flags']) or 'none listed'}; device "

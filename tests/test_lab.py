@@ -350,7 +350,7 @@ def test_error_bars_are_over_items_and_seeds_and_absent_without_per_item_scores(
 
 def test_a_re_rendering_names_the_machine_that_computed_the_runs(tmp_path):
     """Every run from cache/ and the same command: the results keep the first sitting's hardware, flags,
-    dtype and commit (also through a second re-rendering); a sitting that ran anything names its own."""
+    dtype and date (also through a second re-rendering); a sitting that ran anything names its own."""
     import types
 
     import common
@@ -360,7 +360,7 @@ def test_a_re_rendering_names_the_machine_that_computed_the_runs(tmp_path):
              "dtype": "bfloat16", "commit": "abc", "date": "2026-12-03", "computed": None}
     (tmp_path / "x.json").write_text(json.dumps(first))
     computed = common.computed_on(lab, "x", "python lab/x.py")
-    assert computed == {k: first[k] for k in ("hardware", "cpu_flags", "device", "dtype", "commit", "date")}
+    assert computed == {k: first[k] for k in ("hardware", "cpu_flags", "device", "dtype", "date")}
     (tmp_path / "x.json").write_text(json.dumps({**first, "hardware": "an AVX2 CPU", "computed": computed}))
     assert common.computed_on(lab, "x", "python lab/x.py") == computed
     assert common.computed_on(lab, "x", "python lab/x.py --seeds 1") is None  # another command
