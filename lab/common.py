@@ -390,9 +390,10 @@ def forgot(lab, model, windows):
 # Results: NAME.json, NAME.md, NAME.png
 
 
-def computed_on(lab, name, command):
+def computed_on(lab, name):
     """Where the runs of a re-rendering were computed: when every run came from cache/ and the previous
-    OUT/NAME.json was written by the same command, its hardware, CPU flags, dtype and date (carried on
+    OUT/NAME.json had the same configuration (each setting it recorded equal now; a setting added since
+    must be given its value of then, as the cache key asks), its hardware, CPU flags, dtype and date (carried on
     through later re-renderings), else None. A results file re-rendered on another CPU must still name the
     one whose numerics made its numbers. (Not a commit: a cache file does not record the commit it was
     computed at, only that it was by that date.)"""
@@ -401,7 +402,8 @@ def computed_on(lab, name, command):
         return None
     with open(path, encoding="utf-8") as f:
         old = json.load(f)
-    if old.get("command") != command:
+    now = dataclasses.asdict(lab.cfg)
+    if not old.get("config") or any(now.get(k, v) != v or k not in now for k, v in old["config"].items()):
         return None
     keys = ("hardware", "cpu_flags", "device", "dtype", "date")
     return old.get("computed") or {k: old.get(k) for k in keys}
@@ -417,7 +419,7 @@ def save_results(lab, name, claim, settings, results, table, fig, notes=""):
             "device": lab.rt.device, "dtype": lab.rt.dtype, "dtype_reason": lab.dtype_reason,
             "cpu_flags": cpu_flags(), "commit": lab.commit, "seeds": seed_list(cfg), "command": command,
             "wall_time_s": wall, "runs_from_cache": lab.cached, "date": time.strftime("%Y-%m-%d"), "config": dataclasses.asdict(cfg),
-            "settings": settings, "computed": computed_on(lab, name, command)}
+            "settings": settings, "computed": computed_on(lab, name)}
     os.makedirs(cfg.out, exist_ok=True)
     atomic_write_text(os.path.join(cfg.out, f"{name}.json"), json.dumps({**meta, "results": results}, indent=2) + "\n")
     reused = f" (this sitting; {lab.cached} runs loaded from cache/, timed in earlier ones)" if lab.cached else ""

@@ -349,23 +349,31 @@ def test_error_bars_are_over_items_and_seeds_and_absent_without_per_item_scores(
 
 
 def test_a_re_rendering_names_the_machine_that_computed_the_runs(tmp_path):
-    """Every run from cache/ and the same command: the results keep the first sitting's hardware, flags,
-    dtype and date (also through a second re-rendering); a sitting that ran anything names its own."""
+    """Every run from cache/ and the same configuration: the results keep the first sitting's hardware,
+    flags, dtype and date (also through a second re-rendering); a sitting that ran anything, or another
+    configuration, names its own."""
+    import dataclasses
     import types
 
     import common
 
-    lab = types.SimpleNamespace(cfg=types.SimpleNamespace(out=str(tmp_path)), fresh=0, cached=3)
-    first = {"command": "python lab/x.py", "hardware": "a bf16 CPU", "cpu_flags": ["avx512_bf16"], "device": "cpu",
-             "dtype": "bfloat16", "commit": "abc", "date": "2026-12-03", "computed": None}
+    @dataclasses.dataclass
+    class Cfg:
+        out: str = str(tmp_path)
+        seeds: str = "1,2"
+        lora_dropout: float = 0.0  # a setting added after the first results
+
+    lab = types.SimpleNamespace(cfg=Cfg(lora_dropout=0.05), fresh=0, cached=3)
+    first = {"config": {"out": str(tmp_path), "seeds": "1,2"}, "hardware": "a bf16 CPU", "cpu_flags": ["avx512_bf16"],
+             "device": "cpu", "dtype": "bfloat16", "commit": "abc", "date": "2026-12-03", "computed": None}
     (tmp_path / "x.json").write_text(json.dumps(first))
-    computed = common.computed_on(lab, "x", "python lab/x.py")
+    computed = common.computed_on(lab, "x")
     assert computed == {k: first[k] for k in ("hardware", "cpu_flags", "device", "dtype", "date")}
     (tmp_path / "x.json").write_text(json.dumps({**first, "hardware": "an AVX2 CPU", "computed": computed}))
-    assert common.computed_on(lab, "x", "python lab/x.py") == computed
-    assert common.computed_on(lab, "x", "python lab/x.py --seeds 1") is None  # another command
-    assert common.computed_on(types.SimpleNamespace(**{**vars(lab), "fresh": 1}), "x", "python lab/x.py") is None
-    assert common.computed_on(lab, "y", "python lab/x.py") is None  # no earlier results
+    assert common.computed_on(lab, "x") == computed
+    assert common.computed_on(types.SimpleNamespace(**{**vars(lab), "cfg": Cfg(seeds="1")}), "x") is None
+    assert common.computed_on(types.SimpleNamespace(**{**vars(lab), "fresh": 1}), "x") is None
+    assert common.computed_on(lab, "y") is None  # no earlier results
 
 
 def test_far_held_out_families_are_whole_skills_missing_from_training():
