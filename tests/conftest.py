@@ -278,6 +278,11 @@ def base_args(model_dir, chats, out, **over):
     return args
 
 
+def cells_of(line):
+    """A markdown table row's cells, stripped, bold marks removed: "| a | **b** |" -> ["a", "b"]."""
+    return [c.strip().replace("**", "") for c in line.strip().strip("|").split("|")]
+
+
 def run_script(args, env=None, timeout=120):
     env = dict(env or os.environ, OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, str(ROOT / "train.py"), *map(str, args)], capture_output=True,

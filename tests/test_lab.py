@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import base_args, run_main
+from conftest import base_args, cells_of, run_main
 
 from model import from_pretrained
 from plumbing.intervals import mean_interval
@@ -269,6 +269,31 @@ def test_the_readme_headline_table_quotes_results_headline_md():
         assert cells[:2] == ours[:2], name  # exact match and valid JSON, with their intervals
         assert cells[2:6] == [c.split(" [")[0] for c in ours[2:6]], name  # the four fields
         assert cells[6] == ours[6] and cells[7].removesuffix(" nats/token") == ours[7], name  # perplexity, KL
+
+
+def test_every_rate_interval_in_the_readme_is_a_results_files():
+    """Each README table row's rates with intervals ("12% [9, 17]") are, in order, a row of some results .md,
+    so a re-rendered results file cannot leave a stale interval behind in the README. The first versions'
+    one-seed tables (40 items, no per-item scores) are exempt only where each interval is Wilson's over 40."""
+    from plumbing.intervals import wilson
+
+    rate = re.compile(r"^(\d+)% \[(\d+), (\d+)\]$")
+    files = sorted((ROOT / "results").glob("*.md")) + sorted((ROOT / "results").glob("*/README.md"))
+    rows = [cells_of(line) for f in files for line in f.read_text().splitlines() if line.startswith("|")]
+
+    def first_version(cell):  # p% [low, high] as Wilson's over some k of 40 items
+        p, low, high = map(int, rate.match(cell).groups())
+        return any(round(100 * k / 40) == p and [round(100 * x) for x in wilson(k, 40)[1:]] == [low, high]
+                   for k in range(41))
+
+    checked = 0
+    for line in (ROOT / "README.md").read_text().splitlines():
+        rates = [c for c in cells_of(line) if rate.match(c)] if line.startswith("|") else []
+        if rates:
+            quoted = any(all(c in iter_row for c in rates) for iter_row in map(iter, rows))
+            assert quoted or all(map(first_version, rates)), f"README row quotes no results file: {line}"
+            checked += 1
+    assert checked > 40
 
 
 def test_claims_on_quick_outputs(quick_gguf, quick_dir):
