@@ -24,7 +24,8 @@ MODEL=${MODEL:-smollm2-135m-instruct-gguf}
 OUT=${OUT:-results/ladder}
 CACHE="$(dirname "$OUT")/cache/ladder"
 DTYPE=${DTYPE:-float32}
-ONLY=${ONLY:-know-lora know-full triage-lora}
+ALL="know-lora know-full triage-lora"  # every run; ladder_report merges only when all of them ran
+ONLY=${ONLY:-$ALL}
 common=(--model "$MODEL" --batch-size 8 --dtype "$DTYPE" --save-every 0)
 know=(--epochs 5)
 [ -n "${KNOW_STEPS:-}" ] && know=(--max-steps "$KNOW_STEPS" --warmup 0)
@@ -37,7 +38,7 @@ for seed in $SEEDS; do
             know-lora) train=(--data knowledge "${know[@]}") ;;
             know-full) train=(--data knowledge "${know[@]}" --full) ;;
             triage-lora) train=(--data triage --max-steps "$TRIAGE_STEPS" --warmup $((TRIAGE_STEPS / 10))) ;;
-            *) echo "lab/ladder.sh: ONLY=\"$ONLY\": no run $run; use know-lora, know-full, triage-lora" >&2
+            *) echo "lab/ladder.sh: ONLY=\"$ONLY\": no run $run; use one of: $ALL" >&2
                exit 1 ;;
         esac
         trained=${KNOW_STEPS:+$KNOW_STEPS-steps}
@@ -56,7 +57,7 @@ for seed in $SEEDS; do
         reports+=(--report "$name=$kept")
     done
 done
-if [ "$ONLY" != "know-lora know-full triage-lora" ]; then
+if [ "$ONLY" != "$ALL" ]; then
     echo "lab/ladder.sh: ONLY=\"$ONLY\": those runs are kept in $CACHE; run without ONLY to merge them"
     exit 0
 fi
