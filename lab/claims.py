@@ -187,8 +187,8 @@ def claim_rows(results):
         full = row(d["results"], run="full fine-tune (lr 5e-5)")["per_seed"]["stored_bytes"]
         lora = row(d["results"], run="LoRA (r=16, lr 5e-4)")["per_seed"]["stored_bytes"]
         gains = [(f - a) / f for f, a in zip(full, lora)]  # the share of a full copy's bytes not stored
-        return (sum(gains) / len(gains), [min(gains), max(gains)],
-                "a measurement: file sizes on disk have no sampling noise (the interval: the seeds' range)"), len(gains)
+        method = "a measurement: file sizes on disk have no sampling noise (the interval: the seeds' range)"
+        return (sum(gains) / len(gains), [min(gains), max(gains)], method), len(gains)
     add(12, "Full fine-tuning stores a whole model; LoRA trains and stores tiny adapters", "headline",
         "share of the full model's bytes an r=16 adapter saves (each seed's saved files)", storage, "")
     return out
