@@ -2,8 +2,8 @@
 
 Every lab cache file (results/cache/NAME/*.json) keeps each scored item's result under "items". Given two
 such files, or two lists of seeds (paired in order), this prints each side's rate with its 95% interval
-over items and seeds and the difference with a paired bootstrap interval (plumbing/intervals.py): whether two settings
-differ beyond the noise, asked of runs already made, with nothing retrained.
+over items and seeds and the difference with a paired bootstrap interval (plumbing/intervals.py):
+whether two settings differ beyond the noise, asked of runs already made, with nothing retrained.
 
     python scripts/compare_runs.py -a A.json -b B.json                          # every metric both keep
     python scripts/compare_runs.py -a A1.json,A2.json -b B1.json,B2.json --metric exact_match  # seeds in order
@@ -47,12 +47,12 @@ def compare(a, b, metrics):
         sa, sb = [s[m] for s in a], [s[m] for s in b]
         if [len(x) for x in sa] != [len(y) for y in sb]:
             raise ValueError(f"{m}: A and B scored different numbers of items; pair runs on the same test set")
-        n = f"{len(sa[0])} items x {len(sa)} seeds" if len(sa) > 1 else f"{len(sa[0])} items"
+        sample = f"{len(sa[0])} items x {len(sa)} seeds" if len(sa) > 1 else f"{len(sa[0])} items"
         ra, rb = item_rate(sa), item_rate(sb)
         d, low, high = paired_bootstrap(sa, sb)
         seen = "no difference seen" if low <= 0 <= high else "a difference"
         lines.append(f"{m}: A {ra[0]:.1%} [{ra[1]:.1%}, {ra[2]:.1%}]  B {rb[0]:.1%} [{rb[1]:.1%}, {rb[2]:.1%}]  "
-                     f"A - B {d:+.3f} [{low:+.3f}, {high:+.3f}]  ({seen}; {n})")
+                     f"A - B {d:+.3f} [{low:+.3f}, {high:+.3f}]  ({seen}; {sample})")
     return lines
 
 
