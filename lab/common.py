@@ -394,16 +394,22 @@ def computed_on(lab, name):
     """Where the runs of a re-rendering were computed: when every run came from cache/ and the previous
     OUT/NAME.json had the same configuration (each setting it recorded equal now; a setting added since
     must be given its value of then, as the cache key asks), its hardware, CPU flags, dtype and date
-    (carried on through later re-renderings), else None. A results file re-rendered on another CPU must
+    (carried on through later re-renderings), else None (also when that file is not a results JSON). A results file re-rendered on another CPU must
     still name the one whose numerics made its numbers. (Not a commit: a cache file does not record the
     commit it was computed at, only that it was by that date.)"""
     path = os.path.join(lab.cfg.out, f"{name}.json")
     if lab.fresh or not lab.cached or not os.path.isfile(path):
         return None
-    with open(path, encoding="utf-8") as f:
-        old = json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            old = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:  # not ours to trust: the provenance is lost
+        print(f"{path}: not a results JSON ({e}); its earlier provenance is not carried on")
+        return None
     now = dataclasses.asdict(lab.cfg)
-    if not old.get("config") or any(k not in now or now[k] != v for k, v in old["config"].items()):
+    if not isinstance(old, dict) or not isinstance(old.get("config"), dict) or not old["config"]:
+        return None
+    if any(k not in now or now[k] != v for k, v in old["config"].items()):
         return None
     keys = ("hardware", "cpu_flags", "device", "dtype", "date")
     return old.get("computed") or {k: old.get(k) for k in keys}

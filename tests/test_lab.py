@@ -399,6 +399,10 @@ def test_a_re_rendering_names_the_machine_that_computed_the_runs(tmp_path):
     assert common.computed_on(types.SimpleNamespace(**{**vars(lab), "cfg": Cfg(seeds="1")}), "x") is None
     assert common.computed_on(types.SimpleNamespace(**{**vars(lab), "fresh": 1}), "x") is None
     assert common.computed_on(lab, "y") is None  # no earlier results
+    (tmp_path / "z.json").write_text('{"config": {"out"')  # cut short: no provenance, no traceback
+    assert common.computed_on(lab, "z") is None
+    (tmp_path / "z.json").write_text("[1, 2]")  # JSON, but not a results file
+    assert common.computed_on(lab, "z") is None
 
 
 def test_far_held_out_families_are_whole_skills_missing_from_training():
