@@ -394,9 +394,10 @@ def computed_on(lab, name):
     """Where the runs of a re-rendering were computed: when every run came from cache/ and the previous
     OUT/NAME.json had the same configuration (each setting it recorded equal now; a setting added since
     must be given its value of then, as the cache key asks), its hardware, CPU flags, dtype and date
-    (carried on through later re-renderings), else None (also when that file is not a results JSON). A results file re-rendered on another CPU must
-    still name the one whose numerics made its numbers. (Not a commit: a cache file does not record the
-    commit it was computed at, only that it was by that date.)"""
+    (carried on through later re-renderings), else None (also when that file is not a results JSON).
+    A results file re-rendered on another CPU must still name the one whose numerics made its numbers.
+    (Not a commit: a cache file does not record the commit it was computed at, only that it was by
+    that date.)"""
     path = os.path.join(lab.cfg.out, f"{name}.json")
     if lab.fresh or not lab.cached or not os.path.isfile(path):
         return None
