@@ -7,7 +7,8 @@ for each, and a results file. The pieces are train.py's and eval.py's own, calle
 - setup(cfg): device and dtype (decided and printed by plumbing.device), the tokenizer and the base model,
   or with --quick a tiny random model of the same family and tokenizer, so CI runs a script in seconds.
 - finetune(lab, conversations, steps, ...): LoRA or full fine-tuning with train.py's BatchStream, optimizer,
-  schedule and train_step; a callback sees the model every N steps (per-epoch curves).
+  schedule and train_step; a callback sees the model every N steps (per-epoch curves); a Resume keeps
+  checkpoints, so a run longer than a sitting continues in the next.
 - replies / scored(...): eval.py's batched generation and the task's own scorer (tasks.score).
 - save_results(...): results/NAME.json (every number), NAME.md (table, command, hardware, wall time), NAME.png.
 """
@@ -17,6 +18,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -45,6 +47,7 @@ from eval import (  # noqa: E402
 )
 from model import GPT, Sampling, from_pretrained, load_config  # noqa: E402
 from plumbing import cli  # noqa: E402
+from plumbing.checkpoint import checkpoint_names, load_checkpoint, restore, save_run_checkpoint  # noqa: E402
 from plumbing.device import setup_runtime  # noqa: E402
 from plumbing.files import atomic_write_text  # noqa: E402
 from plumbing.hub import resolve_pretrained  # noqa: E402
@@ -164,15 +167,51 @@ def setup(cfg):
 # Fine-tuning in-process: train.py's step, schedule and data stream
 
 
+@dataclass
+class Resume:
+    """Where a lab run longer than a sitting keeps its checkpoints: FOLDER/ckpt (train.py's, via
+    plumbing.checkpoint: weights, optimizer, data position, random generators) and FOLDER/losses.json,
+    written every `every` steps. A run killed mid-way (a session's end) continues from its last one to
+    the same losses and weights as a run never stopped."""
+
+    folder: str
+    every: int = 25
+    earlier_s: float = 0.0  # set when it resumes: the seconds the sittings before spent, to their checkpoint
+
+
+def resumed(resume, cfg, s, stream):
+    """(step, losses) to continue from: the newest checkpoint in resume.folder/ckpt restored into setup
+    s and the stream (and resume.earlier_s set), or (0, []) when there is none. Refuses one made with
+    other training settings."""
+    ckpt = os.path.join(resume.folder, "ckpt")
+    if not checkpoint_names(ckpt):
+        return 0, []
+    tensors, state = load_checkpoint(ckpt)
+    if state.get("args") != json.loads(json.dumps(dataclasses.asdict(cfg))):
+        raise ValueError(f"{ckpt}: made with other training settings than this run's; delete "
+                         f"{resume.folder} to start it again")
+    step = restore(tensors, state, s, stream)["step"]
+    with open(os.path.join(resume.folder, "losses.json"), encoding="utf-8") as f:
+        done = json.load(f)
+    losses = done["losses"][:step]  # written before the checkpoint: it may hold a step or more past it
+    resume.earlier_s = done["seconds"]
+    print(f"{state['loaded_from']}: resumed at step {step}")
+    return step, losses
+
+
 def finetune(lab, conversations, steps, on_step=None, every=0, desc="train", dedup=True, mask_fn=None,
-             render=None, **overrides):
+             render=None, resume=None, **overrides):
     """A fine-tuned copy of lab.base after `steps` optimizer steps on the conversations. overrides: any
     TrainConfig field (full, lr, lora_rank, train_on, warmup, ...). on_step(step, model, losses, optimizer) runs
     every `every` steps (the model in eval mode; training resumes after). dedup=False keeps exact duplicate
     conversations (train.py drops them); mask_fn(ids, mask) -> mask changes what is trained (lab/masking.py);
     render(messages) -> (ids, mask) renders with another template than data.py's (workshop/see.py: a
-    learner's). Returns (model in eval mode, per-step losses)."""
-    cfg = train_config(lab, steps, **overrides)
+    learner's). resume: a Resume, for a run that may outlive the sitting (no on_step: a resumed run could
+    not replay the callbacks of the steps before). Returns (model in eval mode, per-step losses)."""
+    if resume and on_step:
+        raise ValueError("finetune: resume and on_step together are not supported (the callbacks before "
+                         "the checkpoint would be lost)")
+    cfg, t0 = train_config(lab, steps, **overrides), time.time()
     if render is None:
         examples, _ = data.tokenize_dataset(conversations, lab.tok, lab.base.config.block_size, cfg.train_on,
                                             dedup=dedup)
@@ -187,11 +226,17 @@ def finetune(lab, conversations, steps, on_step=None, every=0, desc="train", ded
     stream = train.BatchStream(examples, cfg.batch_size, cfg.seed, lab.rt, lab.fmt.pad_id)
     max_lr = train.default_lr(cfg)
     schedule = train.Schedule(max_lr, cfg.warmup, steps, max_lr * cfg.min_lr_ratio)
-    losses, model = [], s.raw_model
+    start, losses = resumed(resume, cfg, s, stream) if resume else (0, [])
+    model = s.raw_model
     model.train()
-    for step in tqdm(range(steps), desc=desc, leave=False):
+    for step in tqdm(range(start, steps), desc=desc, leave=False, initial=start, total=steps):
         loss, _, _ = train.train_step(s, [stream.next()], train.lr_at(step, schedule), cfg.grad_clip)
         losses.append(float(loss))
+        if resume and (step + 1) % resume.every == 0 and step + 1 < steps:  # losses first: see resumed
+            os.makedirs(resume.folder, exist_ok=True)
+            done = {"losses": losses, "seconds": resume.earlier_s + time.time() - t0}
+            atomic_write_text(os.path.join(resume.folder, "losses.json"), json.dumps(done) + "\n")
+            save_run_checkpoint(os.path.join(resume.folder, "ckpt"), s, train.Progress(step=step + 1), stream, cfg)
         if on_step and every and (step + 1) % every == 0:
             model.eval()
             on_step(step + 1, model, losses, s.optimizer)
@@ -317,20 +362,26 @@ def dtype_suffix(lab):
     return "" if lab.rt.dtype == "bfloat16" else f"-{lab.rt.dtype}"
 
 
+def run_path(lab, name, config, seed):
+    """OUT/cache/NAME/<model>-<config>-...-s<seed>: where one run's result (.json) and, for a run that
+    may outlive a sitting, its Resume folder (.partial) live. The key holds every setting that changes
+    the result (config: a short string naming the configuration)."""
+    model = os.path.basename(lab.cfg.model) + ("-quick" if lab.cfg.quick else "")
+    key = f"{model}-{config}{dropout_suffix(lab)}{dtype_suffix(lab)}-s{seed}"
+    key = key.replace("/", "_").replace(" ", "_").replace(",", "")
+    return os.path.join(lab.cfg.out, "cache", name, key)
+
+
 def cached_runs(lab, name, config, run_one, same_for_every_seed=False):
-    """[run_one(seed) for each seed], each loaded from OUT/cache/NAME/<config>-s<seed>.json when an earlier
-    sitting finished it, else run and saved there at once (atomically): a sweep stopped by a session's
-    end resumes where it stopped. run_one returns a JSON-able dict; the cache key holds every setting
-    that changes the result (config: a short string naming the configuration). same_for_every_seed: the
+    """[run_one(seed) for each seed], each loaded from run_path(...).json when an earlier sitting finished
+    it, else run and saved there at once (atomically; its Resume folder, if any, then deleted): a sweep
+    stopped by a session's end resumes where it stopped. run_one returns a JSON-able dict; the cache key
+    holds every setting that changes the result (config: a short string naming the configuration). same_for_every_seed: the
     run has nothing random (the untrained base model, greedy replies), so it is run once and its result
     stored for each seed."""
-    folder = os.path.join(lab.cfg.out, "cache", name)
     runs = []
     for seed in seed_list(lab.cfg):
-        model = os.path.basename(lab.cfg.model) + ("-quick" if lab.cfg.quick else "")
-        key = f"{model}-{config}{dropout_suffix(lab)}{dtype_suffix(lab)}-s{seed}"
-        key = key.replace("/", "_").replace(" ", "_").replace(",", "")
-        path = os.path.join(folder, f"{key}.json")
+        path = run_path(lab, name, config, seed) + ".json"
         if os.path.isfile(path):
             with open(path, encoding="utf-8") as f:
                 runs.append(json.load(f))
@@ -339,8 +390,9 @@ def cached_runs(lab, name, config, run_one, same_for_every_seed=False):
             continue
         result = {**runs[0], "seed": seed} if same_for_every_seed and runs else {"seed": seed, **run_one(seed)}
         lab.fresh += 1
-        os.makedirs(folder, exist_ok=True)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         atomic_write_text(path, json.dumps(result) + "\n")
+        shutil.rmtree(run_path(lab, name, config, seed) + ".partial", ignore_errors=True)  # its Resume's
         runs.append(result)
     return runs
 

@@ -3,14 +3,16 @@ training conversations, each set trained for the same number of epochs, for LoRA
 
 The claim "thousands of examples, not trillions of tokens" (claim 11) is read from lab/headline.py, whose
 full fine-tuning sees 800 distinct conversations, with 3 seeds x 250 items: at equal epochs this sweep's
-1,600 set alone is 400 full fine-tuning steps, about 1 CPU-hour a seed in float32 on 2 cores. This one asks
-how many: the curve. Every run passes over its own
-set --epochs times (a size-n set takes epochs x n / batch optimizer steps), so a larger set is both more
-varied and more training, as it is when someone collects more data. (At equal steps instead, a 400 and a
+1,600 set alone is 400 full fine-tuning steps, about 3 hours a seed on one thread of a 2-core AVX2 CPU in
+float32. This one asks how many: the curve. Every run passes over its own set --epochs times (a size-n set
+takes epochs x n / batch optimizer steps), so a larger set is both more varied and more training, as it is
+when someone collects more data. (At equal steps instead, a 400 and a
 1,600 set would show the model the same 256 conversations: the same experiment twice.) Each model answers
 the same held-out triage messages, greedy, scored by the task's own rules: exact match of all four labels,
 each label alone, and the share of valid one-line JSON. Each (method, size, seed) run is cached with its
-per-item scores; the base model is untrained and greedy, so it is scored once.
+per-item scores; the base model is untrained and greedy, so it is scored once. A run also checkpoints every
+25 steps (cache/data_size/<run>.partial, deleted when it finishes): full fine-tuning on 1,600 is hours on a
+CPU, and a sitting that ends mid-run loses at most 25 steps.
 
     python lab/data_size.py --seeds 1337,1338,1339 --dtype bfloat16   # SmolLM2 -> results/data_size.*
     python lab/data_size.py --sizes 50,200 --epochs 3 --methods lora
@@ -22,8 +24,8 @@ import random
 import time
 from dataclasses import dataclass
 
-from common import (LabConfig, cached_runs, finetune, merge_seeds, parse, rate_bars, rate_text, run,
-                    save_results, scored, seed_list, setup, training_settings)
+from common import (LabConfig, Resume, cached_runs, finetune, merge_seeds, parse, rate_bars, rate_text, run,
+                    run_path, save_results, scored, seed_list, setup, training_settings)
 
 from plumbing import cli
 from plumbing.plots import pyplot
@@ -62,24 +64,30 @@ def main(argv=None):
     pool = load_items("triage", "train", 0)[0]
     random.Random(cfg.seed).shuffle(pool)  # a size-n set is the first n of one shuffle: each set holds the smaller
     test = load_items("triage", "test", cfg.eval_items)[0]
-    def measure(model, desc, losses=(), t0=None):
+
+    def measure(model, desc, losses=(), train_s=0.0):
         s, out = scored(lab, model, test, desc=desc)
         return {"exact_match": s["exact_match"], "valid": s["valid"], **s["fields"], "items": s["items"],
                 "replies": out,
                 "final_loss": sum(losses[-4:]) / max(1, len(losses[-4:])),
-                "train_s": 0.0 if t0 is None else time.time() - t0}
+                "train_s": train_s}
 
     rows = []
     for method, n in [("base (no tuning)", 0)] + [(m, n) for m in methods for n in sizes]:
+        key = f"{method}-n{n}-{cfg.epochs:g}epochs-{len(test)}items-data{cfg.seed}"
+
         def run_one(seed):
             if n == 0:
                 return measure(lab.base, "base")
             t0 = time.time()
+            # a 1,600 run is hours on a CPU: checkpointed, it continues in the next sitting
+            resume = Resume(run_path(lab, "data_size", key, seed) + ".partial")
             model, losses = finetune(lab, [r["messages"] for r in pool[:n]], steps_for(cfg, n),
-                                     full=method == "full", desc=f"{method} n={n} s{seed}", seed=seed)
-            return measure(model, f"{method} n={n}", losses, t0)
+                                     full=method == "full", desc=f"{method} n={n} s{seed}", seed=seed,
+                                     resume=resume)
+            train_s = resume.earlier_s + time.time() - t0  # every sitting's, to the end of training
+            return measure(model, f"{method} n={n}", losses, train_s)
 
-        key = f"{method}-n{n}-{cfg.epochs:g}epochs-{len(test)}items-data{cfg.seed}"
         row = merge_seeds(cached_runs(lab, "data_size", key, run_one, same_for_every_seed=n == 0), METRICS)
         row["fields"] = {f: row[f] for f in TRIAGE_FIELDS}
         steps = steps_for(cfg, n) if n else 0

@@ -454,6 +454,47 @@ def test_lab_finetune_is_train_py_step_for_step(tiny_model_dir, chats, tmp_path)
         torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)
 
 
+def test_a_lab_run_killed_mid_way_resumes_to_the_same_result(tiny_model_dir, chats, tmp_path, monkeypatch):
+    """finetune with a Resume, killed after step 3 (checkpoint at step 2), then called again: the same
+    losses and weights as a run never stopped (the data position, optimizer and dropout's generator all
+    restored). A checkpoint of other settings is refused; without one, a run starts at step 0."""
+    import common
+
+    import lora
+    import train
+
+    cfg = common.LabConfig(model=tiny_model_dir, batch_size=2, device="cpu", dtype="float32")
+    lab = common.setup(cfg)
+    convs = [json.loads(line)["messages"] for line in open(chats)]
+    settings = dict(lr=1e-2, warmup=2, lora_dropout=0.2)
+    want_model, want = common.finetune(lab, convs, 6, **settings)
+
+    real_step, calls = train.train_step, []
+
+    def dies_at_step_4(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt  # a session's end, mid-step
+        return real_step(*args, **kwargs)
+
+    resume = common.Resume(str(tmp_path / "run.partial"), every=2)
+    monkeypatch.setattr(train, "train_step", dies_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        common.finetune(lab, convs, 6, resume=resume, **settings)
+    monkeypatch.setattr(train, "train_step", real_step)
+    assert sorted(os.listdir(tmp_path / "run.partial" / "ckpt")) == ["latest", "step_0000002"]
+    again = common.Resume(str(tmp_path / "run.partial"), every=2)
+    model, losses = common.finetune(lab, convs, 6, resume=again, **settings)
+    assert losses == want and again.earlier_s > 0
+    want_sd, got_sd = lora.lora_state_dict(want_model), lora.lora_state_dict(model)
+    for k in want_sd:
+        torch.testing.assert_close(got_sd[k], want_sd[k], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="other training settings"):
+        common.finetune(lab, convs, 6, resume=common.Resume(str(tmp_path / "run.partial")), **{**settings, "lr": 2e-2})
+    _, fresh = common.finetune(lab, convs, 6, resume=common.Resume(str(tmp_path / "new.partial")), **settings)
+    assert fresh == want
+
+
 # -----------------------------------------------------------------------------
 # The triage generator's knobs
 
