@@ -245,21 +245,24 @@ def test_the_readme_shows_the_claims_table_first_in_its_lab_section():
     assert lab[1].startswith("The twelve claims") and table in lab[1]
 
 
-def test_every_claim_number_in_the_readme_prose_is_claims_json():
-    """A sentence that quotes a claim's effect and interval ("claim 1: +0.09 [+0.06, +0.13]", or
-    "+0.42 [+0.34, +0.50] (claim 4") quotes results/claims.json at the precision it prints: a re-computed
-    interval cannot leave a stale copy in the prose."""
-    readme = " ".join((ROOT / "README.md").read_text().split())
+def test_every_claim_number_in_the_prose_is_claims_json():
+    """A sentence of README.md or results/README.md that quotes a claim's effect and interval ("claim 1:
+    +0.09 [+0.06, +0.13]", "claim 3's +33 points [+25, +40]", "+0.42 [+0.34, +0.50] (claim 4") quotes
+    results/claims.json at the precision it prints: a re-computed interval leaves no stale copy."""
     claims = {c["claim"]: c for c in json.loads((ROOT / "results" / "claims.json").read_text())}
-    num = r"([+-]\d+\.(\d+))"
-    before = re.finditer(rf"claim (\d+)[:,] {num}[a-z ]*\[{num}, {num}\]", readme)
-    after = re.finditer(rf"{num} \[{num}, {num}\] \(claim (\d+)", readme)
-    quoted = [(int(m[1]), m[2], m[3], m[4], m[6]) for m in before]  # (claim, effect, its decimals, low, high)
-    quoted += [(int(m[7]), m[1], m[2], m[3], m[5]) for m in after]
-    assert len(quoted) >= 8
-    for claim, effect, places, low, high in quoted:
-        c, d = claims[claim], len(places)
-        assert (effect, low, high) == tuple(f"{v:+.{d}f}" for v in (c["effect"], *c["ci"])), (claim, effect, low, high)
+    num = r"([+-]\d+(?:\.\d+)?)"
+    quoted = []
+    for path in ("README.md", "results/README.md"):
+        text = " ".join((ROOT / path).read_text().split())
+        for m in re.finditer(rf"claim (\d+)\D{{0,20}}?{num}( points)?[a-z ]*\[{num}, {num}\]", text):
+            quoted.append((path, int(m[1]), m[2], bool(m[3]), m[4], m[5]))
+        for m in re.finditer(rf"{num} \[{num}, {num}\] \(claim (\d+)", text):
+            quoted.append((path, int(m[4]), m[1], False, m[2], m[3]))
+    assert len(quoted) >= 10
+    for path, claim, effect, points, low, high in quoted:
+        c, places = claims[claim], len(effect.partition(".")[2])
+        want = tuple(f"{v * (100 if points else 1):+.{places}f}" for v in (c["effect"], *c["ci"]))
+        assert (effect, low, high) == want, (path, claim)
 
 
 def test_the_readme_ladder_table_is_results_ladder():
