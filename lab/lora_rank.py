@@ -113,6 +113,8 @@ def main(argv=None):
                    label="KL(base‖tuned), general text (seed range)")
     ax_acc.set(ylabel="exact match (%)", title=f"Learned vs forgotten ({cfg.steps} steps each)")
     ax_kl.set_ylabel("KL (nats per token)")
+    for ax in (ax_cost, ax_acc):
+        ax.tick_params(axis="x", labelsize=8)  # five method names side by side
     ax_acc.legend(loc="upper left", fontsize=8)
     ax_kl.legend(loc="lower right", fontsize=8)
     settings = {"ranks": ranks, "alpha": cfg.alpha, "steps": cfg.steps, "batch": cfg.batch_size,
