@@ -118,7 +118,8 @@ def main(argv=None):
     ax_acc.legend(loc="upper left", fontsize=8)
     ax_kl.legend(loc="lower right", fontsize=8)
     settings = {"ranks": ranks, "alpha": cfg.alpha, "steps": cfg.steps, "batch": cfg.batch_size,
-                "LoRA training (at each rank)": training_settings(lab, cfg.steps, lora_alpha=cfg.alpha),
+                f"LoRA training (r={ranks[0]}'s; the others differ only in r)":
+                    training_settings(lab, cfg.steps, lora_rank=ranks[0], lora_alpha=cfg.alpha),
                 "full": training_settings(lab, cfg.steps, full=True), "test items": len(test),
                 "forgetting text": f"data/general.txt, {sum(w[1].numel() for w in windows)} tokens",
                 "peak memory": rows[0]["peak_how"], "seeds": seed_list(cfg)}
