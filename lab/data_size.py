@@ -3,7 +3,7 @@ training conversations, each set trained for the same number of epochs, for LoRA
 
 The claim "thousands of examples, not trillions of tokens" (claim 11) is read from lab/headline.py, whose
 full fine-tuning sees 800 distinct conversations, with 3 seeds x 250 items: at equal epochs this sweep's
-1,600 set alone is 400 full fine-tuning steps, about 3 hours a seed on one thread of a 2-core AVX2 CPU in
+1,600 set alone is 400 full fine-tuning steps, 2-3 hours a seed on one thread of a 2-core AVX2 CPU in
 float32. This one asks how many: the curve. Every run passes over its own set --epochs times (a size-n set
 takes epochs x n / batch optimizer steps), so a larger set is both more varied and more training, as it is
 when someone collects more data. (At equal steps instead, a 400 and a
