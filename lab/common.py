@@ -176,7 +176,7 @@ class Resume:
 
     folder: str
     every: int = 25
-    earlier_s: float = 0.0  # set when it resumes: the seconds the sittings before spent, to their checkpoint
+    earlier_s: float = 0.0  # set on resuming: the seconds earlier sittings spent, up to their checkpoint
 
 
 def resumed(resume, cfg, s, stream):
@@ -236,7 +236,8 @@ def finetune(lab, conversations, steps, on_step=None, every=0, desc="train", ded
             os.makedirs(resume.folder, exist_ok=True)
             done = {"losses": losses, "seconds": resume.earlier_s + time.time() - t0}
             atomic_write_text(os.path.join(resume.folder, "losses.json"), json.dumps(done) + "\n")
-            save_run_checkpoint(os.path.join(resume.folder, "ckpt"), s, train.Progress(step=step + 1), stream, cfg)
+            progress = train.Progress(step=step + 1)
+            save_run_checkpoint(os.path.join(resume.folder, "ckpt"), s, progress, stream, cfg)
         if on_step and every and (step + 1) % every == 0:
             model.eval()
             on_step(step + 1, model, losses, s.optimizer)
@@ -376,9 +377,9 @@ def cached_runs(lab, name, config, run_one, same_for_every_seed=False):
     """[run_one(seed) for each seed], each loaded from run_path(...).json when an earlier sitting finished
     it, else run and saved there at once (atomically; its Resume folder, if any, then deleted): a sweep
     stopped by a session's end resumes where it stopped. run_one returns a JSON-able dict; the cache key
-    holds every setting that changes the result (config: a short string naming the configuration). same_for_every_seed: the
-    run has nothing random (the untrained base model, greedy replies), so it is run once and its result
-    stored for each seed."""
+    holds every setting that changes the result (config: a short string naming the configuration).
+    same_for_every_seed: the run has nothing random (the untrained base model, greedy replies), so it is
+    run once and its result stored for each seed."""
     runs = []
     for seed in seed_list(lab.cfg):
         path = run_path(lab, name, config, seed) + ".json"

@@ -362,7 +362,8 @@ def test_seeds_are_cached_as_they_finish_and_merged_with_per_item_scores(quick_g
 
 def test_a_run_with_nothing_random_is_run_once_and_cached_for_every_seed(tmp_path):
     """cached_runs(..., same_for_every_seed=True): the base model is measured once, not once per seed, and
-    each seed still gets its own cache file (so a later sitting with more seeds resumes the same way)."""
+    each seed still gets its own cache file (so a later sitting with more seeds resumes the same way). A
+    finished run's Resume folder is deleted once its result is cached."""
     import types
 
     import common
@@ -377,6 +378,10 @@ def test_a_run_with_nothing_random_is_run_once_and_cached_for_every_seed(tmp_pat
     assert calls == [1, 1, 2, 3] and [r["x"] for r in runs] == [1, 2, 3]
     common.cached_runs(lab, "t", "tuned", lambda seed: calls.append(seed))  # a second sitting: all loaded
     assert calls == [1, 1, 2, 3] and lab.cached == 3
+    partial = common.run_path(lab, "t", "long", 2) + ".partial"  # a Resume folder a killed sitting left
+    os.makedirs(os.path.join(partial, "ckpt"))
+    common.cached_runs(lab, "t", "long", lambda seed: {"x": seed})
+    assert not os.path.exists(partial) and os.path.isfile(common.run_path(lab, "t", "long", 2) + ".json")
 
 
 def test_error_bars_are_over_items_and_seeds_and_absent_without_per_item_scores():
@@ -510,7 +515,8 @@ def test_a_lab_run_killed_mid_way_resumes_to_the_same_result(tiny_model_dir, cha
     for k in want_sd:
         torch.testing.assert_close(got_sd[k], want_sd[k], rtol=0, atol=0)
     with pytest.raises(ValueError, match="other training settings"):
-        common.finetune(lab, convs, 6, resume=common.Resume(str(tmp_path / "run.partial")), **{**settings, "lr": 2e-2})
+        other = {**settings, "lr": 2e-2}
+        common.finetune(lab, convs, 6, resume=common.Resume(str(tmp_path / "run.partial")), **other)
     _, fresh = common.finetune(lab, convs, 6, resume=common.Resume(str(tmp_path / "new.partial")), **settings)
     assert fresh == want
 
