@@ -540,10 +540,10 @@ def test_ladder_script_runs_each_seed_once_and_the_claims_pair_their_items(tiny_
     assert r.returncode == 0 and not (tmp_path / "runs").exists(), r.stderr[-2000:]
     assert json.loads((tmp_path / "results" / "ladder" / "ladder.json").read_text()) == json.loads(first)
     # ONLY: some runs (another CPU's share of the sweep); kept runs are not retrained, nothing is merged
-    r = subprocess.run(["bash", "lab/ladder.sh"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+    r = subprocess.run(["bash", "lab/ladder.sh"], cwd=ROOT, capture_output=True, text=True, timeout=600,
                        env=dict(env, ONLY="triage-lora", OUT=str(tmp_path / "partial")))
     assert r.returncode == 0 and "run without ONLY to merge" in r.stdout and not (tmp_path / "partial").exists()
-    r = subprocess.run(["bash", "lab/ladder.sh"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+    r = subprocess.run(["bash", "lab/ladder.sh"], cwd=ROOT, capture_output=True, text=True, timeout=600,
                        env=dict(env, ONLY="know-lora triage"))
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "no run triage" in r.stderr
 
