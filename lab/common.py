@@ -179,6 +179,19 @@ class Resume:
     earlier_s: float = 0.0  # set on resuming: the seconds earlier sittings spent, up to their checkpoint
 
 
+def read_json(path, keys, remedy):
+    """The JSON object in path, which this lab wrote itself (atomically): one that is missing, does not
+    parse or lacks one of keys is one line naming the file and the remedy, not a traceback."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: cannot be read ({e}); {remedy}") from None
+    if not isinstance(obj, dict) or not set(keys) <= set(obj):
+        raise ValueError(f"{path}: not an object with {', '.join(keys)}; {remedy}")
+    return obj
+
+
 def resumed(resume, cfg, s, stream):
     """(step, losses) to continue from: the newest checkpoint in resume.folder/ckpt restored into setup
     s and the stream (and resume.earlier_s set), or (0, []) when there is none. Refuses one made with
@@ -191,8 +204,8 @@ def resumed(resume, cfg, s, stream):
         raise ValueError(f"{ckpt}: made with other training settings than this run's; delete "
                          f"{resume.folder} to start it again")
     step = restore(tensors, state, s, stream)["step"]
-    with open(os.path.join(resume.folder, "losses.json"), encoding="utf-8") as f:
-        done = json.load(f)
+    done = read_json(os.path.join(resume.folder, "losses.json"), ("losses", "seconds"),
+                     f"delete {resume.folder} to start this run again")
     losses = done["losses"][:step]  # written before the checkpoint: it may hold a step or more past it
     resume.earlier_s = done["seconds"]
     print(f"{state['loaded_from']}: resumed at step {step}")
@@ -382,10 +395,10 @@ def cached_runs(lab, name, config, run_one, same_for_every_seed=False):
     run once and its result stored for each seed."""
     runs = []
     for seed in seed_list(lab.cfg):
-        path = run_path(lab, name, config, seed) + ".json"
+        stem = run_path(lab, name, config, seed)
+        path = stem + ".json"
         if os.path.isfile(path):
-            with open(path, encoding="utf-8") as f:
-                runs.append(json.load(f))
+            runs.append(read_json(path, ("seed",), "delete it to run this again"))
             print(f"{name} {config} seed {seed}: cached ({path})")
             lab.cached += 1
             continue
@@ -393,7 +406,7 @@ def cached_runs(lab, name, config, run_one, same_for_every_seed=False):
         lab.fresh += 1
         os.makedirs(os.path.dirname(path), exist_ok=True)
         atomic_write_text(path, json.dumps(result) + "\n")
-        shutil.rmtree(run_path(lab, name, config, seed) + ".partial", ignore_errors=True)  # its Resume's
+        shutil.rmtree(stem + ".partial", ignore_errors=True)  # its Resume folder, no longer needed
         runs.append(result)
     return runs
 

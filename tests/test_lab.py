@@ -382,6 +382,10 @@ def test_a_run_with_nothing_random_is_run_once_and_cached_for_every_seed(tmp_pat
     os.makedirs(os.path.join(partial, "ckpt"))
     common.cached_runs(lab, "t", "long", lambda seed: {"x": seed})
     assert not os.path.exists(partial) and os.path.isfile(common.run_path(lab, "t", "long", 2) + ".json")
+    with open(common.run_path(lab, "t", "long", 1) + ".json", "w") as f:
+        f.write("[]\n")  # not a run's result
+    with pytest.raises(ValueError, match=r"-s1.json: not an object with seed; delete it to run this again"):
+        common.cached_runs(lab, "t", "long", lambda seed: {"x": seed})
 
 
 def test_error_bars_are_over_items_and_seeds_and_absent_without_per_item_scores():
@@ -519,6 +523,9 @@ def test_a_lab_run_killed_mid_way_resumes_to_the_same_result(tiny_model_dir, cha
         common.finetune(lab, convs, 6, resume=common.Resume(str(tmp_path / "run.partial")), **other)
     _, fresh = common.finetune(lab, convs, 6, resume=common.Resume(str(tmp_path / "new.partial")), **settings)
     assert fresh == want
+    (tmp_path / "run.partial" / "losses.json").write_text('{"losses": [2.1, 2.0')  # cut short
+    with pytest.raises(ValueError, match=r"losses.json: cannot be read .*; delete .*run.partial to start"):
+        common.finetune(lab, convs, 6, resume=common.Resume(str(tmp_path / "run.partial")), **settings)
 
 
 # -----------------------------------------------------------------------------
