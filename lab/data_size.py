@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 
 from common import (LabConfig, Resume, cached_runs, finetune, merge_seeds, parse, rate_bars, rate_text, run,
-                    run_path, save_results, scored, seed_list, setup, training_settings)
+                    run_path, save_results, scored, seed_list, setup, train_config, training_settings)
 
 from plumbing import cli
 from plumbing.plots import pyplot
@@ -111,6 +111,8 @@ def main(argv=None):
                         alpha=1 if metric == "exact_match" else 0.6, label=f"{method}: {label}")
     ax.axhline(100 * rows[0]["exact_match"], color="gray", lw=1, label="base model: exact match")
     ax.set_xscale("log")
+    ax.set_xticks(sizes, [f"{n:,}" for n in sizes], minor=False)  # the sizes run, not log-scale decades
+    ax.minorticks_off()
     ax.set_xlabel(f"distinct training conversations (each: {cfg.epochs:g} epochs at batch {cfg.batch_size})")
     ax.set_ylabel(f"% of {len(test)} test messages")
     ax.set_title("How many examples does fine-tuning need? (triage)")
@@ -118,7 +120,9 @@ def main(argv=None):
     ax.grid(alpha=0.3)
     settings = {"sizes": sizes, "epochs": cfg.epochs, "steps": {n: steps_for(cfg, n) for n in sizes},
                 "batch": cfg.batch_size, "methods": methods,
-                "training": {m: training_settings(lab, steps_for(cfg, sizes[-1]), full=m == "full") for m in methods},
+                "warmup steps": {n: train_config(lab, steps_for(cfg, n)).warmup for n in sizes},
+                f"training at {sizes[-1]}": {
+                    m: training_settings(lab, steps_for(cfg, sizes[-1]), full=m == "full") for m in methods},
                 "test items": len(test), "seeds": seed_list(cfg), "decoding": "greedy"}
     save_results(lab, "data_size", "fine-tuning needs thousands of examples, not trillions of tokens; how many?",
                  settings, rows, table, fig)
