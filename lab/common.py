@@ -49,7 +49,7 @@ from model import GPT, Sampling, from_pretrained, load_config  # noqa: E402
 from plumbing import cli  # noqa: E402
 from plumbing.checkpoint import checkpoint_names, load_checkpoint, restore, save_run_checkpoint  # noqa: E402
 from plumbing.device import setup_runtime  # noqa: E402
-from plumbing.files import atomic_write_text  # noqa: E402
+from plumbing.files import atomic_write_text, read_json  # noqa: E402
 from plumbing.hub import resolve_pretrained  # noqa: E402
 from plumbing.intervals import item_rate  # noqa: E402
 from plumbing.plots import save_figure  # noqa: E402
@@ -179,12 +179,12 @@ class Resume:
     earlier_s: float = 0.0  # set on resuming: the seconds earlier sittings spent, up to their checkpoint
 
 
-def read_json(path, keys, remedy):
-    """The JSON object in path, which this lab wrote itself (atomically): one that is missing, does not
-    parse or lacks one of keys is one line naming the file and the remedy, not a traceback."""
+def read_lab_json(path, keys, remedy):
+    """The JSON object in path, which this lab wrote itself (atomically), read by plumbing's bounded
+    read_json: one that is missing, does not parse or lacks one of keys is one line naming the file and
+    the remedy, not a traceback."""
     try:
-        with open(path, encoding="utf-8") as f:
-            obj = json.load(f)
+        obj = read_json(path, kind=None)
     except (OSError, ValueError) as e:
         raise ValueError(f"{path}: cannot be read ({e}); {remedy}") from None
     if not isinstance(obj, dict) or not set(keys) <= set(obj):
@@ -204,8 +204,8 @@ def resumed(resume, cfg, s, stream):
         raise ValueError(f"{ckpt}: made with other training settings than this run's; delete "
                          f"{resume.folder} to start it again")
     step = restore(tensors, state, s, stream)["step"]
-    done = read_json(os.path.join(resume.folder, "losses.json"), ("losses", "seconds"),
-                     f"delete {resume.folder} to start this run again")
+    done = read_lab_json(os.path.join(resume.folder, "losses.json"), ("losses", "seconds"),
+                         f"delete {resume.folder} to start this run again")
     losses = done["losses"][:step]  # written before the checkpoint: it may hold a step or more past it
     resume.earlier_s = done["seconds"]
     print(f"{state['loaded_from']}: resumed at step {step}")
@@ -398,7 +398,7 @@ def cached_runs(lab, name, config, run_one, same_for_every_seed=False):
         stem = run_path(lab, name, config, seed)
         path = stem + ".json"
         if os.path.isfile(path):
-            runs.append(read_json(path, ("seed",), "delete it to run this again"))
+            runs.append(read_lab_json(path, ("seed",), "delete it to run this again"))
             print(f"{name} {config} seed {seed}: cached ({path})")
             lab.cached += 1
             continue
