@@ -20,7 +20,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from plumbing.cli import USER_ERRORS, error_line  # noqa: E402
-from plumbing.files import atomic_write_text  # noqa: E402
+from plumbing.files import atomic_write_text, read_json  # noqa: E402
 from plumbing.intervals import newcombe, paired_bootstrap, verdict  # noqa: E402
 from plumbing.report import markdown_table  # noqa: E402
 
@@ -33,8 +33,7 @@ def load(results, name):
     path = os.path.join(results, f"{name}.json")
     if not os.path.isfile(path):
         return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return read_json(path)  # a damaged file: one line naming it
 
 
 def row(rows, **match):

@@ -238,6 +238,16 @@ def test_claims_regenerate_the_committed_files_exactly(tmp_path):
         assert c["verdict"] == want and low <= c["effect"] <= high, c
 
 
+def test_a_damaged_results_file_is_one_line_naming_it(tmp_path):
+    for f in set((ROOT / "results").glob("*.json")) - {ROOT / "results" / "claims.json"}:
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    (tmp_path / "masking.json").write_text('{"results": [')  # cut short
+    r = run_claims(tmp_path, tmp_path)
+    err = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(err) == 1 and "masking.json:1: not valid JSON" in err[0], r.stderr
+    assert not (tmp_path / "claims.json").exists()
+
+
 def test_the_readme_shows_the_claims_table_first_in_its_lab_section():
     readme = (ROOT / "README.md").read_text()
     lab = readme.split("## Lab: the claims, measured", 1)[1].split("\n### ", 2)
